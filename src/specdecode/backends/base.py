@@ -1,0 +1,123 @@
+"""The model backend contract.
+
+A backend owns one model and its KV cache, a preallocated buffer indexed by position. Everything
+speculation needs is built from three primitives:
+
+- `forward(token_ids, positions, tree_mask)`: append tokens after the cached ones and return their
+  logits. Every new token attends to every cached token; among the new tokens, `tree_mask` says
+  who sees whom (None = causal, i.e. a chain).
+- `truncate(length)`: forget everything after `length` (rollback is a length counter).
+- `keep(start, offsets)`: compaction; the cache rows `start + offsets[k]` move to `start + k`.
+  This is how a tree's accepted path is kept and its rejected branches dropped.
+
+On top of them this base class implements the target-side protocol of the engine:
+`prefill(tokens)`, `forward_tree(tree) -> logits [N+1, V]` and `commit(path, next_token)`. The
+cache always holds the committed tokens *but the last*: the last committed token (the root) is fed
+at the head of the next tree, so that one forward yields both its logits and the drafts'.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import DraftTree
+
+PREFILL_CHUNK = 512
+
+
+class Backend(ABC):
+    """A language model with a position-indexed KV cache."""
+
+    #: Whether `forward` honours an arbitrary `tree_mask` (False: chains only).
+    supports_trees: bool = True
+
+    def __init__(self, vocab_size: int, max_context: int) -> None:
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        self.root_token: int | None = None
+        self._last_tree_size = 0
+
+    # ---- primitives every backend implements -------------------------------------------------
+
+    @property
+    @abstractmethod
+    def num_cached(self) -> int:
+        """How many positions of the KV cache are filled."""
+
+    @abstractmethod
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor | None = None,  # [T] int64; default num_cached + arange(T)
+        tree_mask: torch.Tensor | None = None,  # [T, T] bool; None = causal
+        return_logits: bool = True,
+    ) -> torch.Tensor | None:  # [T, V] float32
+        """Append `token_ids` to the cache and return their next-token logits."""
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Drop every cached position from `length` on."""
+
+    @abstractmethod
+    def keep(self, start: int, offsets: Sequence[int]) -> None:
+        """Move cache rows `start + offsets[k]` to `start + k` and truncate after them."""
+
+    # ---- the engine's target protocol ----------------------------------------------------------
+
+    def reset(self) -> None:
+        self.truncate(0)
+        self.root_token = None
+        self._last_tree_size = 0
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Start a sequence: cache all of `tokens` but the last, which becomes the root."""
+        if not tokens:
+            raise SpecDecodeError("the prompt is empty: give at least one token of text")
+        if len(tokens) >= self.max_context:
+            raise SpecDecodeError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.max_context}: "
+                "shorten the prompt"
+            )
+        self.reset()
+        self.extend(tokens[:-1])
+        self.root_token = int(tokens[-1])
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Cache `tokens` after the current ones without computing logits (chunked)."""
+        ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        for start in range(0, ids.shape[0], PREFILL_CHUNK):
+            self.forward(ids[start : start + PREFILL_CHUNK], return_logits=False)
+
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:  # [N+1, V]
+        """Logits after the root (row 0) and after each node (row i+1), in one forward."""
+        if self.root_token is None:
+            raise RuntimeError("forward_tree() before prefill()")
+        if self.num_cached + tree.num_nodes + 1 > self.max_context:
+            raise SpecDecodeError(
+                f"the sequence would exceed the model's context of {self.max_context} tokens: "
+                "lower --max-new-tokens or shorten the prompt"
+            )
+        ids = torch.cat([torch.tensor([self.root_token], dtype=torch.long), tree.tokens])
+        positions = self.num_cached + torch.cat([torch.zeros(1, dtype=torch.long), tree.depths])
+        tree_mask = None if tree.is_chain else tree.attention_mask
+        if tree_mask is not None and not self.supports_trees:
+            raise SpecDecodeError(f"the {type(self).__name__} backend verifies chains only")
+        self._last_tree_size = tree.num_nodes
+        logits = self.forward(ids, positions, tree_mask)
+        assert logits is not None
+        return logits
+
+    def commit(self, path: Sequence[int], next_token: int) -> None:
+        """Keep the root and the accepted `path` of the last tree; `next_token` is the new root."""
+        start = self.num_cached - self._last_tree_size - 1
+        offsets = [0] + [node + 1 for node in path]
+        if offsets != list(range(len(offsets))):
+            self.keep(start, offsets)
+        else:
+            self.truncate(start + len(offsets))
+        self.root_token = int(next_token)
+        self._last_tree_size = 0

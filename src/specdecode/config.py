@@ -1,0 +1,77 @@
+"""Configuration dataclasses: how to sample, and how to speculate.
+
+Both are flat, frozen and validated on construction, so a bad value fails before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdecode.errors import SpecDecodeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's next-token distribution is shaped and sampled.
+
+    temperature == 0 means greedy decoding (argmax). top_k == 0 and top_p == 1.0 disable those
+    filters. The same transformation is applied to the target's and the drafter's logits, so the
+    verifier compares like with like.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise SpecDecodeError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise SpecDecodeError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SpecDecodeError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise SpecDecodeError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise SpecDecodeError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Which drafter, verifier and controller to use, and their parameters.
+
+    Names are looked up in the registries of `specdecode.drafters`, `specdecode.verify` and
+    `specdecode.control`. `verifier=None` picks the exact one for the sampling mode: `greedy` at
+    temperature 0, `rejection` otherwise.
+    """
+
+    drafter: str = "prompt-lookup"
+    verifier: str | None = None
+    controller: str = "heuristic"
+    num_draft_tokens: int = 6
+    max_draft_tokens: int = 16
+    drafter_options: dict[str, Any] = field(default_factory=dict)
+    controller_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens < 1:
+            raise SpecDecodeError(
+                f"the draft length must be at least 1, got {self.num_draft_tokens} "
+                "(use drafter 'none' for plain decoding)"
+            )
+        if self.max_draft_tokens < self.num_draft_tokens:
+            raise SpecDecodeError(
+                f"max draft tokens ({self.max_draft_tokens}) must be >= the initial draft length "
+                f"({self.num_draft_tokens})"
+            )

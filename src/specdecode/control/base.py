@@ -1,0 +1,36 @@
+"""The speculation-length controller contract: how much to draft next, given what happened so far."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from specdecode.tree import Budget
+from specdecode.verify.base import Verdict
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Wall-clock seconds one step spent drafting and verifying (target forward + verifier)."""
+
+    drafting: float
+    verifying: float
+
+
+class Controller(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    def create(cls, initial: int, maximum: int, options: dict[str, Any]) -> Controller:
+        return cls(initial, maximum, **options)
+
+    @abstractmethod
+    def budget(self) -> Budget:
+        """The draft budget for the next step."""
+
+    def observe(self, verdict: Verdict, timings: StepTimings | None = None) -> None:
+        """Learn from the last step."""
+
+    def reset(self) -> None:
+        """Start a new sequence."""

@@ -1,0 +1,28 @@
+"""Drafters, one file each, looked up by name."""
+
+from typing import Any
+
+from specdecode.drafters.base import Drafter, DrafterResources
+from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.none import NoDrafter
+from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.errors import SpecDecodeError
+
+DRAFTERS: dict[str, type[Drafter]] = {
+    cls.name: cls for cls in (NoDrafter, PromptLookupDrafter, DraftModelDrafter)
+}
+
+
+def make_drafter(name: str, options: dict[str, Any], resources: DrafterResources) -> Drafter:
+    try:
+        cls = DRAFTERS[name]
+    except KeyError:
+        known = ", ".join(sorted(DRAFTERS))
+        raise SpecDecodeError(f"unknown drafter {name!r}; choose one of: {known}") from None
+    try:
+        return cls.create(dict(options), resources)
+    except TypeError as exc:
+        raise SpecDecodeError(f"bad options for drafter {name!r}: {exc}") from None
+
+
+__all__ = ["DRAFTERS", "Drafter", "DrafterResources", "make_drafter"]

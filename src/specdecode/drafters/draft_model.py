@@ -1,0 +1,102 @@
+"""Draft with an independent smaller model that shares the target's tokenizer.
+
+Leviathan et al. (2023) and Chen et al. (2023): the draft model decodes `k` tokens autoregressively
+(argmax when greedy, sampled from its shaped distribution otherwise) and the target verifies them.
+
+The draft model keeps its own KV cache in step with the accepted tokens: its cache holds a prefix
+of the committed sequence plus its own latest drafts; before drafting, it drops what was rejected
+and feeds, in one forward, the committed tokens it has not seen (the accepted drafts it never fed
+and the target's own token), so it never re-reads the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from specdecode.backends.base import Backend
+from specdecode.config import SamplingParams
+from specdecode.drafters.base import Drafter, DrafterResources
+from specdecode.errors import SpecDecodeError
+from specdecode.sampling import sample_from, shaped_probs
+from specdecode.tree import Budget, DraftTree
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft-model"
+    needs_draft_model = True
+    samples_drafts = True
+
+    def __init__(self, model: Backend, target_vocab_size: int) -> None:
+        self.model = model
+        self.target_vocab_size = target_vocab_size
+        self.sampling = SamplingParams()
+        self.rng: torch.Generator | None = None
+        self._fed: list[int] = []  # the tokens whose KV the draft model's cache holds, in order
+
+    @classmethod
+    def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
+        if resources.draft_model is None:
+            raise SpecDecodeError("the 'draft-model' drafter needs a draft model: pass --draft-model")
+        if options:
+            raise SpecDecodeError(f"the 'draft-model' drafter takes no options, got {sorted(options)}")
+        return cls(resources.draft_model, resources.target.vocab_size)
+
+    def begin(self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None):
+        self.sampling = sampling
+        self.rng = rng
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.reset()
+        self._fed = []
+
+    def _catch_up(self, context: Sequence[int]) -> torch.Tensor:  # [V_draft] logits after context
+        """Make the cache hold exactly `context` and return the logits after its last token."""
+        common = 0
+        limit = min(len(self._fed), len(context) - 1)  # always re-feed at least the last token
+        while common < limit and self._fed[common] == context[common]:
+            common += 1
+        self.model.truncate(common)
+        new = torch.as_tensor(list(context[common:]), dtype=torch.long)
+        logits = self.model.forward(new)
+        self._fed = list(context)
+        assert logits is not None
+        return logits[-1]
+
+    def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
+        depth = min(budget.max_depth, self.model.max_context - len(context) - 1)
+        if depth <= 0:
+            return DraftTree.empty()
+        logits = self._catch_up(context)
+        drafts: list[int] = []
+        probs: list[torch.Tensor] = []
+        for step in range(depth):
+            dist = shaped_probs(logits, self.sampling)  # [V_draft]
+            token = int(dist.argmax()) if self.sampling.greedy else int(sample_from(dist, self.rng))
+            drafts.append(token)
+            probs.append(dist)
+            if step + 1 < depth:
+                out = self.model.forward(torch.tensor([token], dtype=torch.long))
+                assert out is not None
+                logits = out[-1]
+                self._fed.append(token)
+        if self.sampling.greedy:
+            return DraftTree.chain(drafts)
+        draft_probs = torch.stack(probs)  # [k, V_draft]
+        draft_probs = _match_vocab(draft_probs, self.target_vocab_size)  # [k, V]
+        return DraftTree.chain(drafts, draft_probs)
+
+
+def _match_vocab(probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Pad (or trim) the draft vocabulary to the target's; same tokenizer, padded embeddings differ."""
+    extra = vocab_size - probs.shape[-1]
+    if extra > 0:
+        return torch.nn.functional.pad(probs, (0, extra))
+    if extra < 0:
+        # Padding rows of a tokenizer-sized vocabulary never hold real tokens.
+        probs = probs[..., :vocab_size]
+        return probs / probs.sum(-1, keepdim=True)
+    return probs

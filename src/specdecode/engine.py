@@ -1,0 +1,293 @@
+"""The speculative decoding loop: draft -> verify -> commit, as a generator.
+
+Contract: `Engine.stream()` yields the tokens of each step as soon as they are verified. At
+temperature 0 with an exact verifier the tokens are those plain greedy decoding of the same backend
+produces; with a lossless sampling verifier they follow the target's distribution. Drafters,
+verifiers and controllers are picked by name from their registries; the engine knows none of them.
+
+Per step (see DESIGN.md):
+
+    budget  = controller.budget()
+    tree    = drafter.propose(context, budget)
+    logits  = target.forward_tree(tree)                  # [N+1, V], one forward
+    verdict = verifier.verify(tree, logits, sampling, rng)
+    target.commit(verdict.path, verdict.next_token)
+    drafter.update(verdict); controller.observe(verdict, timings)
+
+Generation stops at an end-of-sequence token (not emitted), at `max_new_tokens`, or once the text
+contains a stop string (the text is cut before it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from specdecode.backends.base import Backend
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.control import StepTimings, make_controller
+from specdecode.drafters import DrafterResources, make_drafter
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import Budget
+from specdecode.verify import Verdict, make_verifier
+
+
+class TextDecoder(Protocol):
+    eos_token_ids: frozenset[int]
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost and how well speculation did.
+
+    `mean_accepted_tokens` is the mean number of tokens each target forward produced (accepted
+    drafts plus the target's own token, so plain decoding scores 1.0); `acceptance_histogram[i]`
+    counts the forwards that accepted exactly `i` drafted tokens.
+    """
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    drafting_seconds: float = 0.0
+    verifying_seconds: float = 0.0
+    target_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0  # tokens the verdicts produced, before cutting at EOS / the limit
+    acceptance_histogram: list[int] = field(default_factory=list)
+    drafted_at_depth: list[int] = field(default_factory=list)  # [d] = steps that drafted depth d+1
+    accepted_at_depth: list[int] = field(default_factory=list)  # [d] = steps that accepted it
+    stop_reason: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.emitted_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate_by_depth(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at_depth, self.drafted_at_depth)]
+
+    def record(self, verdict: Verdict, draft_depth: int, timings: StepTimings) -> None:
+        self.target_forwards += 1
+        self.drafted_tokens += verdict.num_draft_nodes
+        self.accepted_tokens += verdict.num_accepted
+        self.emitted_tokens += len(verdict.tokens)
+        _bump(self.acceptance_histogram, verdict.num_accepted)
+        for depth in range(draft_depth):
+            _bump(self.drafted_at_depth, depth)
+            if depth < verdict.num_accepted:
+                _bump(self.accepted_at_depth, depth)
+        self.drafting_seconds += timings.drafting
+        self.verifying_seconds += timings.verifying
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["tokens_per_second"] = self.tokens_per_second
+        out["mean_accepted_tokens"] = self.mean_accepted_tokens
+        out["acceptance_rate_by_depth"] = self.acceptance_rate_by_depth
+        return out
+
+    def summary(self) -> str:
+        histogram = " ".join(f"{i}:{n}" for i, n in enumerate(self.acceptance_histogram))
+        return (
+            f"{self.new_tokens} tokens in {self.seconds:.2f}s ({self.tokens_per_second:.2f} tok/s), "
+            f"{self.target_forwards} target forwards, {self.mean_accepted_tokens:.2f} tokens/forward, "
+            f"accepted per forward [{histogram}]"
+        )
+
+
+def _bump(counts: list[int], index: int) -> None:
+    if len(counts) <= index:
+        counts.extend([0] * (index + 1 - len(counts)))
+    counts[index] += 1
+
+
+@dataclass
+class StepOutput:
+    """One step's worth of output, as it streams."""
+
+    token_ids: list[int]
+    text: str
+    stats: GenerationStats
+    finished: bool = False
+
+
+class _TextTracker:
+    """Incremental detokenization with stop strings."""
+
+    def __init__(self, tokenizer: TextDecoder | None, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.emitted = ""  # text already handed out
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """Add tokens; return the new text and whether a stop string was hit."""
+        self.ids.extend(ids)
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(self.ids)
+        hit = False
+        for stop in self.stop:
+            # Search only where a new match can start, so earlier text is never re-cut.
+            at = text.find(stop, max(0, len(self.emitted) - len(stop) + 1))
+            if at != -1:
+                text, hit = text[:at], True
+        if not hit:
+            # Hold back an incomplete multi-byte character, and any tail that could be the start
+            # of a stop string, until the next tokens settle it.
+            text = text.rstrip("\ufffd")
+            held = max((_overlap(text, s) for s in self.stop), default=0)
+            text = text[: len(text) - held]
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return delta, hit
+
+    def flush(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for size in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0
+
+
+class Engine:
+    """Runs speculative decoding of `target`, optionally with a `draft_model` backend."""
+
+    def __init__(
+        self,
+        target: Backend,
+        tokenizer: TextDecoder | None = None,
+        draft_model: Backend | None = None,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.draft_model = draft_model
+
+    def generate(
+        self, prompt_ids: Sequence[int], sampling: SamplingParams, spec: SpecConfig
+    ) -> tuple[list[int], str, GenerationStats]:
+        """Run to completion; return (token ids, text, statistics)."""
+        token_ids: list[int] = []
+        text = ""
+        stats = GenerationStats()
+        for step in self.stream(prompt_ids, sampling, spec):
+            token_ids.extend(step.token_ids)
+            text += step.text
+            stats = step.stats
+        return token_ids, text, stats
+
+    def stream(
+        self, prompt_ids: Sequence[int], sampling: SamplingParams, spec: SpecConfig
+    ) -> Iterator[StepOutput]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise SpecDecodeError("the prompt is empty: give at least one token of text")
+        if len(prompt) >= self.target.max_context:
+            raise SpecDecodeError(
+                f"the prompt has {len(prompt)} tokens but the model's context holds "
+                f"{self.target.max_context}: shorten the prompt"
+            )
+        resources = DrafterResources(target=self.target, draft_model=self.draft_model)
+        drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
+        verifier = make_verifier(spec.verifier or ("greedy" if sampling.greedy else "rejection"))
+        controller = make_controller(
+            spec.controller, spec.num_draft_tokens, spec.max_draft_tokens, spec.controller_options
+        )
+        eos = frozenset() if sampling.ignore_eos or self.tokenizer is None else (
+            self.tokenizer.eos_token_ids
+        )
+        rng = torch.Generator()
+        if sampling.seed is not None:
+            rng.manual_seed(sampling.seed)
+        else:
+            rng.seed()
+
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        text = _TextTracker(self.tokenizer, sampling.stop)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self.target.prefill(prompt)
+            drafter.begin(prompt, sampling, rng)
+            controller.reset()
+        stats.prefill_seconds = time.perf_counter() - started
+        context = list(prompt)
+
+        while True:
+            remaining = sampling.max_new_tokens - stats.new_tokens
+            room = self.target.max_context - len(context)
+            if remaining <= 0 or room <= 0:
+                stats.stop_reason = "length" if remaining <= 0 else "context"
+                break
+            with torch.inference_mode():
+                step_start = time.perf_counter()
+                budget = _capped(controller.budget(), min(remaining - 1, room - 1))
+                tree = drafter.propose(context, budget)
+                drafted = time.perf_counter()
+                if tree.num_nodes and not tree.is_chain and not verifier.supports_trees:
+                    raise SpecDecodeError(
+                        f"the {verifier.name!r} verifier takes chains but the drafter built a tree"
+                    )
+                target_logits = self.target.forward_tree(tree)  # [N+1, V]
+                verdict = verifier.verify(tree, target_logits, sampling, rng)
+                self.target.commit(verdict.path, verdict.next_token)
+                verified = time.perf_counter()
+                timings = StepTimings(drafted - step_start, verified - drafted)
+                drafter.update(verdict)
+                controller.observe(verdict, timings)
+            depth = int(tree.depths.max()) if tree.num_nodes else 0
+            stats.record(verdict, depth, timings)
+
+            new_ids = verdict.tokens[:remaining]
+            finished = False
+            for i, token in enumerate(new_ids):
+                if token in eos:
+                    new_ids, finished = new_ids[:i], True
+                    stats.stop_reason = "eos"
+                    break
+            context.extend(new_ids)
+            stats.new_tokens += len(new_ids)
+            delta, hit_stop = text.push(new_ids)
+            if hit_stop:
+                finished = True
+                stats.stop_reason = "stop"
+            elif stats.new_tokens >= sampling.max_new_tokens:
+                finished = True
+                stats.stop_reason = "length"
+            stats.seconds = time.perf_counter() - started
+            if finished and not hit_stop:
+                delta += text.flush()
+            yield StepOutput(new_ids, delta, stats, finished)
+            if finished:
+                return
+        stats.seconds = time.perf_counter() - started
+        yield StepOutput([], text.flush(), stats, True)
+
+
+def _capped(budget: Budget, depth: int) -> Budget:
+    """The budget, no deeper than `depth` (so drafts never run past the token limit)."""
+    depth = max(0, depth)
+    if budget.max_depth <= depth:
+        return budget
+    nodes = budget.max_nodes if budget.max_nodes is not None else depth * budget.max_width
+    return Budget(max_depth=depth, max_width=budget.max_width, max_nodes=min(nodes, depth * budget.max_width))

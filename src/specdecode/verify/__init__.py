@@ -1,0 +1,19 @@
+"""Verifiers, one file each, looked up by name."""
+
+from specdecode.errors import SpecDecodeError
+from specdecode.verify.base import Verdict, Verifier
+from specdecode.verify.greedy import GreedyVerifier
+from specdecode.verify.rejection import RejectionVerifier
+
+VERIFIERS: dict[str, type[Verifier]] = {cls.name: cls for cls in (GreedyVerifier, RejectionVerifier)}
+
+
+def make_verifier(name: str) -> Verifier:
+    try:
+        return VERIFIERS[name]()
+    except KeyError:
+        known = ", ".join(sorted(VERIFIERS))
+        raise SpecDecodeError(f"unknown verifier {name!r}; choose one of: {known}") from None
+
+
+__all__ = ["VERIFIERS", "Verdict", "Verifier", "make_verifier"]

@@ -1,0 +1,154 @@
+"""Engine behaviour on the toy model: exactness, stopping, statistics and bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy import ToyBackend, ToyTokenizer
+
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import DraftTree
+
+
+def plain_greedy(model: ToyBackend, prompt: list[int], count: int) -> list[int]:
+    """Reference greedy decoding that never touches the engine."""
+    seq = list(prompt)
+    for _ in range(count):
+        seq.append(int(model.logits_after(seq).argmax()))
+    return seq[len(prompt) :]
+
+
+REPETITIVE_PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]
+
+
+@pytest.mark.parametrize("drafter", ["none", "prompt-lookup", "draft-model"])
+@pytest.mark.parametrize("controller", ["fixed", "heuristic"])
+def test_greedy_matches_plain_decoding(drafter: str, controller: str) -> None:
+    target = ToyBackend(seed=1)
+    # A draft model that agrees with the target often but not always.
+    draft = ToyBackend(seed=1, order=2)
+    engine = Engine(target, ToyTokenizer(), draft_model=draft)
+    sampling = SamplingParams(max_new_tokens=40)
+    spec = SpecConfig(drafter=drafter, controller=controller, num_draft_tokens=3)
+    ids, text, stats = engine.generate(REPETITIVE_PROMPT, sampling, spec)
+    assert ids == plain_greedy(ToyBackend(seed=1), REPETITIVE_PROMPT, 40)
+    assert text == ToyTokenizer().decode(ids)
+    assert stats.new_tokens == 40 and stats.stop_reason == "length"
+    assert stats.emitted_tokens >= stats.new_tokens
+    if drafter == "none":
+        assert stats.target_forwards == 40 and stats.mean_accepted_tokens == 1.0
+
+
+def test_draft_model_that_agrees_is_fully_accepted() -> None:
+    target = ToyBackend(seed=5)
+    engine = Engine(target, ToyTokenizer(), draft_model=ToyBackend(seed=5))
+    spec = SpecConfig(drafter="draft-model", controller="fixed", num_draft_tokens=4)
+    ids, _, stats = engine.generate([0, 1], SamplingParams(max_new_tokens=25), spec)
+    assert ids == plain_greedy(ToyBackend(seed=5), [0, 1], 25)
+    assert stats.target_forwards == 5  # 5 tokens per forward: 4 drafts and a bonus
+    assert stats.acceptance_histogram == [0, 0, 0, 0, 5]
+    assert stats.acceptance_rate_by_depth == [1.0] * 4
+
+
+def test_eos_stops_and_is_not_emitted() -> None:
+    target = ToyBackend(seed=2)
+    reference = plain_greedy(ToyBackend(seed=2), [3], 30)
+    eos = reference[7]
+    first = reference.index(eos)
+    engine = Engine(target, ToyTokenizer(eos=eos))
+    ids, _, stats = engine.generate([3], SamplingParams(max_new_tokens=30), SpecConfig())
+    assert ids == reference[:first]
+    assert stats.stop_reason == "eos"
+
+
+def test_stop_string_cuts_text() -> None:
+    reference = plain_greedy(ToyBackend(seed=3), [0], 30)
+    text = ToyTokenizer().decode(reference)
+    stop = text[10:12]
+    cut = text.find(stop)
+    engine = Engine(ToyBackend(seed=3), ToyTokenizer())
+    sampling = SamplingParams(max_new_tokens=30, stop=(stop,))
+    _, out, stats = engine.generate([0], sampling, SpecConfig())
+    assert out == text[:cut]
+    assert stats.stop_reason == "stop"
+
+
+def test_streaming_concatenates_to_the_whole() -> None:
+    engine = Engine(ToyBackend(seed=4), ToyTokenizer())
+    sampling = SamplingParams(max_new_tokens=20)
+    steps = list(engine.stream(REPETITIVE_PROMPT, sampling, SpecConfig()))
+    assert steps[-1].finished
+    ids = [t for s in steps for t in s.token_ids]
+    assert ids == plain_greedy(ToyBackend(seed=4), REPETITIVE_PROMPT, 20)
+    assert "".join(s.text for s in steps) == ToyTokenizer().decode(ids)
+
+
+def test_prompt_lookup_accepts_on_repetitive_text() -> None:
+    target = ToyBackend(seed=0, order=1)  # order 1: the continuation repeats with the prompt
+    engine = Engine(target, ToyTokenizer())
+    prompt = plain_greedy(ToyBackend(seed=0, order=1), [0], 30)
+    spec = SpecConfig(drafter="prompt-lookup", controller="fixed", num_draft_tokens=5)
+    _, _, stats = engine.generate(prompt, SamplingParams(max_new_tokens=30), spec)
+    assert stats.mean_accepted_tokens > 3.0
+
+
+def test_draft_never_runs_past_the_token_limit() -> None:
+    target = ToyBackend(seed=5)
+    engine = Engine(target, ToyTokenizer(), draft_model=ToyBackend(seed=5))
+    spec = SpecConfig(drafter="draft-model", controller="fixed", num_draft_tokens=8)
+    engine.generate([0], SamplingParams(max_new_tokens=3), spec)
+    # prefill feeds nothing for a one-token prompt; the one step drafts at most 2 tokens.
+    assert target.forward_sizes == [3]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": -3},
+        {"temperature": -0.5},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+    ],
+)
+def test_bad_sampling_params_are_refused(kwargs: dict) -> None:
+    with pytest.raises(SpecDecodeError):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused() -> None:
+    engine = Engine(ToyBackend(max_context=16), ToyTokenizer())
+    with pytest.raises(SpecDecodeError, match="empty"):
+        engine.generate([], SamplingParams(), SpecConfig())
+    with pytest.raises(SpecDecodeError, match="context"):
+        engine.generate(list(range(8)) * 3, SamplingParams(), SpecConfig())
+    with pytest.raises(SpecDecodeError, match="unknown drafter"):
+        engine.generate([1], SamplingParams(), SpecConfig(drafter="nope"))
+    with pytest.raises(SpecDecodeError, match="needs a draft model"):
+        engine.generate([1], SamplingParams(), SpecConfig(drafter="draft-model"))
+    with pytest.raises(SpecDecodeError, match="draft length"):
+        SpecConfig(num_draft_tokens=0)
+
+
+def test_generation_stops_at_the_context_limit() -> None:
+    engine = Engine(ToyBackend(max_context=20), ToyTokenizer())
+    ids, _, stats = engine.generate(
+        REPETITIVE_PROMPT, SamplingParams(max_new_tokens=50, ignore_eos=True), SpecConfig()
+    )
+    assert len(REPETITIVE_PROMPT) + len(ids) == 20
+    assert stats.stop_reason == "context"
+
+
+def test_tree_validation() -> None:
+    with pytest.raises(SpecDecodeError, match="parent"):
+        DraftTree(torch.tensor([1, 2]), torch.tensor([1, -1]))
+    with pytest.raises(SpecDecodeError, match="parent"):
+        DraftTree(torch.tensor([1]), torch.tensor([0]))
+    tree = DraftTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, -1, 0, 2]))
+    assert tree.depths.tolist() == [1, 1, 2, 3]
+    assert tree.path_to(3) == [0, 2, 3]
+    assert not tree.is_chain
+    assert tree.attention_mask[4].tolist() == [True, True, False, True, True]
