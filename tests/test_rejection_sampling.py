@@ -97,20 +97,28 @@ CASES = {
         target_seed=5, target_sharp=0.7, draft_seed=6, draft_sharp=4.0, sampling={}
     ),
     "temperature and top-k": dict(
-        target_seed=7, target_sharp=2.0, draft_seed=8, draft_sharp=2.0,
+        target_seed=7,
+        target_sharp=2.0,
+        draft_seed=8,
+        draft_sharp=2.0,
         sampling={"temperature": 0.7, "top_k": 3},
     ),
     "top-p": dict(
-        target_seed=9, target_sharp=2.0, draft_seed=10, draft_sharp=1.0,
+        target_seed=9,
+        target_sharp=2.0,
+        draft_seed=10,
+        draft_sharp=1.0,
         sampling={"temperature": 1.3, "top_p": 0.8},
     ),
 }
 
 
 def run_case(verifier, case: dict, draft_len: int, point_mass: bool = False) -> float:
-    sampling = SamplingParams(temperature=1.0, **case["sampling"]) if "temperature" not in case[
-        "sampling"
-    ] else SamplingParams(**case["sampling"])
+    sampling = (
+        SamplingParams(temperature=1.0, **case["sampling"])
+        if "temperature" not in case["sampling"]
+        else SamplingParams(**case["sampling"])
+    )
     target = markov_table(case["target_seed"], case["target_sharp"])
     draft = markov_table(case["draft_seed"], case["draft_sharp"])
     counts = speculative_histogram(verifier, target, draft, sampling, draft_len, point_mass)
@@ -149,8 +157,12 @@ class ResidualIsTarget(RejectionVerifier):
         if verdict.bonus:
             return verdict
         probs = shaped_probs(target_logits[verdict.num_accepted], sampling)
-        return Verdict(verdict.path, verdict.tokens[:-1] + [int(sample_from(probs, rng))],
-                       verdict.num_draft_nodes, False)
+        return Verdict(
+            verdict.path,
+            verdict.tokens[:-1] + [int(sample_from(probs, rng))],
+            verdict.num_draft_nodes,
+            False,
+        )
 
 
 class BonusFromDraft(RejectionVerifier):
@@ -165,7 +177,7 @@ class BonusFromDraft(RejectionVerifier):
 
 
 class TargetRowsShifted(RejectionVerifier):
-    """Broken: compares draft i with the target's row i+1 (an off-by-one between trees and logits)."""
+    """Broken: compares draft i with the target's row i+1 (an off-by-one bug)."""
 
     def verify(self, tree, target_logits, sampling, rng) -> Verdict:
         shifted = torch.cat([target_logits[1:], target_logits[-1:]])

@@ -19,7 +19,11 @@ from specdecode.backends.base import Backend
 
 class ToyBackend(Backend):
     def __init__(
-        self, vocab_size: int = 8, seed: int = 0, order: int = 3, sharpness: float = 2.0,
+        self,
+        vocab_size: int = 8,
+        seed: int = 0,
+        order: int = 3,
+        sharpness: float = 2.0,
         max_context: int = 512,
     ) -> None:
         super().__init__(vocab_size, max_context)

@@ -76,7 +76,8 @@ class GenerationStats:
 
     @property
     def acceptance_rate_by_depth(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_at_depth, self.drafted_at_depth)]
+        accepted = self.accepted_at_depth + [0] * len(self.drafted_at_depth)
+        return [accepted[d] / drafted for d, drafted in enumerate(self.drafted_at_depth)]
 
     def record(self, verdict: Verdict, draft_depth: int, timings: StepTimings) -> None:
         self.target_forwards += 1
@@ -101,8 +102,9 @@ class GenerationStats:
     def summary(self) -> str:
         histogram = " ".join(f"{i}:{n}" for i, n in enumerate(self.acceptance_histogram))
         return (
-            f"{self.new_tokens} tokens in {self.seconds:.2f}s ({self.tokens_per_second:.2f} tok/s), "
-            f"{self.target_forwards} target forwards, {self.mean_accepted_tokens:.2f} tokens/forward, "
+            f"{self.new_tokens} tokens in {self.seconds:.2f}s "
+            f"({self.tokens_per_second:.2f} tok/s), {self.target_forwards} target forwards, "
+            f"{self.mean_accepted_tokens:.2f} tokens/forward, "
             f"accepted per forward [{histogram}]"
         )
 
@@ -214,8 +216,10 @@ class Engine:
         controller = make_controller(
             spec.controller, spec.num_draft_tokens, spec.max_draft_tokens, spec.controller_options
         )
-        eos = frozenset() if sampling.ignore_eos or self.tokenizer is None else (
-            self.tokenizer.eos_token_ids
+        eos = (
+            frozenset()
+            if sampling.ignore_eos or self.tokenizer is None
+            else (self.tokenizer.eos_token_ids)
         )
         rng = torch.Generator()
         if sampling.seed is not None:
@@ -290,4 +294,6 @@ def _capped(budget: Budget, depth: int) -> Budget:
     if budget.max_depth <= depth:
         return budget
     nodes = budget.max_nodes if budget.max_nodes is not None else depth * budget.max_width
-    return Budget(max_depth=depth, max_width=budget.max_width, max_nodes=min(nodes, depth * budget.max_width))
+    return Budget(
+        max_depth=depth, max_width=budget.max_width, max_nodes=min(nodes, depth * budget.max_width)
+    )

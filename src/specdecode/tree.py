@@ -52,7 +52,9 @@ class DraftTree:
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
         if self.tokens.dim() != 1 or self.parents.shape != (n,):
-            raise SpecDecodeError("malformed draft tree: tokens and parents must both have shape [N]")
+            raise SpecDecodeError(
+                "malformed draft tree: tokens and parents must both have shape [N]"
+            )
         if n and not bool(((self.parents >= -1) & (self.parents < torch.arange(n))).all()):
             raise SpecDecodeError(
                 "malformed draft tree: every parent must come before its child (parents[i] < i)"

@@ -1,4 +1,4 @@
-"""The speculation-length controller contract: how much to draft next, given what happened so far."""
+"""The speculation-length controller contract: how much to draft next, given the past steps."""
 
 from __future__ import annotations
 

@@ -39,9 +39,13 @@ class DraftModelDrafter(Drafter):
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
         if resources.draft_model is None:
-            raise SpecDecodeError("the 'draft-model' drafter needs a draft model: pass --draft-model")
+            raise SpecDecodeError(
+                "the 'draft-model' drafter needs a draft model: pass --draft-model"
+            )
         if options:
-            raise SpecDecodeError(f"the 'draft-model' drafter takes no options, got {sorted(options)}")
+            raise SpecDecodeError(
+                f"the 'draft-model' drafter takes no options, got {sorted(options)}"
+            )
         return cls(resources.draft_model, resources.target.vocab_size)
 
     def begin(self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None):
@@ -91,7 +95,7 @@ class DraftModelDrafter(Drafter):
 
 
 def _match_vocab(probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Pad (or trim) the draft vocabulary to the target's; same tokenizer, padded embeddings differ."""
+    """Pad or trim the draft vocabulary to the target's (same tokenizer, other padding)."""
     extra = vocab_size - probs.shape[-1]
     if extra > 0:
         return torch.nn.functional.pad(probs, (0, extra))

@@ -5,7 +5,9 @@ from specdecode.verify.base import Verdict, Verifier
 from specdecode.verify.greedy import GreedyVerifier
 from specdecode.verify.rejection import RejectionVerifier
 
-VERIFIERS: dict[str, type[Verifier]] = {cls.name: cls for cls in (GreedyVerifier, RejectionVerifier)}
+VERIFIERS: dict[str, type[Verifier]] = {
+    cls.name: cls for cls in (GreedyVerifier, RejectionVerifier)
+}
 
 
 def make_verifier(name: str) -> Verifier:

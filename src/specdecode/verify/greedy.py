@@ -34,8 +34,12 @@ class GreedyVerifier(Verifier):
             num_accepted = int(torch.cumprod(matches, dim=0).sum())
             path = list(range(num_accepted))
             bonus = num_accepted == tree.num_nodes
-            return Verdict(path, tree.tokens[:num_accepted].tolist() + [target_argmax[num_accepted]],
-                           tree.num_nodes, bonus)
+            return Verdict(
+                path,
+                tree.tokens[:num_accepted].tolist() + [target_argmax[num_accepted]],
+                tree.num_nodes,
+                bonus,
+            )
         draft_tokens = tree.tokens.tolist()
         path: list[int] = []
         slot = 0  # row of target_logits for the current node (0 = root)
@@ -44,7 +48,11 @@ class GreedyVerifier(Verifier):
             children = tree.children[slot]
             match = next((c for c in children if draft_tokens[c] == wanted), None)
             if match is None:
-                return Verdict(path, [draft_tokens[n] for n in path] + [wanted], tree.num_nodes,
-                               bonus=not children)
+                return Verdict(
+                    path,
+                    [draft_tokens[n] for n in path] + [wanted],
+                    tree.num_nodes,
+                    bonus=not children,
+                )
             path.append(match)
             slot = match + 1

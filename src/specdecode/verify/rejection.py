@@ -8,7 +8,7 @@ same position is `p_i` (both shaped by the same temperature / top-k / top-p). Wa
 - `x_i` is *accepted* with probability `min(1, p_i(x_i) / q_i(x_i))`;
 - at the first rejection, a *recovered* token is drawn from the residual
   `norm(max(p_i - q_i, 0))` and the step ends;
-- if every draft is accepted, a *bonus* token is drawn from `p_{k}`, the target after the last draft.
+- if every draft is accepted, a *bonus* token is drawn from `p_k`, the target after the last one.
 A deterministic drafter (no `draft_probs`) is a point mass: `q_i = one_hot(x_i)`, so acceptance is
 `p_i(x_i)` and the residual is `p_i` with `x_i` removed.
 

@@ -1,0 +1,175 @@
+"""The Python API: load a model (and optionally a draft model), then generate or stream.
+
+    >>> import specdecode
+    >>> llm = specdecode.load("qwen2.5-coder-0.5b-instruct")
+    >>> result = llm.generate("Write a Python function that checks if a number is prime.")
+    >>> print(result.text, result.stats.summary())
+
+Speculation is configured per call with `SpecConfig` (drafter, verifier, controller, draft
+length) and sampling with `SamplingParams`; the defaults are greedy decoding with prompt lookup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from specdecode.backends.base import Backend
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine, GenerationStats, StepOutput
+from specdecode.errors import SpecDecodeError
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SpecDecodeError(
+            f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}"
+        ) from None
+
+
+def _load_backend(
+    name_or_path: str, backend: str, dtype: torch.dtype, device: str, max_context: int | None
+):
+    """(backend, tokenizer) for a registry name or local path."""
+    from specdecode.models import load_checkpoint, load_tokenizer, resolve_gguf
+
+    if backend == "torch":
+        from specdecode.backends.torch import TorchBackend
+
+        checkpoint = load_checkpoint(name_or_path, dtype=dtype)
+        model = TorchBackend.from_checkpoint(
+            checkpoint, dtype=dtype, device=device, max_context=max_context
+        )
+        return model, checkpoint.tokenizer
+    if backend == "hf":
+        from specdecode.backends.hf import HFBackend
+
+        tokenizer = load_tokenizer(name_or_path)
+        gguf_path = resolve_gguf(name_or_path)
+        if gguf_path is not None:
+            model = HFBackend.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype, device=device
+            )
+        else:
+            model = HFBackend.from_pretrained(str(name_or_path), dtype=dtype, device=device)
+        return model, tokenizer
+    raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: torch, hf")
+
+
+class SpecDecoder:
+    """A target model, its tokenizer and an optional draft model, ready to generate."""
+
+    def __init__(
+        self,
+        target: Backend,
+        tokenizer,
+        draft_model: Backend | None = None,
+        name: str = "",
+        target_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.draft_model = draft_model
+        self.name = name
+        self.engine = Engine(target, tokenizer, draft_model)
+        self.target_dtype = target_dtype
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        draft_model: str | None = None,
+        backend: str = "torch",
+        dtype: str | torch.dtype = "bfloat16",
+        device: str = "cpu",
+        threads: int | None = None,
+        max_context: int | None = None,
+    ) -> SpecDecoder:
+        """Load `model` (a registry name, a GGUF file or a Hugging Face directory)."""
+        if threads is not None:
+            if threads < 1:
+                raise SpecDecodeError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        torch_dtype = _dtype(dtype)
+        target, tokenizer = _load_backend(model, backend, torch_dtype, device, max_context)
+        draft = None
+        if draft_model is not None:
+            draft, draft_tokenizer = _load_backend(
+                draft_model, backend, torch_dtype, device, max_context
+            )
+            if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+                raise SpecDecodeError(
+                    f"the draft model {draft_model!r} has a different tokenizer from {model!r}: "
+                    "choose a draft model of the same family"
+                )
+        return cls(target, tokenizer, draft, name=str(model), target_dtype=torch_dtype)
+
+    def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """Token ids for `prompt`, wrapped in the model's chat template when `chat` is set."""
+        if not prompt or not prompt.strip():
+            raise SpecDecodeError("the prompt is empty: give some text to continue or answer")
+        if chat and self.tokenizer.has_chat_template:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        spec: SpecConfig | None = None,
+        chat: bool = True,
+    ) -> Iterator[StepOutput]:
+        """Yield the output step by step, as tokens are accepted."""
+        ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat=chat)
+        return self.engine.stream(ids, sampling or SamplingParams(), spec or self.default_spec())
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None = None,
+        spec: SpecConfig | None = None,
+        chat: bool = True,
+    ) -> GenerationResult:
+        """Generate to completion."""
+        token_ids: list[int] = []
+        text = ""
+        stats = GenerationStats()
+        for step in self.stream(prompt, sampling, spec, chat):
+            token_ids.extend(step.token_ids)
+            text += step.text
+            stats = step.stats
+        return GenerationResult(text, token_ids, stats)
+
+    def default_spec(self) -> SpecConfig:
+        """Draft with the draft model when there is one, else with prompt lookup."""
+        return SpecConfig(drafter="draft-model" if self.draft_model else "prompt-lookup")
+
+
+def load(model: str = DEFAULT_MODEL, **kwargs) -> SpecDecoder:
+    """Shorthand for `SpecDecoder.load`."""
+    return SpecDecoder.load(model, **kwargs)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)

