@@ -1,0 +1,95 @@
+"""The `torch` backend: our compact transformer behind the `Backend` contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specdecode.backends.base import Backend
+from specdecode.backends.torch.kv_cache import KVCache
+from specdecode.backends.torch.model import Transformer
+from specdecode.errors import SpecDecodeError
+from specdecode.models.config import TransformerConfig
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+class TorchBackend(Backend):
+    """A Llama / Qwen2 / Gemma 3 model with a static KV cache, on CPU or CUDA."""
+
+    supports_trees = True
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        state_dict: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        max_context: int | None = None,
+    ) -> None:
+        max_context = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        if max_context < 2:
+            raise SpecDecodeError(f"the context must hold at least 2 tokens, got {max_context}")
+        super().__init__(config.vocab_size, max_context)
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        with torch.device("meta"):
+            model = Transformer(config)
+        model = model.to_empty(device=self.device)
+        model.load_hf_state_dict(state_dict)
+        self.model = model.to(dtype=dtype).eval().requires_grad_(False)
+        self.model.setup_rope(max_context)
+        self.cache = KVCache(config, max_context, dtype, self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        max_context: int | None = None,
+    ):
+        return cls(checkpoint.config, checkpoint.state_dict, dtype, device, max_context)
+
+    @property
+    def num_cached(self) -> int:
+        return self.cache.length
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor | None = None,  # [T]
+        tree_mask: torch.Tensor | None = None,  # [T, T] bool
+        return_logits: bool = True,
+    ) -> torch.Tensor | None:  # [T, V] float32 (on the CPU)
+        count = int(token_ids.shape[0])
+        if count == 0:
+            raise ValueError("forward() needs at least one token")
+        if self.cache.length + count > self.max_context:
+            raise SpecDecodeError(
+                f"the sequence would exceed the context of {self.max_context} tokens: "
+                "lower --max-new-tokens or shorten the prompt"
+            )
+        if positions is None:
+            positions = torch.arange(self.cache.length, self.cache.length + count)
+        if tree_mask is None:
+            tree_mask = torch.ones(count, count, dtype=torch.bool).tril_()
+        with torch.inference_mode():
+            logits = self.model(
+                token_ids.to(self.device),
+                positions.to(self.device),
+                tree_mask.to(self.device),
+                self.cache,
+                return_logits,
+            )
+        return None if logits is None else logits.cpu()
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.cache.length:
+            raise ValueError(f"cannot truncate a cache of {self.cache.length} to {length}")
+        self.cache.length = length
+
+    def keep(self, start: int, offsets: Sequence[int]) -> None:
+        self.cache.keep(start, torch.as_tensor(list(offsets), dtype=torch.long, device=self.device))

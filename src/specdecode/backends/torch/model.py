@@ -1,0 +1,233 @@
+"""A compact decoder-only transformer for the Llama / Qwen2 and Gemma 3 families.
+
+One file, readable in one sitting (after gpt-fast's model.py): RMSNorm, rotary embeddings, grouped
+query attention over a preallocated KV cache, and a gated MLP. The forward takes explicit positions
+and a boolean attention mask over the new tokens, which is all tree attention needs.
+
+Numerics are arranged so that a token's logits do not depend on how many tokens share its forward:
+on CPU, bfloat16 matrix products take a different kernel for a single row than for several, so a
+one-token forward is padded to two rows. This is what lets greedy speculative decoding reproduce
+plain decoding token for token (tested in `tests/test_torch_backend.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdecode.backends.torch.kv_cache import KVCache
+from specdecode.models.config import TransformerConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """RMSNorm in float32; Gemma scales by (1 + w) (offset 1), Llama/Qwen by w (offset 0)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x32 * (offset + weight.float())).to(x.dtype)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Rope:
+    """Rotary embedding tables, indexed by position (HF's rotate-half convention)."""
+
+    def __init__(self, head_dim: int, base: float, max_len: int, scaling: float, device) -> None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = inv_freq / scaling
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_len, head_dim]
+        self.cos = angles.cos().to(device)
+        self.sin = angles.sin().to(device)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [heads, T, D]; positions: [T]
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.qkv = nn.Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.attention_bias)
+        self.o = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.post_attn_norm = nn.Parameter(torch.ones(h))  # Llama: the pre-MLP norm
+        gemma = cfg.family == "gemma3"
+        self.pre_mlp_norm = nn.Parameter(torch.ones(h)) if gemma else None
+        self.post_mlp_norm = nn.Parameter(torch.ones(h)) if gemma else None
+        self.q_norm = nn.Parameter(torch.ones(d)) if gemma else None
+        self.k_norm = nn.Parameter(torch.ones(d)) if gemma else None
+        self.sliding = cfg.is_sliding_layer(layer)
+        scalar = cfg.query_pre_attn_scalar if gemma and cfg.query_pre_attn_scalar else d
+        self.scale = 1.0 / math.sqrt(scalar)
+        self.norm_offset = 1.0 if gemma else 0.0
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, self.norm_offset)
+
+    def attention(
+        self,
+        x,
+        positions,
+        rope: Rope,
+        cache: KVCache,
+        write_at: int,
+        num_new: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        # x: [R, h] (R >= 2 rows, the first num_new are real); mask: [R, L] bool over cache slots
+        cfg = self.cfg
+        rows = x.shape[0]
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self.qkv(x).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q = q.view(rows, heads, d).transpose(0, 1)  # [H, R, D]
+        k = k.view(rows, kv_heads, d).transpose(0, 1)  # [Hkv, R, D]
+        v = v.view(rows, kv_heads, d).transpose(0, 1)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps, 1.0)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps, 1.0)
+        q = rope.apply(q, positions)
+        k = rope.apply(k, positions)
+        end = write_at + num_new
+        cache.k[self.layer, :, write_at:end] = k[:, :num_new]
+        cache.v[self.layer, :, write_at:end] = v[:, :num_new]
+        keys = cache.k[self.layer, :, :end]  # [Hkv, L, D]
+        values = cache.v[self.layer, :, :end]
+        group = heads // kv_heads
+        q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
+        scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.scale  # [Hkv, G*R, L]
+        scores = scores.view(kv_heads, group, rows, end).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, group * rows, end)
+        out = torch.matmul(probs, values)  # [Hkv, G*R, D]
+        out = out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
+        return self.o(out)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.cfg.family == "gemma3" else F.silu(gate)
+        return self.down(act * up)
+
+    def forward(self, x, positions, rope, cache, write_at, num_new, mask):
+        if self.pre_mlp_norm is None:  # Llama / Qwen2
+            x = x + self.attention(
+                self.norm(x, self.input_norm), positions, rope, cache, write_at, num_new, mask
+            )
+            return x + self.mlp(self.norm(x, self.post_attn_norm))
+        attn = self.attention(
+            self.norm(x, self.input_norm), positions, rope, cache, write_at, num_new, mask
+        )
+        x = x + self.norm(attn, self.post_attn_norm)
+        return x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ropes: dict[str, Rope] = {}
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load weights named as in Hugging Face checkpoints (model.layers.0.self_attn...)."""
+        cfg = self.cfg
+        own: dict[str, torch.Tensor] = {
+            "embed.weight": state_dict["model.embed_tokens.weight"],
+            "final_norm": state_dict["model.norm.weight"],
+            "lm_head.weight": state_dict.get(
+                "lm_head.weight", state_dict["model.embed_tokens.weight"]
+            ),
+        }
+        for i in range(cfg.num_layers):
+            hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+            attn, mlp = hf + "self_attn.", hf + "mlp."
+            own[ours + "qkv.weight"] = torch.cat(
+                [state_dict[attn + p + "_proj.weight"] for p in ("q", "k", "v")]
+            )
+            if cfg.attention_bias:
+                own[ours + "qkv.bias"] = torch.cat(
+                    [state_dict[attn + p + "_proj.bias"] for p in ("q", "k", "v")]
+                )
+            own[ours + "o.weight"] = state_dict[attn + "o_proj.weight"]
+            own[ours + "gate_up.weight"] = torch.cat(
+                [state_dict[mlp + "gate_proj.weight"], state_dict[mlp + "up_proj.weight"]]
+            )
+            own[ours + "down.weight"] = state_dict[mlp + "down_proj.weight"]
+            own[ours + "input_norm"] = state_dict[hf + "input_layernorm.weight"]
+            own[ours + "post_attn_norm"] = state_dict[hf + "post_attention_layernorm.weight"]
+            if cfg.family == "gemma3":
+                own[ours + "pre_mlp_norm"] = state_dict[hf + "pre_feedforward_layernorm.weight"]
+                own[ours + "post_mlp_norm"] = state_dict[hf + "post_feedforward_layernorm.weight"]
+                own[ours + "q_norm"] = state_dict[attn + "q_norm.weight"]
+                own[ours + "k_norm"] = state_dict[attn + "k_norm.weight"]
+        self.load_state_dict(own, strict=True)
+
+    def setup_rope(self, max_len: int) -> None:
+        cfg = self.cfg
+        device = self.final_norm.device
+        self.ropes["global"] = Rope(
+            cfg.head_dim, cfg.rope_theta, max_len, cfg.rope_scaling_factor, device
+        )
+        self.ropes["local"] = Rope(cfg.head_dim, cfg.rope_local_base_freq, max_len, 1.0, device)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        new_mask: torch.Tensor,  # [T, T] bool: new token i sees new token j
+        cache: KVCache,
+        return_logits: bool = True,
+    ) -> torch.Tensor | None:  # [T, V] float32
+        cfg = self.cfg
+        num_new = token_ids.shape[0]
+        write_at = cache.length
+        end = write_at + num_new
+        if num_new == 1:
+            # A lone row takes another matmul kernel than several rows, with other rounding; a
+            # copy of the row keeps every forward on the multi-row kernel.
+            token_ids = token_ids.repeat(2)
+            positions = positions.repeat(2)
+            new_mask = new_mask.repeat(2, 1)
+        rows = token_ids.shape[0]
+        x = self.embed(token_ids)
+        if cfg.family == "gemma3":
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        device = x.device
+        # Which cache slots each row may attend: all cached slots, then the new ones per new_mask.
+        mask = torch.ones(rows, end, dtype=torch.bool, device=device)
+        mask[:, write_at:end] = new_mask
+        key_pos = torch.arange(end, device=device)
+        mask_local = mask
+        if cfg.sliding_window is not None and cfg.family == "gemma3":
+            # Slot positions equal token positions for cached tokens; new ones use `positions`.
+            slot_pos = torch.cat([key_pos[:write_at], positions[:num_new]])
+            mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
+        for block in self.blocks:
+            rope = self.ropes["local" if block.sliding else "global"]
+            m = mask_local if block.sliding else mask
+            x = block(x, positions, rope, cache, write_at, num_new, m)
+        cache.length = end
+        if not return_logits:
+            return None
+        x = rms_norm(x, self.final_norm, cfg.rms_norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
+        logits = self.lm_head(x).float()
+        if cfg.final_logit_softcapping:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits[:num_new]
