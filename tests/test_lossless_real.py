@@ -76,8 +76,8 @@ def test_draft_model_greedy_is_exact_on_the_1p5b_0p5b_pair() -> None:
 def real_distributions(llm: SpecDecoder, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Target and draft logits over the `vocab` most likely tokens of two real contexts.
 
-    The target is the model after a code prompt; the "drafter" is the same model after a shorter
-    version of the prompt, a realistic near-miss. Restricting both to a shared set of likely tokens
+    The target is the model after an open-ended prompt; the "drafter" is the same model after a
+    similar prompt, a realistic near-miss. Restricting both to a shared set of likely tokens
     keeps the test fast while the shapes of the distributions stay the model's own.
     """
 
@@ -86,21 +86,22 @@ def real_distributions(llm: SpecDecoder, vocab: int = 64) -> tuple[torch.Tensor,
         llm.target.prefill(ids)
         return llm.target.forward_tree(DraftTree.empty())[0].float()
 
-    target = last_logits('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n')
-    draft = last_logits("def fibonacci(n):\n")
+    target = last_logits("Here is a random English word: ")
+    draft = last_logits("A random word: ")
     keep = torch.topk(torch.softmax(target, -1) + torch.softmax(draft, -1), vocab).indices
     return target[keep], draft[keep]
 
 
 @pytest.mark.parametrize(
     "sampling",
-    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=20, top_p=0.9)],
-    ids=["t1", "t0.8-topk-topp"],
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=1.2, top_k=20, top_p=0.9)],
+    ids=["t1", "t1.2-topk-topp"],
 )
 def test_rejection_keeps_real_next_token_distribution(small, sampling) -> None:
     target_logits, draft_logits = real_distributions(small)
     target_probs = shaped_probs(target_logits, sampling)
     draft_probs = shaped_probs(draft_logits, sampling)
+    assert int((target_probs > 0).sum()) >= 5, "the test needs a spread-out distribution"
     verifier = RejectionVerifier()
     rng = torch.Generator().manual_seed(0)
     samples = 20_000

@@ -108,17 +108,18 @@ class SpecDecoder:
                 raise SpecDecodeError(f"threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
         torch_dtype = _dtype(dtype)
-        target, tokenizer = _load_backend(model, backend, torch_dtype, device, max_context)
-        draft = None
-        if draft_model is not None:
-            draft, draft_tokenizer = _load_backend(
-                draft_model, backend, torch_dtype, device, max_context
-            )
-            if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+        if draft_model is not None:  # refuse a mismatched pair before loading any weights
+            from specdecode.models import load_tokenizer
+
+            if load_tokenizer(draft_model).fingerprint != load_tokenizer(model).fingerprint:
                 raise SpecDecodeError(
                     f"the draft model {draft_model!r} has a different tokenizer from {model!r}: "
                     "choose a draft model of the same family"
                 )
+        target, tokenizer = _load_backend(model, backend, torch_dtype, device, max_context)
+        draft = None
+        if draft_model is not None:
+            draft, _ = _load_backend(draft_model, backend, torch_dtype, device, max_context)
         return cls(target, tokenizer, draft, name=str(model), target_dtype=torch_dtype)
 
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:

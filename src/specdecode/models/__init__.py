@@ -169,6 +169,8 @@ def load_checkpoint(
     if not (
         weights_file.is_file() and config_file.is_file() and (out / "tokenizer_meta.json").is_file()
     ):
+        if text in REGISTRY:  # trust no bytes before converting them
+            _install.verify_installed(REGISTRY[text])
         reader = gguf_loader.open_reader(gguf_path)
         config = gguf_loader.read_config(reader, gguf_path)
         out.mkdir(parents=True, exist_ok=True)

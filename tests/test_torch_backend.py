@@ -1,0 +1,192 @@
+"""The torch backend: logits equal transformers', tree attention equals per-path decoding, and a
+token's logits do not depend on how many tokens share its forward (what greedy exactness needs)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from specdecode.backends.torch import TorchBackend
+from specdecode.models import load_checkpoint, resolve_gguf
+from specdecode.models.config import TransformerConfig
+from specdecode.tree import DraftTree
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+FAMILIES = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct", "gemma-3-270m"]
+
+
+def hf_reference(name: str):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_gguf(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers(name: str) -> None:
+    """Prefill, then three one-token steps; float32 against transformers' float32 forward.
+
+    Tolerance: float32, 2e-3 absolute on logits of magnitude ~10-40 (the kernels differ, the
+    weights are the same dequantized values); bfloat16, argmax agreement on at least 90% of
+    positions and 0.5 absolute (bf16 keeps ~3 significant digits through 24-30 layers).
+    """
+    ids = torch.randint(10, 5000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = hf_reference(name)(ids).logits[0]  # [T, V]
+    for dtype, atol in ((torch.float32, 2e-3), (torch.bfloat16, None)):
+        backend = TorchBackend.from_checkpoint(
+            load_checkpoint(name, dtype), dtype=dtype, max_context=256
+        )
+        first = backend.forward(ids[0, :21])
+        steps = [backend.forward(ids[0, i : i + 1]) for i in range(21, 24)]
+        ours = torch.cat([first, *steps])
+        vocab = min(ours.shape[-1], reference.shape[-1])
+        ours, ref = ours[:, :vocab], reference[:, :vocab]
+        if atol is not None:
+            assert torch.allclose(ours, ref, atol=atol, rtol=0), float((ours - ref).abs().max())
+        else:
+            agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean()
+            assert agree >= 0.9 and float((ours - ref).abs().max()) < 1.0
+
+
+def test_gemma_sliding_window_beyond_the_window() -> None:
+    """Gemma 3 270M's local layers see 512 tokens: check a 600-token sequence against HF."""
+    name = "gemma-3-270m"
+    ids = torch.randint(10, 5000, (1, 600), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = hf_reference(name)(ids).logits[0, -8:]
+    backend = TorchBackend.from_checkpoint(
+        load_checkpoint(name, torch.float32), dtype=torch.float32, max_context=1024
+    )
+    backend.forward(ids[0, :592], return_logits=False)
+    ours = backend.forward(ids[0, 592:])
+    assert torch.allclose(ours, reference, atol=2e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def small_bf16() -> TorchBackend:
+    return TorchBackend.from_checkpoint(
+        load_checkpoint(FAMILIES[0], torch.bfloat16), max_context=1024
+    )
+
+
+def test_logits_do_not_depend_on_forward_size(small_bf16: TorchBackend) -> None:
+    """bfloat16: one token at a time and chunks of 2..16 give bitwise-identical logits."""
+    backend = small_bf16
+    ids = torch.randint(10, 100_000, (160,), generator=torch.Generator().manual_seed(2))
+    backend.reset()
+    backend.forward(ids[:40], return_logits=False)
+    single = torch.cat([backend.forward(ids[i : i + 1]) for i in range(40, 160)])
+    for chunk in (2, 3, 7, 16):
+        backend.truncate(40)
+        chunks = torch.cat([backend.forward(ids[i : i + chunk]) for i in range(40, 160, chunk)])
+        assert torch.equal(chunks[:120], single), f"chunk {chunk}"
+
+
+def test_tree_forward_equals_each_path_on_its_own(small_bf16: TorchBackend) -> None:
+    backend = small_bf16
+    prompt = torch.randint(10, 100_000, (30,), generator=torch.Generator().manual_seed(3))
+    #        root -> 0 -> 2 -> 4
+    #             -> 1 -> 3
+    tree = DraftTree(torch.tensor([101, 202, 303, 404, 505]), torch.tensor([-1, -1, 0, 1, 2]))
+    backend.prefill(prompt.tolist())
+    tree_logits = backend.forward_tree(tree)  # [6, V]
+    for node in range(tree.num_nodes):
+        backend.truncate(29)
+        path = [int(prompt[-1])] + [int(tree.tokens[n]) for n in tree.path_to(node)]
+        path_logits = backend.forward(torch.tensor(path))
+        # Same values up to bf16 rounding: node slots differ from positions inside the tree.
+        assert torch.allclose(tree_logits[node + 1], path_logits[-1], atol=0.3, rtol=0)
+        assert tree_logits[node + 1].argmax() == path_logits[-1].argmax()
+
+
+def test_commit_keeps_only_the_accepted_path(small_bf16: TorchBackend) -> None:
+    backend = small_bf16
+    prompt = torch.randint(10, 100_000, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    tree = DraftTree(torch.tensor([11, 22, 33, 44]), torch.tensor([-1, -1, 1, 2]))
+    backend.prefill(prompt)
+    backend.forward_tree(tree)
+    backend.commit([1, 2, 3], next_token=55)  # the branch 22 -> 33 -> 44
+    after_commit = backend.forward(torch.tensor([55]))
+    backend.reset()
+    backend.forward(torch.tensor(prompt + [22, 33, 44, 55]))
+    backend.truncate(len(prompt) + 3)
+    fresh = backend.forward(torch.tensor([55]))
+    assert torch.allclose(after_commit, fresh, atol=0.3, rtol=0)
+    assert after_commit.argmax() == fresh.argmax()
+
+
+def test_truncate_then_decode_equals_fresh_decode(small_bf16: TorchBackend) -> None:
+    backend = small_bf16
+    ids = torch.randint(10, 100_000, (50,), generator=torch.Generator().manual_seed(5))
+    backend.reset()
+    fresh = backend.forward(ids)[-10:]
+    backend.truncate(40)
+    again = backend.forward(ids[40:])
+    assert torch.equal(fresh, again)
+
+
+def test_tiny_random_model_runs_every_family() -> None:
+    for family in ("llama", "gemma3"):
+        config = TransformerConfig(
+            family=family,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16 if family == "gemma3" else None,
+            query_pre_attn_scalar=8.0 if family == "gemma3" else None,
+        )
+        from specdecode.backends.torch.model import Transformer
+
+        state = Transformer(config)
+        for p in state.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        hf_names = _to_hf_names(state, config)
+        backend = TorchBackend(config, hf_names, dtype=torch.float32, max_context=64)
+        logits = backend.forward(torch.arange(20))
+        assert logits.shape == (20, 64) and torch.isfinite(logits).all()
+        backend.truncate(10)
+        assert torch.allclose(backend.forward(torch.arange(10, 20)), logits[10:], atol=1e-5)
+
+
+def _to_hf_names(model, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `Transformer.load_hf_state_dict`, for random test weights."""
+    sd = {
+        "model.embed_tokens.weight": model.embed.weight.detach(),
+        "model.norm.weight": model.final_norm.detach(),
+        "lm_head.weight": model.lm_head.weight.detach(),
+    }
+    d, h, kv = config.head_dim, config.num_heads, config.num_kv_heads
+    for i, block in enumerate(model.blocks):
+        pre = f"model.layers.{i}."
+        q, k, v = block.qkv.weight.detach().split([h * d, kv * d, kv * d])
+        sd |= {
+            pre + "self_attn.q_proj.weight": q,
+            pre + "self_attn.k_proj.weight": k,
+            pre + "self_attn.v_proj.weight": v,
+            pre + "self_attn.o_proj.weight": block.o.weight,
+            pre + "input_layernorm.weight": block.input_norm,
+            pre + "post_attention_layernorm.weight": block.post_attn_norm,
+            pre + "mlp.down_proj.weight": block.down.weight,
+        }
+        gate, up = block.gate_up.weight.detach().chunk(2)
+        sd |= {pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up}
+        if config.family == "gemma3":
+            sd |= {
+                pre + "pre_feedforward_layernorm.weight": block.pre_mlp_norm,
+                pre + "post_feedforward_layernorm.weight": block.post_mlp_norm,
+                pre + "self_attn.q_norm.weight": block.q_norm,
+                pre + "self_attn.k_norm.weight": block.k_norm,
+            }
+    return {k: v.detach().clone() for k, v in sd.items()}
