@@ -68,7 +68,8 @@ class HFBackend(Backend):
 
     def truncate(self, length: int) -> None:
         if self._cache is not None and length < self._length:
-            self._cache.crop(length)
+            # Recent transformers take the number of tokens to drop, as a negative count.
+            self._cache.crop(length - self._length)
         self._length = min(self._length, length)
         if length == 0:
             self._cache = None

@@ -126,7 +126,10 @@ def _convert_tokenizer(gguf_path: Path, reader, out_dir: Path) -> None:
 
 
 def _converted_dir(name_or_path: str, gguf_path: Path) -> Path:
-    return _install.cache_root() / "converted" / _cache_key(name_or_path, gguf_path)
+    from specdecode.models.gguf_loader import CONVERTER_VERSION
+
+    key = f"{_cache_key(name_or_path, gguf_path)}-v{CONVERTER_VERSION}"
+    return _install.cache_root() / "converted" / key
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:

@@ -20,6 +20,8 @@ from specdecode.errors import ModelIntegrityError, SpecDecodeError
 from specdecode.models.config import TransformerConfig
 
 SUPPORTED = ("llama", "qwen2", "gemma3")
+# Bump when the conversion changes, so caches written by older code are not reused.
+CONVERTER_VERSION = 2
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -122,7 +124,7 @@ def read_weights(
             heads = config.num_heads if "attn_q" in tensor.name else config.num_kv_heads
             rows = value.shape[0]
             value = (
-                value.reshape(heads, 2, rows // heads // 2, *value.shape[1:])
+                value.reshape(heads, rows // heads // 2, 2, *value.shape[1:])
                 .swapaxes(1, 2)
                 .reshape(value.shape)
             )

@@ -158,7 +158,8 @@ def verify_installed(entry: RegistryEntry) -> Path:
         )
     if path.stat().st_size != entry.size_bytes or sha256_of(path) != entry.sha256:
         path.unlink()
-        shutil.rmtree(cache_root() / "converted" / entry.sha256, ignore_errors=True)
+        for converted in (cache_root() / "converted").glob(f"{entry.sha256}*"):
+            shutil.rmtree(converted, ignore_errors=True)
         raise ModelIntegrityError(
             f"{entry.name} was corrupt and has been removed: "
             f"run `specdecode models pull {entry.name}`"
