@@ -11,7 +11,6 @@ length) and sampling with `SamplingParams`; the defaults are greedy decoding wit
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -170,7 +169,3 @@ class SpecDecoder:
 def load(model: str = DEFAULT_MODEL, **kwargs) -> SpecDecoder:
     """Shorthand for `SpecDecoder.load`."""
     return SpecDecoder.load(model, **kwargs)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)

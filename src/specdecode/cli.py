@@ -297,7 +297,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     peer = None
     if any(m.peer for m in methods):
-        peer = HFPeer(args.model, args.draft_model, llm.target_dtype)
+        wants_draft = any(m.peer == "hf-assisted" for m in methods)
+        peer = HFPeer(args.model, args.draft_model if wants_draft else None, llm.target_dtype)
     runner = Runner(llm, methods, sampling, peer)
     total = len(prompts) * args.repeats * len(runner.methods)
     bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)

@@ -78,10 +78,13 @@ class DraftModelDrafter(Drafter):
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
         for step in range(depth):
-            dist = shaped_probs(logits, self.sampling)  # [V_draft]
-            token = int(dist.argmax()) if self.sampling.greedy else int(sample_from(dist, self.rng))
+            if self.sampling.greedy:  # the greedy verifier needs no draft distribution
+                token = int(logits.argmax())
+            else:
+                dist = shaped_probs(logits, self.sampling)  # [V_draft]
+                token = int(sample_from(dist, self.rng))
+                probs.append(dist)
             drafts.append(token)
-            probs.append(dist)
             if step + 1 < depth:
                 out = self.model.forward(torch.tensor([token], dtype=torch.long))
                 assert out is not None

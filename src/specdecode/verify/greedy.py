@@ -1,11 +1,13 @@
 """Greedy verification: keep the longest drafted path that the target's argmax agrees with.
 
 Guarantee: exact. At temperature 0 the emitted tokens are, token for token, those plain greedy
-decoding of the target would produce (given the backend's logits at each position are the same in
-a tree forward as in a one-token forward). Works for chains and trees: at each accepted node the
-walk descends into the child whose token equals the target's argmax there, if any; the argmax at
-the last accepted node is the bonus (no child matched a deeper draft... or none existed) or the
-correction of a mismatched draft.
+decoding of the target would produce, given that the backend computes a position's logits the
+same way in a multi-token forward as in a one-token forward (the torch backend does, bit for bit,
+for chains in bfloat16; see its tests).
+
+Works for chains and trees: from the root, the walk descends into the child whose token equals
+the target's argmax, while there is one. The argmax where it stops is emitted too: a bonus token
+at a leaf, the target's correction elsewhere.
 """
 
 from __future__ import annotations

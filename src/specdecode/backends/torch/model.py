@@ -24,8 +24,7 @@ from specdecode.models.config import TransformerConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     """RMSNorm in float32; Gemma scales by (1 + w) (offset 1), Llama/Qwen by w (offset 0)."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     if offset:
         return (x32 * (offset + weight.float())).to(x.dtype)
     return weight * x32.to(x.dtype)
@@ -47,11 +46,14 @@ class Rope:
         self.cos = angles.cos().to(device)
         self.sin = angles.sin().to(device)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [heads, T, D]; positions: [T]
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions` [T], each [T, D]: looked up once per forward."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = cos_sin  # each [T, D]; x: [heads, T, D]
+    return x * cos + rotate_half(x) * sin
 
 
 class Block(nn.Module):
@@ -81,15 +83,13 @@ class Block(nn.Module):
 
     def attention(
         self,
-        x,
-        positions,
-        rope: Rope,
+        x: torch.Tensor,  # [R, h]: R >= 2 rows, the first num_new real
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin at the rows' positions
         cache: KVCache,
         write_at: int,
         num_new: int,
-        mask: torch.Tensor,
+        mask_bias: torch.Tensor,  # [R, L] float: 0 where a row may attend a slot, else -inf
     ) -> torch.Tensor:
-        # x: [R, h] (R >= 2 rows, the first num_new are real); mask: [R, L] bool over cache slots
         cfg = self.cfg
         rows = x.shape[0]
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -100,8 +100,8 @@ class Block(nn.Module):
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps, 1.0)
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps, 1.0)
-        q = rope.apply(q, positions)
-        k = rope.apply(k, positions)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         end = write_at + num_new
         cache.k[self.layer, :, write_at:end] = k[:, :num_new]
         cache.v[self.layer, :, write_at:end] = v[:, :num_new]
@@ -110,7 +110,7 @@ class Block(nn.Module):
         group = heads // kv_heads
         q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
         scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.scale  # [Hkv, G*R, L]
-        scores = scores.view(kv_heads, group, rows, end).masked_fill(~mask, float("-inf"))
+        scores = scores.view(kv_heads, group, rows, end) + mask_bias
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, group * rows, end)
         out = torch.matmul(probs, values)  # [Hkv, G*R, D]
         out = out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
@@ -121,14 +121,15 @@ class Block(nn.Module):
         act = F.gelu(gate, approximate="tanh") if self.cfg.family == "gemma3" else F.silu(gate)
         return self.down(act * up)
 
-    def forward(self, x, positions, rope, cache, write_at, num_new, mask):
+    def forward(self, x, rope, cache, write_at, num_new, mask_bias):
         if self.pre_mlp_norm is None:  # Llama / Qwen2
-            x = x + self.attention(
-                self.norm(x, self.input_norm), positions, rope, cache, write_at, num_new, mask
+            attn = self.attention(
+                self.norm(x, self.input_norm), rope, cache, write_at, num_new, mask_bias
             )
+            x = x + attn
             return x + self.mlp(self.norm(x, self.post_attn_norm))
         attn = self.attention(
-            self.norm(x, self.input_norm), positions, rope, cache, write_at, num_new, mask
+            self.norm(x, self.input_norm), rope, cache, write_at, num_new, mask_bias
         )
         x = x + self.norm(attn, self.post_attn_norm)
         return x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
@@ -212,16 +213,22 @@ class Transformer(nn.Module):
         # Which cache slots each row may attend: all cached slots, then the new ones per new_mask.
         mask = torch.ones(rows, end, dtype=torch.bool, device=device)
         mask[:, write_at:end] = new_mask
-        key_pos = torch.arange(end, device=device)
         mask_local = mask
         if cfg.sliding_window is not None and cfg.family == "gemma3":
             # Slot positions equal token positions for cached tokens; new ones use `positions`.
+            key_pos = torch.arange(end, device=device)
             slot_pos = torch.cat([key_pos[:write_at], positions[:num_new]])
             mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
+        # Computed once per forward rather than in every layer: additive masks, rope tables.
+        bias = _additive(mask)
+        bias_local = bias if mask_local is mask else _additive(mask_local)
+        rope_global = self.ropes["global"].at(positions, x.dtype)
+        rope_local = self.ropes["local"].at(positions, x.dtype)
         for block in self.blocks:
-            rope = self.ropes["local" if block.sliding else "global"]
-            m = mask_local if block.sliding else mask
-            x = block(x, positions, rope, cache, write_at, num_new, m)
+            if block.sliding:
+                x = block(x, rope_local, cache, write_at, num_new, bias_local)
+            else:
+                x = block(x, rope_global, cache, write_at, num_new, bias)
         cache.length = end
         if not return_logits:
             return None
@@ -231,3 +238,7 @@ class Transformer(nn.Module):
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return logits[:num_new]
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:  # [R, L] bool -> [R, L] float32
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
