@@ -197,3 +197,34 @@ def _to_hf_names(model, config: TransformerConfig) -> dict[str, torch.Tensor]:
                 pre + "self_attn.k_norm.weight": block.k_norm,
             }
     return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def test_batch_invariant_linear_gives_every_row_the_bits_of_a_one_token_forward() -> None:
+    """Whatever this CPU's matrix library does with row counts, the pieces agree bit for bit."""
+    from specdecode.backends.torch.invariance import BatchInvariantLinear
+
+    torch.manual_seed(0)
+    layer = BatchInvariantLinear(4864, 896, bias=False).to(torch.bfloat16)
+    for rows in range(1, 40):
+        assert sum(layer.pieces(rows)) == rows
+    inputs = (torch.randn(6, 17, 4864) * 0.05).to(torch.bfloat16)  # activations are small
+    with torch.inference_mode():
+        for batch in inputs:
+            together = layer(batch)
+            for i in range(batch.shape[0]):
+                alone = torch.nn.functional.linear(batch[i : i + 1].repeat(2, 1), layer.weight)
+                assert torch.equal(together[i], alone[0]), i
+
+
+def test_int8_draft_weights_stay_close_to_the_float_model() -> None:
+    from specdecode.backends.torch.quant import Int8Linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 512, bias=True)
+    quantized = Int8Linear(layer)
+    x = torch.randn(5, 256)
+    with torch.inference_mode():
+        error = (quantized(x) - layer(x)).abs().max()
+        scale = layer(x).abs().mean()
+    assert quantized.weight.dtype == torch.int8
+    assert error < 0.02 * scale

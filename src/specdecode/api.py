@@ -44,7 +44,12 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _load_backend(
-    name_or_path: str, backend: str, dtype: torch.dtype, device: str, max_context: int | None
+    name_or_path: str,
+    backend: str,
+    dtype: torch.dtype,
+    device: str,
+    max_context: int | None,
+    quantize: str | None = None,
 ):
     """(backend, tokenizer) for a registry name or local path."""
     from specdecode.models import load_checkpoint, load_tokenizer, resolve_gguf
@@ -54,11 +59,14 @@ def _load_backend(
 
         checkpoint = load_checkpoint(name_or_path, dtype=dtype)
         model = TorchBackend.from_checkpoint(
-            checkpoint, dtype=dtype, device=device, max_context=max_context
+            checkpoint, dtype=dtype, device=device, max_context=max_context, quantize=quantize
         )
         return model, checkpoint.tokenizer
     if backend == "hf":
         from specdecode.backends.hf import HFBackend
+
+        if quantize is not None:
+            raise SpecDecodeError("the hf backend does not quantize: use --draft-quantize none")
 
         tokenizer = load_tokenizer(name_or_path)
         gguf_path = resolve_gguf(name_or_path)
@@ -100,8 +108,14 @@ class SpecDecoder:
         device: str = "cpu",
         threads: int | None = None,
         max_context: int | None = None,
+        draft_quantize: str | None = "int8",
     ) -> SpecDecoder:
-        """Load `model` (a registry name, a GGUF file or a Hugging Face directory)."""
+        """Load `model` (a registry name, a GGUF file or a Hugging Face directory).
+
+        The draft model's weights are int8 by default (`draft_quantize=None` keeps `dtype`): a
+        draft only proposes tokens that the target then checks, so its precision changes speed,
+        never output, and int8 weights make its CPU forwards faster.
+        """
         if threads is not None:
             if threads < 1:
                 raise SpecDecodeError(f"threads must be at least 1, got {threads}")
@@ -118,7 +132,11 @@ class SpecDecoder:
         target, tokenizer = _load_backend(model, backend, torch_dtype, device, max_context)
         draft = None
         if draft_model is not None:
-            draft, _ = _load_backend(draft_model, backend, torch_dtype, device, max_context)
+            if backend != "torch":
+                draft_quantize = None
+            draft, _ = _load_backend(
+                draft_model, backend, torch_dtype, device, max_context, draft_quantize
+            )
         return cls(target, tokenizer, draft, name=str(model), target_dtype=torch_dtype)
 
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:

@@ -9,10 +9,15 @@ import torch
 from specdecode.backends.base import Backend
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.backends.torch.model import Transformer
+from specdecode.backends.torch.quant import quantize_int8
 from specdecode.errors import SpecDecodeError
 from specdecode.models.config import TransformerConfig
 
 DEFAULT_MAX_CONTEXT = 8192
+QUANTIZATIONS = (None, "int8")
+# Forward sizes whose batch invariance is probed at load (chains of up to 16 drafts and the root);
+# larger ones are probed on first use.
+INVARIANT_WARM_UP_ROWS = 17
 
 
 class TorchBackend(Backend):
@@ -27,7 +32,15 @@ class TorchBackend(Backend):
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
         max_context: int | None = None,
+        quantize: str | None = None,
     ) -> None:
+        """`quantize="int8"` stores the linear layers' weights in int8 (for draft models only:
+        it changes the logits, and turns off the padding that makes them batch-invariant)."""
+        if quantize not in QUANTIZATIONS:
+            raise SpecDecodeError(
+                f"unknown quantization {quantize!r}; choose one of: none, "
+                + ", ".join(q for q in QUANTIZATIONS if q)
+            )
         max_context = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         if max_context < 2:
             raise SpecDecodeError(f"the context must hold at least 2 tokens, got {max_context}")
@@ -35,11 +48,15 @@ class TorchBackend(Backend):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.quantize = quantize
         with torch.device("meta"):
-            model = Transformer(config)
+            model = Transformer(config, batch_invariant=quantize is None)
         model = model.to_empty(device=self.device)
         model.load_hf_state_dict(state_dict)
-        self.model = model.to(dtype=dtype).eval().requires_grad_(False)
+        model = model.to(dtype=dtype).eval().requires_grad_(False)
+        self.model = quantize_int8(model) if quantize == "int8" else model
+        if quantize is None:
+            self.model.warm_up_invariance(INVARIANT_WARM_UP_ROWS)
         self.model.setup_rope(max_context)
         self.cache = KVCache(config, max_context, dtype, self.device)
 
@@ -50,8 +67,9 @@ class TorchBackend(Backend):
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
         max_context: int | None = None,
+        quantize: str | None = None,
     ):
-        return cls(checkpoint.config, checkpoint.state_dict, dtype, device, max_context)
+        return cls(checkpoint.config, checkpoint.state_dict, dtype, device, max_context, quantize)
 
     @property
     def num_cached(self) -> int:

@@ -5,9 +5,10 @@ query attention over a preallocated KV cache, and a gated MLP. The forward takes
 and a boolean attention mask over the new tokens, which is all tree attention needs.
 
 Numerics are arranged so that a token's logits do not depend on how many tokens share its forward:
-on CPU, bfloat16 matrix products take a different kernel for a single row than for several, so a
-one-token forward is padded to two rows. This is what lets greedy speculative decoding reproduce
-plain decoding token for token (tested in `tests/test_torch_backend.py`).
+on CPU, matrix products take a different kernel for a single row than for several, so a one-token
+forward is padded to two rows, and products over more rows are split into pieces that this
+machine computes with the same bits (`invariance.py`). This is what lets greedy speculative
+decoding reproduce plain decoding token for token (tested in `tests/test_torch_backend.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdecode.backends.torch.invariance import BatchInvariantLinear
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.models.config import TransformerConfig
 
@@ -57,15 +59,15 @@ def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> t
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int, linear: type[nn.Linear]) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer = layer
         h, d = cfg.hidden_size, cfg.head_dim
-        self.qkv = nn.Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.attention_bias)
-        self.o = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.qkv = linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.attention_bias)
+        self.o = linear(cfg.num_heads * d, h, bias=False)
+        self.gate_up = linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down = linear(cfg.intermediate_size, h, bias=False)
         self.input_norm = nn.Parameter(torch.ones(h))
         self.post_attn_norm = nn.Parameter(torch.ones(h))  # Llama: the pre-MLP norm
         gemma = cfg.family == "gemma3"
@@ -136,13 +138,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, batch_invariant: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        # Pad lone rows (see the module docstring); a draft model, whose rounding may differ
+        # between forwards without harm, skips it and saves the second row's work.
+        self.batch_invariant = batch_invariant
+        linear = BatchInvariantLinear if batch_invariant else nn.Linear
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, linear) for i in range(cfg.num_layers))
         self.final_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ropes: dict[str, Rope] = {}
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -179,6 +185,13 @@ class Transformer(nn.Module):
                 own[ours + "k_norm"] = state_dict[attn + "k_norm.weight"]
         self.load_state_dict(own, strict=True)
 
+    def warm_up_invariance(self, max_rows: int) -> None:
+        """Find, for forwards of up to `max_rows` tokens, how to split each matrix product so
+        that its rows get the bits of a one-token forward (see `invariance.py`)."""
+        for module in self.modules():
+            if isinstance(module, BatchInvariantLinear):
+                module.warm_up(max_rows)
+
     def setup_rope(self, max_len: int) -> None:
         cfg = self.cfg
         device = self.final_norm.device
@@ -199,7 +212,7 @@ class Transformer(nn.Module):
         num_new = token_ids.shape[0]
         write_at = cache.length
         end = write_at + num_new
-        if num_new == 1:
+        if num_new == 1 and self.batch_invariant:
             # A lone row takes another matmul kernel than several rows, with other rounding; a
             # copy of the row keeps every forward on the multi-row kernel.
             token_ids = token_ids.repeat(2)

@@ -1,0 +1,117 @@
+"""Linear layers whose output rows do not depend on how many rows share the matrix product.
+
+Greedy speculative decoding reproduces plain decoding token for token only if the target computes
+a token's logits with the same bits in a one-token forward (decoding) as in a multi-token forward
+(verification). CPU matrix-product libraries do not promise that: oneDNN picks its blocking of the
+reduction from the number of rows, and which row counts agree depends on the CPU (seen: on an AMD
+EPYC with AVX-512 BF16 every count from 2 up agrees in bfloat16; on an Intel Xeon without it only
+2 and 3 do for some shapes).
+
+So nothing is assumed: each layer measures, on this machine and at this thread count, which row
+counts give the same bits per row as a two-row product (the shape a one-token forward is padded
+to, see `model.py`), and splits a product into chunks of such counts. Where every count agrees,
+as on the AMD machine, a product stays one call; where few do, the pieces cost about what the
+whole would, since such CPUs are then compute-bound anyway.
+
+Forwards larger than `MAX_INVARIANT_ROWS` (prompt prefill) are not split: plain and speculative
+decoding prefill the same way, so their bits agree without it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_INVARIANT_ROWS = 128
+# Largest piece tried when a row count itself does not agree; bigger pieces rarely help on a CPU.
+MAX_PIECE_ROWS = 16
+PROBE_OUTPUTS = 32768
+
+
+# (out, in, bias, dtype, device, threads, rows) -> whether `rows`-row products agree. Shared by all
+# layers of a shape: agreement depends on the shape and the library's choices, not the weights.
+_AGREES: dict[tuple, bool] = {}
+
+
+def _probe(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: list[int]) -> None:
+    """Record, for each count, whether a product of that many rows matches two-row products.
+
+    A different order of summation shows in a bfloat16 result only when it moves a value across
+    a rounding boundary, which happens for a few outputs in ten thousand; so the probe compares at
+    least `PROBE_OUTPUTS` outputs per row position, on rows of varied magnitude, to see it.
+    """
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features = weight.shape
+    agree = dict.fromkeys(row_counts, True)
+    with torch.inference_mode():
+        for _ in range(-(-PROBE_OUTPUTS // out_features)):
+            inputs = torch.randn(max(row_counts), in_features, generator=generator)
+            inputs *= 10 ** (2.5 * torch.rand(inputs.shape[0], 1, generator=generator) - 2)
+            inputs = inputs.to(device=weight.device, dtype=weight.dtype)  # [rows, in]
+            # Each row on its own, padded to two rows as a one-token forward is.
+            references = [
+                F.linear(inputs[i : i + 1].repeat(2, 1), weight, bias)[0]
+                for i in range(inputs.shape[0])
+            ]
+            for rows in row_counts:
+                if agree[rows]:
+                    together = F.linear(inputs[:rows], weight, bias)  # [rows, out]
+                    agree[rows] = all(torch.equal(together[i], references[i]) for i in range(rows))
+    for rows, same in agree.items():
+        _AGREES[_key(weight, bias, rows)] = same
+
+
+def _key(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
+    return (
+        *weight.shape,
+        bias is not None,
+        weight.dtype,
+        weight.device.type,
+        torch.get_num_threads(),
+        rows,
+    )
+
+
+class BatchInvariantLinear(nn.Linear):
+    """`nn.Linear` that splits its rows into pieces whose results match two-row products."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [R, in] -> [R, out]
+        rows = x.shape[0]
+        if x.dim() != 2 or rows > MAX_INVARIANT_ROWS or rows <= 2:
+            return F.linear(x, self.weight, self.bias)
+        pieces = self.pieces(rows)
+        if len(pieces) == 1:
+            return F.linear(x, self.weight, self.bias)
+        out, start = [], 0
+        for size in pieces:
+            chunk = x[start : start + size]
+            if size == 1:  # pad a lone row to the two-row shape, keep its result
+                out.append(F.linear(chunk.repeat(2, 1), self.weight, self.bias)[:1])
+            else:
+                out.append(F.linear(chunk, self.weight, self.bias))
+            start += size
+        return torch.cat(out)
+
+    def pieces(self, rows: int) -> list[int]:
+        """Row counts, summing to `rows`, each of which agrees with two-row products (or is 1)."""
+        if rows <= 2 or self.agrees(rows):
+            return [rows]
+        agreeing = [s for s in range(3, min(rows - 1, MAX_PIECE_ROWS) + 1) if self.agrees(s)]
+        piece = max(agreeing, default=2)
+        full, rest = divmod(rows, piece)
+        return [piece] * full + (self.pieces(rest) if rest else [])
+
+    def agrees(self, rows: int) -> bool:
+        """Whether a `rows`-row product gives every row the bits of a two-row product."""
+        key = _key(self.weight, self.bias, rows)
+        if key not in _AGREES:
+            _probe(self.weight, self.bias, [rows])
+        return _AGREES[key]
+
+    def warm_up(self, max_rows: int) -> None:
+        """Probe every row count up to `max_rows` now rather than during the first forwards."""
+        counts = list(range(3, min(max_rows, MAX_INVARIANT_ROWS) + 1))
+        missing = [rows for rows in counts if _key(self.weight, self.bias, rows) not in _AGREES]
+        if missing:
+            _probe(self.weight, self.bias, missing)
