@@ -12,8 +12,9 @@ import torch
 from scipy.stats import chisquare
 
 from specdecode import GenerationResult, SamplingParams, SpecConfig, SpecDecoder
+from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.sampling import sample_from, shaped_probs
-from specdecode.tree import DraftTree
+from specdecode.tree import Budget, DraftTree
 from specdecode.verify.rejection import RejectionVerifier
 
 SMALL = "qwen2.5-coder-0.5b-instruct"
@@ -61,6 +62,16 @@ def test_draft_model_greedy_is_exact_same_family_other_dtype(small: SpecDecoder)
         fast = generate(pair, prompt, "draft-model", 48)
         assert fast.token_ids == plain.token_ids
         assert fast.stats.mean_accepted_tokens > 1.5
+        # Stopping a draft early on the draft model's own doubt changes nothing either.
+        adaptive = generate(
+            pair, prompt, "draft-model", 48, drafter_options={"min_confidence": 0.4}
+        )
+        assert adaptive.token_ids == plain.token_ids
+    # ... and it does stop early: a very doubtful draft model proposes short drafts.
+    doubtful = DraftModelDrafter(draft.target, small.target.vocab_size, min_confidence=0.999)
+    doubtful.begin([], SamplingParams(), None)
+    context = small.encode_prompt(QUESTION_PROMPT)
+    assert doubtful.propose(context, Budget.chain(8)).num_nodes < 8
 
 
 def test_draft_model_greedy_is_exact_on_the_1p5b_0p5b_pair() -> None:

@@ -47,6 +47,12 @@ BUILTIN: dict[str, Method] = {
             description="draft model, heuristic draft length",
         ),
         Method(
+            "draft-model-adaptive",
+            SpecConfig(drafter="draft-model", drafter_options={"min_confidence": 0.4}),
+            needs_draft_model=True,
+            description="draft model, stops drafting below 0.4 confidence",
+        ),
+        Method(
             "draft-model-k4",
             SpecConfig(drafter="draft-model", controller="fixed", num_draft_tokens=4),
             needs_draft_model=True,

@@ -7,6 +7,11 @@ The draft model keeps its own KV cache in step with the accepted tokens: its cac
 of the committed sequence plus its own latest drafts; before drafting, it drops what was rejected
 and feeds, in one forward, the committed tokens it has not seen (the accepted drafts it never fed
 and the target's own token), so it never re-reads the prompt.
+
+With `min_confidence` > 0 it stops drafting after a token to which the draft model itself gives
+less than that probability (the dynamic draft length of transformers' assisted generation): later
+drafts would most likely be rejected, and each costs a draft forward. When to stop depends only on
+the draft model, so the output stays the target's.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ class DraftModelDrafter(Drafter):
     needs_draft_model = True
     samples_drafts = True
 
-    def __init__(self, model: Backend, target_vocab_size: int) -> None:
+    def __init__(self, model: Backend, target_vocab_size: int, min_confidence: float = 0.0) -> None:
+        if not 0.0 <= min_confidence < 1.0:
+            raise SpecDecodeError(
+                f"the draft-model drafter's min_confidence must be in [0, 1), got {min_confidence}"
+            )
         self.model = model
+        self.min_confidence = min_confidence
         self.target_vocab_size = target_vocab_size
         self.sampling = SamplingParams()
         self.rng: torch.Generator | None = None
@@ -42,11 +52,16 @@ class DraftModelDrafter(Drafter):
             raise SpecDecodeError(
                 "the 'draft-model' drafter needs a draft model: pass --draft-model"
             )
-        if options:
+        unknown = set(options) - {"min_confidence"}
+        if unknown:
             raise SpecDecodeError(
-                f"the 'draft-model' drafter takes no options, got {sorted(options)}"
+                f"the 'draft-model' drafter takes only min_confidence, got {sorted(unknown)}"
             )
-        return cls(resources.draft_model, resources.target.vocab_size)
+        return cls(
+            resources.draft_model,
+            resources.target.vocab_size,
+            float(options.get("min_confidence", 0.0)),
+        )
 
     def begin(self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None):
         self.sampling = sampling
@@ -80,16 +95,22 @@ class DraftModelDrafter(Drafter):
         for step in range(depth):
             if self.sampling.greedy:  # the greedy verifier needs no draft distribution
                 token = int(logits.argmax())
+                confident = self.min_confidence == 0.0 or (
+                    float(torch.softmax(logits, dim=-1)[token]) >= self.min_confidence
+                )
             else:
                 dist = shaped_probs(logits, self.sampling)  # [V_draft]
                 token = int(sample_from(dist, self.rng))
                 probs.append(dist)
+                confident = float(dist[token]) >= self.min_confidence
             drafts.append(token)
-            if step + 1 < depth:
+            if step + 1 < depth and confident:
                 out = self.model.forward(torch.tensor([token], dtype=torch.long))
                 assert out is not None
                 logits = out[-1]
                 self._fed.append(token)
+            else:
+                break
         if self.sampling.greedy:
             return DraftTree.chain(drafts)
         draft_probs = torch.stack(probs)  # [k, V_draft]
