@@ -2,6 +2,7 @@
 
     specdecode generate "PROMPT" [--model M] [--draft-model D] [--drafter NAME] ...
     specdecode models [list | pull NAME | verify NAME]
+    specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
 `error: ...`, and exit with status 2; no traceback.
@@ -237,104 +238,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_parser(sub) -> None:
-    from specdecode.bench.methods import BUILTIN
-
-    p = sub.add_parser(
-        "bench",
-        help="measure methods against plain decoding, side by side",
-        description="Run each method on each prompt, interleaved with plain decoding through the "
-        "same engine, and report speed-ups as geometric means of per-prompt ratios. Methods: "
-        + ", ".join(BUILTIN),
-    )
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"target model (default: {DEFAULT_MODEL})"
-    )
-    p.add_argument("--draft-model", help="draft model for the draft-model and hf-assisted methods")
-    p.add_argument("--methods", default="prompt-lookup", help="comma-separated method names")
-    p.add_argument("--prompts", help="a JSONL file of {id, category, prompt} (default: built-in)")
-    p.add_argument("--categories", help="comma-separated categories to run (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, metavar="R")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--out", help="directory for results.jsonl and report.md")
-    _add_draft_quantize(p)
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from specdecode.bench.methods import parse_methods
-    from specdecode.bench.peers import HFPeer
-    from specdecode.bench.runner import Runner, load_prompts, report, write_records
-
-    methods = parse_methods(args.methods)
-    if args.repeats < 1:
-        raise SpecDecodeError(f"--repeats must be at least 1, got {args.repeats}")
-    needs_draft = any(m.needs_draft_model for m in methods)
-    if needs_draft and not args.draft_model:
-        raise SpecDecodeError("the chosen methods need --draft-model NAME|PATH")
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / ".write-test").touch()
-            (out_dir / ".write-test").unlink()
-        except OSError as exc:
-            raise SpecDecodeError(f"cannot write to {out_dir}: {exc.strerror}") from None
-    prompts_path = (
-        Path(args.prompts)
-        if args.prompts
-        else Path(__file__).parent / "bench" / "data" / "core.jsonl"
-    )
-    if not prompts_path.is_file():
-        raise SpecDecodeError(f"no prompts file at {prompts_path}")
-    categories = args.categories.split(",") if args.categories else None
-    prompts = load_prompts(prompts_path, categories)
-    if not prompts:
-        raise SpecDecodeError(f"no prompts in {prompts_path} for categories {args.categories}")
-    sampling = SamplingParams(
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
-    )
-    llm = SpecDecoder.load(
-        args.model,
-        draft_model=args.draft_model if needs_draft else None,
-        dtype=args.dtype,
-        threads=args.threads,
-        draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
-    )
-    peer = None
-    if any(m.peer for m in methods):
-        wants_draft = any(m.peer == "hf-assisted" for m in methods)
-        peer = HFPeer(args.model, args.draft_model if wants_draft else None, llm.target_dtype)
-    runner = Runner(llm, methods, sampling, peer)
-    total = len(prompts) * args.repeats * len(runner.methods)
-    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
-
-    def on_record(record) -> None:
-        bar.set_postfix_str(
-            f"{record.method} {record.category} {record.prompt_id} "
-            f"{record.tokens_per_second:.1f} tok/s"
-        )
-        bar.update(1)
-
-    records = runner.run(prompts, args.repeats, on_record)
-    bar.close()
-    command = "specdecode " + " ".join(sys.argv[1:])
-    text = report(records, command)
-    print(text)
-    if out_dir is not None:
-        write_records(records, out_dir / "results.jsonl")
-        (out_dir / "report.md").write_text(text + "\n")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdecode",
@@ -343,13 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _generate_parser(sub)
     _models_parser(sub)
-    _bench_parser(sub)
+    from specdecode.bench import command as bench_command
+
+    bench_command.add_parser(sub, _add_draft_quantize)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote it
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

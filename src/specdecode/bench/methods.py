@@ -1,86 +1,213 @@
 """Named methods the benchmark can run: our engine's configurations and peer baselines.
 
 A method is one way of producing a completion. Ours run through `SpecDecoder` with a `SpecConfig`;
-peers run another tool on the same weights and prompt (transformers' `generate`, plain or with its
-assisted generation / prompt lookup), so speed-ups are comparable with what a user would otherwise
-run.
+peers run another tool on the same weights and prompt (transformers' `generate`, plain, assisted
+by a draft model, or with its prompt lookup; llama.cpp's plain decoding), so speed-ups compare
+with what a user would otherwise run.
+
+`--methods` takes built-in names, built-in sets (`quick`, `all-lossless`, `peers`), or a TOML file:
+
+    [[method]]
+    name = "pld-k8"                  # how the method appears in the report
+    drafter = "prompt-lookup"        # or peer = "hf-ar" for a peer baseline
+    controller = "fixed"
+    num_draft_tokens = [4, 8, 12]    # a list makes a sweep: pld-k8-k4, pld-k8-k8, ...
+    [method.drafter_options]
+    max_ngram = 4
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from specdecode.config import SpecConfig
+from specdecode.drafters import DRAFTERS
 from specdecode.errors import SpecDecodeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PEERS = {
+    "hf-ar": "transformers generate(), greedy",
+    "hf-assisted": "transformers assisted generation with the draft model",
+    "hf-prompt-lookup": "transformers prompt lookup decoding (10 tokens)",
+    "llamacpp-ar": "llama-cpp-python plain decoding of the same GGUF file",
+}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     spec: SpecConfig | None = None  # our engine; None for a peer
-    peer: str | None = None  # "hf-ar", "hf-assisted", "hf-prompt-lookup"
-    needs_draft_model: bool = False
+    peer: str | None = None  # a key of PEERS
     description: str = ""
-    options: dict = field(default_factory=dict)
+    sweep: str | None = None  # methods of one sweep share this name and differ in draft budget
+
+    @property
+    def needs_draft_model(self) -> bool:
+        if self.peer is not None:
+            return self.peer == "hf-assisted"
+        assert self.spec is not None
+        drafter = DRAFTERS.get(self.spec.drafter)
+        return bool(drafter and drafter.needs_draft_model)
+
+    @property
+    def budget(self) -> int | None:
+        return None if self.spec is None else self.spec.num_draft_tokens
 
 
 BASELINE = Method("none", SpecConfig(drafter="none"), description="plain autoregressive decoding")
+
+
+def _ours(name: str, description: str, **spec: Any) -> Method:
+    return Method(name, SpecConfig(**spec), description=description)
+
 
 BUILTIN: dict[str, Method] = {
     m.name: m
     for m in [
         BASELINE,
-        Method(
-            "prompt-lookup",
-            SpecConfig(drafter="prompt-lookup"),
-            description="prompt lookup, heuristic draft length",
-        ),
-        Method(
+        _ours("prompt-lookup", "prompt lookup, heuristic draft length", drafter="prompt-lookup"),
+        _ours(
             "prompt-lookup-k10",
-            SpecConfig(drafter="prompt-lookup", controller="fixed", num_draft_tokens=10),
-            description="prompt lookup, 10 tokens",
+            "prompt lookup, 10 tokens",
+            drafter="prompt-lookup",
+            controller="fixed",
+            num_draft_tokens=10,
         ),
-        Method(
-            "draft-model",
-            SpecConfig(drafter="draft-model"),
-            needs_draft_model=True,
-            description="draft model, heuristic draft length",
-        ),
-        Method(
+        _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
+        _ours(
             "draft-model-adaptive",
-            SpecConfig(drafter="draft-model", drafter_options={"min_confidence": 0.4}),
-            needs_draft_model=True,
-            description="draft model, stops drafting below 0.4 confidence",
+            "draft model, stops drafting below 0.4 confidence",
+            drafter="draft-model",
+            drafter_options={"min_confidence": 0.4},
         ),
-        Method(
+        _ours(
             "draft-model-k4",
-            SpecConfig(drafter="draft-model", controller="fixed", num_draft_tokens=4),
-            needs_draft_model=True,
-            description="draft model, 4 tokens",
+            "draft model, 4 tokens",
+            drafter="draft-model",
+            controller="fixed",
+            num_draft_tokens=4,
         ),
-        Method("hf-ar", peer="hf-ar", description="transformers generate()"),
-        Method(
-            "hf-assisted",
-            peer="hf-assisted",
-            needs_draft_model=True,
-            description="transformers assisted generation with the draft model",
-        ),
-        Method(
-            "hf-prompt-lookup",
-            peer="hf-prompt-lookup",
-            description="transformers prompt lookup decoding",
-        ),
+        *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
 
+SETS: dict[str, list[str]] = {
+    "quick": ["prompt-lookup", "draft-model"],
+    "all-lossless": [name for name, m in BUILTIN.items() if m.peer is None and name != "none"],
+    "peers": list(PEERS),
+}
 
-def parse_methods(names: str) -> list[Method]:
-    methods = []
-    for name in [n.strip() for n in names.split(",") if n.strip()]:
-        if name not in BUILTIN:
-            known = ", ".join(BUILTIN)
-            raise SpecDecodeError(f"unknown method {name!r}; choose from: {known}")
-        methods.append(BUILTIN[name])
+
+def parse_methods(value: str, has_draft_model: bool = True) -> list[Method]:
+    """Methods from comma-separated names and set names, or from a TOML file.
+
+    Methods of a *set* that need a draft model are left out when there is none; a method named
+    on its own that needs one is an error (raised by the caller, which knows the models).
+    """
+    path = Path(value)
+    if value.endswith(".toml"):
+        if not path.is_file():
+            raise SpecDecodeError(f"no methods file at {value}")
+        return load_methods_file(path)
+    methods: list[Method] = []
+    for name in [n.strip() for n in value.split(",") if n.strip()]:
+        if name in SETS:
+            members = [BUILTIN[n] for n in SETS[name]]
+            methods += [m for m in members if has_draft_model or not m.needs_draft_model]
+        elif name in BUILTIN:
+            methods.append(BUILTIN[name])
+        else:
+            known = ", ".join([*BUILTIN, *SETS])
+            raise SpecDecodeError(
+                f"unknown method {name!r}; choose from: {known}, or give a .toml methods file"
+            )
     if not methods:
         raise SpecDecodeError("no methods given: name at least one, e.g. --methods prompt-lookup")
+    return _unique(methods)
+
+
+_SPEC_KEYS = {
+    "drafter",
+    "verifier",
+    "controller",
+    "num_draft_tokens",
+    "max_draft_tokens",
+    "drafter_options",
+    "controller_options",
+}
+
+
+def load_methods_file(path: Path) -> list[Method]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecDecodeError(f"{path} is not valid TOML: {exc}") from None
+    entries = document.get("method")
+    if not isinstance(entries, list) or not entries:
+        raise SpecDecodeError(f"{path} declares no [[method]] tables")
+    methods: list[Method] = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"{path}, method {number}"
+        if not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise SpecDecodeError(f"{where}: every method needs a name")
+        where = f"{path}, method {entry['name']!r}"
+        methods += _method_from_table(entry, where)
+    return _unique(methods)
+
+
+def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
+    name, description = entry["name"], str(entry.get("description", ""))
+    if "peer" in entry:
+        extra = set(entry) - {"name", "peer", "description"}
+        if extra:
+            raise SpecDecodeError(f"{where}: a peer takes no {sorted(extra)}")
+        if entry["peer"] not in PEERS:
+            raise SpecDecodeError(f"{where}: unknown peer; choose one of: {', '.join(PEERS)}")
+        return [Method(name, peer=entry["peer"], description=description)]
+    unknown = set(entry) - _SPEC_KEYS - {"name", "description"}
+    if unknown:
+        raise SpecDecodeError(
+            f"{where}: unknown keys {sorted(unknown)}; allowed: peer, "
+            + ", ".join(sorted(_SPEC_KEYS))
+        )
+    if "drafter" not in entry:
+        raise SpecDecodeError(f"{where}: give a drafter (or a peer)")
+    if entry["drafter"] not in DRAFTERS:
+        raise SpecDecodeError(
+            f"{where}: unknown drafter {entry['drafter']!r}; choose one of: {', '.join(DRAFTERS)}"
+        )
+    fields = {key: value for key, value in entry.items() if key in _SPEC_KEYS}
+    budgets = fields.pop("num_draft_tokens", 6)
+    sweep = isinstance(budgets, list)
+    methods = []
+    for budget in budgets if sweep else [budgets]:
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise SpecDecodeError(f"{where}: num_draft_tokens must be an integer or a list of them")
+        try:
+            spec = SpecConfig(
+                num_draft_tokens=budget,
+                **{**fields, "max_draft_tokens": max(fields.get("max_draft_tokens", 16), budget)},
+            )
+        except TypeError as exc:
+            raise SpecDecodeError(f"{where}: {exc}") from None
+        except SpecDecodeError as exc:
+            raise SpecDecodeError(f"{where}: {exc}") from None
+        method = Method(name, spec, description=description)
+        methods.append(replace(method, name=f"{name}-k{budget}", sweep=name) if sweep else method)
     return methods
+
+
+def _unique(methods: list[Method]) -> list[Method]:
+    seen: dict[str, Method] = {}
+    for method in methods:
+        if method.name in seen and seen[method.name] != method:
+            raise SpecDecodeError(f"two different methods are named {method.name!r}")
+        seen[method.name] = method
+    return list(seen.values())

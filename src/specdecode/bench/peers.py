@@ -1,13 +1,29 @@
-"""Peer baselines: transformers' own generation on the same weights, run in the same process."""
+"""Peer baselines: other tools' own generation on the same weights, run in the same process.
+
+- `HFPeer`: transformers' `generate()`, plain (`hf-ar`), assisted by the draft model
+  (`hf-assisted`), or with prompt lookup (`hf-prompt-lookup`). transformers reads the GGUF file.
+- `LlamaCppPeer`: llama-cpp-python's plain decoding (`llamacpp-ar`) of the same GGUF file, as
+  quantized as it is shipped (the optional extra `specdecode[llamacpp]`, built from source).
+
+Each is given the prompt as token ids and generates up to `max_new_tokens`, stopping at EOS.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from specdecode.config import SamplingParams
 from specdecode.errors import SpecDecodeError
+
+INSTALL_HINTS = {
+    "hf": "pip install 'specdecode[hf]'",
+    "llamacpp": "pip install 'specdecode[llamacpp]' (builds llama.cpp, about 9 minutes)",
+}
 
 
 @dataclass
@@ -16,21 +32,48 @@ class PeerOutput:
     seconds: float
 
 
+class Peer(Protocol):
+    def generate(
+        self,
+        kind: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int],
+    ) -> PeerOutput: ...
+
+
+def missing_package(kind: str) -> str | None:
+    """The install hint when the package a peer needs is absent, else None."""
+    family = "llamacpp" if kind.startswith("llamacpp") else "hf"
+    modules = ["llama_cpp"] if family == "llamacpp" else ["transformers", "accelerate", "gguf"]
+    if any(importlib.util.find_spec(module) is None for module in modules):
+        return INSTALL_HINTS[family]
+    return None
+
+
+def _cut_at_eos(tokens: list[int], eos_token_ids: frozenset[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[:i]
+    return tokens
+
+
 class HFPeer:
     """transformers' `generate()`, plain, assisted by a draft model, or with prompt lookup."""
 
     def __init__(self, model_name: str, draft_name: str | None, dtype: torch.dtype) -> None:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise SpecDecodeError(
-                "the hf-* peer baselines need transformers: pip install 'specdecode[hf]'"
-            ) from None
-        self.model = _load(model_name, dtype)
-        self.draft = _load(draft_name, dtype) if draft_name else None
+        hint = missing_package("hf-ar")
+        if hint:
+            raise SpecDecodeError(f"the hf-* peer baselines need transformers: {hint}")
+        self.model = _load_hf(model_name, dtype)
+        self.draft = _load_hf(draft_name, dtype) if draft_name else None
 
     def generate(
-        self, kind: str, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: frozenset[int]
+        self,
+        kind: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int],
     ) -> PeerOutput:
         extra: dict = {}
         if kind == "hf-assisted":
@@ -39,6 +82,10 @@ class HFPeer:
             extra["assistant_model"] = self.draft
         elif kind == "hf-prompt-lookup":
             extra["prompt_lookup_num_tokens"] = 10
+        if not sampling.greedy:
+            torch.manual_seed(sampling.seed or 0)
+            extra.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            extra["top_k"] = sampling.top_k or 0
         input_ids = torch.tensor([prompt_ids])
         eos = sorted(eos_token_ids)
         start = time.perf_counter()
@@ -46,22 +93,18 @@ class HFPeer:
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=extra.pop("do_sample", False),
                 eos_token_id=eos,
                 pad_token_id=eos[0] if eos else None,
                 **extra,
             )
         seconds = time.perf_counter() - start
-        new = out[0, len(prompt_ids) :].tolist()
-        for i, token in enumerate(new):
-            if token in eos_token_ids:
-                new = new[:i]
-                break
+        new = _cut_at_eos(out[0, len(prompt_ids) :].tolist(), eos_token_ids)
         return PeerOutput(new, seconds)
 
 
-def _load(name: str, dtype: torch.dtype):
+def _load_hf(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     from specdecode.models import resolve_gguf
@@ -74,3 +117,46 @@ def _load(name: str, dtype: torch.dtype):
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model.eval()
+
+
+class LlamaCppPeer:
+    """llama-cpp-python decoding the registry's GGUF file token by token."""
+
+    def __init__(self, model_name: str, threads: int, context: int = 4096) -> None:
+        hint = missing_package("llamacpp-ar")
+        if hint:
+            raise SpecDecodeError(f"the llamacpp-ar peer needs llama-cpp-python: {hint}")
+        from llama_cpp import Llama
+
+        from specdecode.models import resolve_gguf
+
+        path = resolve_gguf(model_name)
+        if path is None:
+            raise SpecDecodeError(f"llamacpp-ar needs a GGUF model; {model_name!r} is not one")
+        self.llm = Llama(
+            model_path=str(path), n_ctx=context, n_threads=threads, n_batch=512, verbose=False
+        )
+
+    def generate(
+        self,
+        kind: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int],
+    ) -> PeerOutput:
+        self.llm.reset()
+        tokens: list[int] = []
+        start = time.perf_counter()
+        for token in self.llm.generate(
+            prompt_ids,
+            temp=sampling.temperature,
+            top_k=sampling.top_k or 0,
+            top_p=sampling.top_p,
+            reset=True,
+        ):
+            if token in eos_token_ids:
+                break
+            tokens.append(token)
+            if len(tokens) >= sampling.max_new_tokens:
+                break
+        return PeerOutput(tokens, time.perf_counter() - start)

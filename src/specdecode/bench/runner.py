@@ -1,36 +1,30 @@
-"""Run methods on prompts, interleaved with the baseline, and report speed-ups as ratios.
+"""Run methods on prompts, interleaved with the baseline, one record per (method, prompt, repeat).
 
 For each prompt and repeat the baseline (plain decoding through the same engine) runs first, then
 every method, so slow drift of a shared machine hits all of them alike and cancels in the ratios.
-One untimed warm-up generation per method comes first. Greedy outputs of our methods are compared
-token for token with the baseline's: a mismatch is a bug and is reported first.
+One short untimed warm-up generation per method comes first. Greedy outputs of our methods are
+compared token for token with the baseline's: a mismatch is a bug, and the report shows it first.
+
+Records go to a sink as soon as they exist (the CLI appends them to `results.jsonl`), so an
+interrupted run keeps what it measured, and `done` lets a resumed run skip it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import platform
-import sys
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from specdecode.api import SpecDecoder
+from specdecode.bench.memory import PeakMemory
 from specdecode.bench.methods import BASELINE, Method
-from specdecode.bench.peers import HFPeer
+from specdecode.bench.peers import Peer
+from specdecode.bench.suites import Prompt
 from specdecode.config import SamplingParams
+from specdecode.errors import SpecDecodeError
 
-
-@dataclass
-class Prompt:
-    id: str
-    category: str
-    prompt: str
-    origin: str = ""
+WARM_UP_TOKENS = 16
 
 
 @dataclass
@@ -42,21 +36,43 @@ class Record:
     new_tokens: int
     seconds: float
     tokens_per_second: float
+    peak_memory_mb: float
     target_forwards: int | None = None
     mean_accepted_tokens: float | None = None
     acceptance_histogram: list[int] = field(default_factory=list)
     acceptance_rate_by_depth: list[float] = field(default_factory=list)
+    prefill_seconds: float | None = None
     drafting_seconds: float | None = None
     verifying_seconds: float | None = None
-    exact: bool | None = None  # greedy output equals the baseline's, token for token
+    other_seconds: float | None = None  # detokenizing, bookkeeping: seconds minus the rest
+    draft_budget: int | None = None  # the method's (initial) draft length
+    sweep: str | None = None  # the sweep this method belongs to (methods files)
+    exact: bool | None = None  # greedy output equals the baseline's token for token
     token_ids: list[int] = field(default_factory=list)
 
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.method, self.prompt_id, self.repeat)
 
-def load_prompts(path: Path, categories: Sequence[str] | None = None) -> list[Prompt]:
-    prompts = [Prompt(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    if categories:
-        prompts = [p for p in prompts if p.category in categories]
-    return prompts
+
+def read_records(path: Path) -> list[Record]:
+    """Records of an earlier run (a torn last line, from a kill mid-write, is dropped)."""
+    names = {f.name for f in fields(Record)}
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(raw, dict) and names >= set(raw) and "method" in raw:
+            records.append(Record(**raw))
+    return records
+
+
+def append_record(record: Record, path: Path) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(asdict(record)) + "\n")
+        f.flush()
 
 
 class Runner:
@@ -65,133 +81,113 @@ class Runner:
         llm: SpecDecoder,
         methods: Sequence[Method],
         sampling: SamplingParams,
-        peer: HFPeer | None = None,
+        peers: dict[str, Peer] | None = None,
     ) -> None:
         self.llm = llm
         self.methods = [BASELINE] + [m for m in methods if m.name != BASELINE.name]
         self.sampling = sampling
-        self.peer = peer
+        self.peers = peers or {}
+        for method in self.methods:
+            if method.peer is not None and method.peer not in self.peers:
+                raise SpecDecodeError(f"no runner for the peer baseline {method.peer!r}")
 
-    def run_one(self, method: Method, prompt_ids: list[int]) -> tuple[list[int], float, dict]:
+    def encode(self, prompt: Prompt) -> list[int]:
+        if self.llm.tokenizer.has_chat_template:
+            text = self.llm.tokenizer.apply_chat_template(prompt.chat())
+            return self.llm.tokenizer.encode(text, add_special_tokens=False)
+        return self.llm.encode_prompt("\n\n".join(m["content"] for m in prompt.chat()), chat=False)
+
+    def run_one(
+        self, method: Method, prompt_ids: list[int], sampling: SamplingParams
+    ) -> tuple[list[int], float, dict]:
         if method.peer is not None:
-            assert self.peer is not None
-            out = self.peer.generate(
-                method.peer,
-                prompt_ids,
-                self.sampling.max_new_tokens,
-                self.llm.tokenizer.eos_token_ids,
+            out = self.peers[method.peer].generate(
+                method.peer, prompt_ids, sampling, self.llm.tokenizer.eos_token_ids
             )
             return out.token_ids, out.seconds, {}
-        result = self.llm.generate(prompt_ids, self.sampling, method.spec)
+        result = self.llm.generate(prompt_ids, sampling, method.spec)
         return result.token_ids, result.stats.seconds, result.stats.to_dict()
+
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        """First calls allocate caches and pick kernels; keep that out of the timings."""
+        short = SamplingParams(
+            temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k,
+            top_p=self.sampling.top_p,
+            seed=self.sampling.seed,
+            max_new_tokens=min(WARM_UP_TOKENS, self.sampling.max_new_tokens),
+        )
+        for method in self.methods:
+            self.run_one(method, prompt_ids[-256:], short)
 
     def run(
         self,
         prompts: Sequence[Prompt],
         repeats: int = 1,
-        on_record: Callable[[Record], None] | None = None,
+        sink: Callable[[Record], None] | None = None,
+        done: Iterable[Record] = (),
     ) -> list[Record]:
-        encoded = [self.llm.encode_prompt(p.prompt) for p in prompts]
-        for method in self.methods:  # warm-up: first calls allocate and tune kernels
-            self.run_one(method, encoded[0][:64] if len(encoded[0]) > 64 else encoded[0])
-        records: list[Record] = []
-        for prompt, ids in zip(prompts, encoded, strict=True):
-            for repeat in range(repeats):
-                baseline_ids: list[int] | None = None
-                for method in self.methods:
-                    token_ids, seconds, stats = self.run_one(method, ids)
-                    if method is self.methods[0]:
-                        baseline_ids = token_ids
-                    exact = None
-                    if self.sampling.greedy and method.peer is None:
-                        exact = token_ids == baseline_ids
-                    record = Record(
-                        method=method.name,
-                        prompt_id=prompt.id,
-                        category=prompt.category,
-                        repeat=repeat,
-                        new_tokens=len(token_ids),
-                        seconds=seconds,
-                        tokens_per_second=len(token_ids) / seconds if seconds else 0.0,
-                        target_forwards=stats.get("target_forwards"),
-                        mean_accepted_tokens=stats.get("mean_accepted_tokens"),
-                        acceptance_histogram=stats.get("acceptance_histogram", []),
-                        acceptance_rate_by_depth=stats.get("acceptance_rate_by_depth", []),
-                        drafting_seconds=stats.get("drafting_seconds"),
-                        verifying_seconds=stats.get("verifying_seconds"),
-                        exact=exact,
-                        token_ids=token_ids,
-                    )
-                    records.append(record)
-                    if on_record:
-                        on_record(record)
+        """Run everything not in `done`; returns the old records and the new, in run order."""
+        records = list(done)
+        finished = {r.key for r in records}
+        baselines = {(r.prompt_id, r.repeat): r.token_ids for r in records if r.method == "none"}
+        todo = [
+            (prompt, repeat)
+            for prompt in prompts
+            for repeat in range(repeats)
+            if any((m.name, prompt.id, repeat) not in finished for m in self.methods)
+        ]
+        if not todo:
+            return records
+        self.warm_up(self.encode(todo[0][0]))
+        for prompt, repeat in todo:
+            ids = self.encode(prompt)
+            for method in self.methods:
+                if (method.name, prompt.id, repeat) in finished:
+                    continue
+                record = self._measure(method, prompt, repeat, ids, baselines)
+                if method is BASELINE:
+                    baselines[(prompt.id, repeat)] = record.token_ids
+                records.append(record)
+                if sink is not None:
+                    sink(record)
         return records
 
-
-def geometric_mean(values: Sequence[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
-def speedups(records: Sequence[Record]) -> dict[tuple[str, str], list[float]]:
-    """Per (category, method): the ratios of its tokens/s to the baseline's, run by run."""
-    baseline = {
-        (r.prompt_id, r.repeat): r.tokens_per_second for r in records if r.method == BASELINE.name
-    }
-    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for r in records:
-        base = baseline.get((r.prompt_id, r.repeat))
-        if base and r.tokens_per_second > 0:
-            ratios[(r.category, r.method)].append(r.tokens_per_second / base)
-            ratios[("overall", r.method)].append(r.tokens_per_second / base)
-    return ratios
-
-
-def report(records: Sequence[Record], command: str) -> str:
-    lines = []
-    mismatches = [r for r in records if r.exact is False]
-    if mismatches:
-        lines.append("## EXACTNESS MISMATCHES\n")
-        for r in mismatches:
-            lines.append(
-                f"- **{r.method}** on `{r.prompt_id}` (repeat {r.repeat}) differs "
-                "from plain decoding"
-            )
-        lines.append("")
-    ratios = speedups(records)
-    methods = list(dict.fromkeys(r.method for r in records))
-    categories = list(dict.fromkeys(r.category for r in records)) + ["overall"]
-    lines.append("| category | method | speed-up | tokens/s | tokens/forward | exact |")
-    lines.append("|---|---|---|---|---|---|")
-    for category in categories:
-        for method in methods:
-            rows = [
-                r
-                for r in records
-                if r.method == method and (category == "overall" or r.category == category)
-            ]
-            if not rows:
-                continue
-            tps = sum(r.tokens_per_second for r in rows) / len(rows)
-            mat = [r.mean_accepted_tokens for r in rows if r.mean_accepted_tokens is not None]
-            exact = [r.exact for r in rows if r.exact is not None]
-            speedup = geometric_mean(ratios[(category, method)])
-            per_forward = f"{sum(mat) / len(mat):.2f}" if mat else "-"
-            exact_cell = "-" if not exact else ("yes" if all(exact) else "NO")
-            lines.append(
-                f"| {category} | {method} | {speedup:.2f}x | {tps:.2f} | {per_forward} "
-                f"| {exact_cell} |"
-            )
-    lines.append("")
-    lines.append(
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.platform()}; torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}."
-    )
-    lines.append(f"Command: `{command}`")
-    return "\n".join(lines)
-
-
-def write_records(records: Sequence[Record], path: Path) -> None:
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(asdict(r)) + "\n")
+    def _measure(
+        self,
+        method: Method,
+        prompt: Prompt,
+        repeat: int,
+        ids: list[int],
+        baselines: dict[tuple[str, int], list[int]],
+    ) -> Record:
+        with PeakMemory() as peak:
+            token_ids, seconds, stats = self.run_one(method, ids, self.sampling)
+        exact = None
+        baseline = baselines.get((prompt.id, repeat))
+        if self.sampling.greedy and method.peer is None and baseline is not None:
+            exact = token_ids == baseline
+        timed = [stats.get(k) for k in ("prefill_seconds", "drafting_seconds", "verifying_seconds")]
+        other = seconds - sum(timed) if all(t is not None for t in timed) else None
+        return Record(
+            method=method.name,
+            prompt_id=prompt.id,
+            category=prompt.category,
+            repeat=repeat,
+            new_tokens=len(token_ids),
+            seconds=seconds,
+            tokens_per_second=len(token_ids) / seconds if seconds else 0.0,
+            peak_memory_mb=round(peak.mb, 1),
+            target_forwards=stats.get("target_forwards"),
+            mean_accepted_tokens=stats.get("mean_accepted_tokens"),
+            acceptance_histogram=stats.get("acceptance_histogram", []),
+            acceptance_rate_by_depth=stats.get("acceptance_rate_by_depth", []),
+            prefill_seconds=timed[0],
+            drafting_seconds=timed[1],
+            verifying_seconds=timed[2],
+            other_seconds=other,
+            draft_budget=method.budget if method is not BASELINE else None,
+            sweep=method.sweep,
+            exact=exact,
+            token_ids=token_ids,
+        )

@@ -1,0 +1,184 @@
+"""`specdecode bench`: run a suite with a set of methods and write records, report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from specdecode.errors import SpecDecodeError
+
+
+def add_parser(sub, add_draft_quantize) -> None:
+    from specdecode.api import DEFAULT_MODEL
+    from specdecode.bench.methods import BUILTIN, PEERS, SETS
+    from specdecode.bench.suites import SUITES
+
+    p = sub.add_parser(
+        "bench",
+        help="measure methods against plain decoding, side by side",
+        description="Run every method on every prompt of a suite, interleaved prompt by prompt "
+        "with plain decoding through the same engine, and report speed-ups as geometric means of "
+        "per-prompt ratios. With --out, each run is appended to DIR/results.jsonl as it finishes "
+        "(so an interrupted run keeps its records; --resume continues it), and DIR/report.md and "
+        "PNG plots are written at the end.",
+        epilog="methods: "
+        + ", ".join(BUILTIN)
+        + "; sets: "
+        + ", ".join(SETS)
+        + "; peers: "
+        + ", ".join(PEERS)
+        + ". suites: "
+        + "; ".join(f"{name} ({text})" for name, text in SUITES.items()),
+    )
+    p.add_argument(
+        "--suite", default="quick", help="suite name or a .jsonl file of prompts (default: quick)"
+    )
+    p.add_argument(
+        "--methods",
+        default="quick",
+        help="comma-separated method and set names, or a .toml methods file (default: quick)",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"target model (default: {DEFAULT_MODEL})"
+    )
+    p.add_argument("--draft-model", help="draft model for draft-model methods and hf-assisted")
+    p.add_argument("--categories", help="comma-separated categories to run (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="default: 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, metavar="R", help="default: 1")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--out", metavar="DIR", help="write results.jsonl, report.md and plots here")
+    p.add_argument(
+        "--resume", action="store_true", help="keep DIR/results.jsonl and run only what is missing"
+    )
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="skip peer baselines whose package is not installed (with a warning) instead of "
+        "stopping",
+    )
+    add_draft_quantize(p)
+    p.set_defaults(func=run)
+
+
+def _prepare_out_dir(out: str, resume: bool) -> Path:
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise SpecDecodeError(f"cannot write to {out_dir}: {exc.strerror}") from None
+    results = out_dir / "results.jsonl"
+    if results.exists() and results.stat().st_size and not resume:
+        raise SpecDecodeError(
+            f"{results} already holds records: pass --resume to continue that run, or choose "
+            "another --out"
+        )
+    return out_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from specdecode.api import SpecDecoder
+    from specdecode.bench.methods import parse_methods
+    from specdecode.bench.peers import HFPeer, LlamaCppPeer, missing_package
+    from specdecode.bench.report import plot, report
+    from specdecode.bench.runner import Runner, append_record, read_records
+    from specdecode.bench.suites import load_suite
+    from specdecode.config import SamplingParams
+
+    if args.repeats < 1:
+        raise SpecDecodeError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.resume and not args.out:
+        raise SpecDecodeError("--resume needs --out DIR, the directory of the run to continue")
+    methods = parse_methods(args.methods, has_draft_model=bool(args.draft_model))
+    needing = [m.name for m in methods if m.needs_draft_model]
+    if needing and not args.draft_model:
+        raise SpecDecodeError(f"{', '.join(needing)} need --draft-model NAME|PATH")
+    for method in [m for m in methods if m.peer]:
+        hint = missing_package(method.peer)
+        if hint and args.skip_missing:
+            print(
+                f"warning: skipping {method.name}: its package is missing ({hint})",
+                file=sys.stderr,
+            )
+            methods.remove(method)
+        elif hint:
+            raise SpecDecodeError(
+                f"{method.name} needs a package that is not installed: {hint}, or pass "
+                "--skip-missing"
+            )
+    categories = args.categories.split(",") if args.categories else None
+    prompts = load_suite(args.suite, categories)
+    sampling = SamplingParams(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    out_dir = _prepare_out_dir(args.out, args.resume) if args.out else None
+    done = []
+    if out_dir is not None and args.resume and (out_dir / "results.jsonl").exists():
+        done = read_records(out_dir / "results.jsonl")
+
+    llm = SpecDecoder.load(
+        args.model,
+        draft_model=args.draft_model if needing else None,
+        dtype=args.dtype,
+        threads=args.threads,
+        draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
+    )
+    peers: dict = {}
+    hf_kinds = {m.peer for m in methods if m.peer and m.peer.startswith("hf-")}
+    if hf_kinds:
+        draft = args.draft_model if "hf-assisted" in hf_kinds else None
+        hf = HFPeer(args.model, draft, llm.target_dtype)
+        peers.update(dict.fromkeys(hf_kinds, hf))
+    if any(m.peer == "llamacpp-ar" for m in methods):
+        import torch
+
+        peers["llamacpp-ar"] = LlamaCppPeer(args.model, threads=torch.get_num_threads())
+    runner = Runner(llm, methods, sampling, peers)
+
+    names = {m.name for m in runner.methods}
+    ids = {p.id for p in prompts}
+    done = [r for r in done if r.method in names and r.prompt_id in ids and r.repeat < args.repeats]
+    total = len(prompts) * args.repeats * len(runner.methods)
+    bar = tqdm(total=total, initial=len(done), desc="bench", unit="run", file=sys.stderr)
+    results = out_dir / "results.jsonl" if out_dir else None
+
+    def sink(record) -> None:
+        if results is not None:
+            append_record(record, results)
+        bar.set_postfix_str(
+            f"{record.method} | {record.category} | {record.prompt_id} | "
+            f"{record.tokens_per_second:.2f} tok/s"
+        )
+        bar.update(1)
+
+    command = "specdecode " + shlex.join(args.argv)
+    try:
+        records = runner.run(prompts, args.repeats, sink, done)
+    except KeyboardInterrupt:
+        bar.close()
+        where = f"; records so far are in {results}, continue with --resume" if results else ""
+        print(f"\ninterrupted{where}", file=sys.stderr)
+        return 130
+    bar.close()
+    settings = (
+        f"Target `{args.model}` ({args.dtype})"
+        + (f", draft `{args.draft_model}`" if needing else "")
+        + f"; suite `{args.suite}`, {len(prompts)} prompts x {args.repeats} repeats; "
+        f"temperature {args.temperature}, {args.max_new_tokens} new tokens."
+    )
+    text = report(records, command, settings)
+    print(text)
+    if out_dir is not None:
+        (out_dir / "report.md").write_text(text)
+        for path in plot(records, out_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 1 if any(r.exact is False for r in records) else 0

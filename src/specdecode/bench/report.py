@@ -1,0 +1,195 @@
+"""Turn benchmark records into `report.md` and PNG plots.
+
+Speed-up is the geometric mean, over prompts and repeats, of a method's tokens/s divided by the
+baseline's on the same prompt and repeat (runs that were interleaved, so machine drift cancels).
+Exactness mismatches come first and loudly: under greedy decoding any of them is a bug.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from specdecode.bench.methods import BASELINE
+from specdecode.bench.runner import Record
+
+OVERALL = "overall"
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def speedups(records: Sequence[Record]) -> dict[tuple[str, str], list[float]]:
+    """Per (category, method), and per ("overall", method): ratios to the baseline's tokens/s."""
+    baseline = {
+        (r.prompt_id, r.repeat): r.tokens_per_second for r in records if r.method == BASELINE.name
+    }
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        base = baseline.get((r.prompt_id, r.repeat))
+        if base and r.tokens_per_second > 0:
+            ratios[(r.category, r.method)].append(r.tokens_per_second / base)
+            ratios[(OVERALL, r.method)].append(r.tokens_per_second / base)
+    return ratios
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _table(records: Sequence[Record], category: str, ratios) -> list[str]:
+    lines = [
+        "| method | speed-up | tokens/s | tokens/forward | drafted accepted | peak MB | exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r.method for r in records):
+        rows = [r for r in records if r.method == method and category in (OVERALL, r.category)]
+        if not rows:
+            continue
+        tps = _mean([r.tokens_per_second for r in rows])
+        per_forward = _mean([r.mean_accepted_tokens for r in rows if r.target_forwards])
+        depth_rates = [rate for r in rows for rate in r.acceptance_rate_by_depth[:1]]
+        first_rate = _mean(depth_rates)
+        exact = [r.exact for r in rows if r.exact is not None]
+        cells = [
+            f"`{method}`",
+            f"{geometric_mean(ratios.get((category, method), [])):.2f}x",
+            f"{tps:.2f}",
+            "-" if per_forward is None else f"{per_forward:.2f}",
+            "-" if first_rate is None else f"{first_rate:.0%} of first drafts",
+            f"{max(r.peak_memory_mb for r in rows):.0f}",
+            "-" if not exact else ("yes" if all(exact) else f"**NO** ({exact.count(False)})"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = [f"Python {sys.version.split()[0]}", f"torch {torch.__version__}"]
+    try:
+        import transformers
+
+        versions.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    from specdecode import __version__
+
+    versions.append(f"specdecode {__version__}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads, {platform.system()} {platform.release()}; "
+        + ", ".join(versions)
+    )
+
+
+def report(records: Sequence[Record], command: str, settings: str = "") -> str:
+    lines = ["# specdecode benchmark", ""]
+    mismatches = [r for r in records if r.exact is False]
+    if mismatches:
+        lines += ["## EXACTNESS MISMATCHES: greedy output differs from plain decoding", ""]
+        lines += [f"- **{r.method}** on `{r.prompt_id}` (repeat {r.repeat})" for r in mismatches]
+        lines.append("")
+    ratios = speedups(records)
+    if settings:
+        lines += [settings, ""]
+    lines += [
+        "Speed-up: geometric mean over prompts of tokens/s relative to `none` (plain decoding "
+        "through the same engine) on the same prompt, run interleaved. tokens/forward: tokens "
+        "emitted per target forward pass. Seconds include prompt prefill.",
+        "",
+        "## Overall",
+        "",
+        *_table(records, OVERALL, ratios),
+        "",
+    ]
+    for category in dict.fromkeys(r.category for r in records):
+        lines += [f"## {category}", "", *_table(records, category, ratios), ""]
+    lines += [f"Machine: {machine_description()}.", "", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
+    """speedup.png, accepted.png and, when a sweep ran, budget.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ratios = speedups(records)
+    methods = [m for m in dict.fromkeys(r.method for r in records) if m != BASELINE.name]
+    categories = [*dict.fromkeys(r.category for r in records), OVERALL]
+    if methods:
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(categories)), 4))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            values = [geometric_mean(ratios.get((c, method), [])) for c in categories]
+            ax.bar([x + i * width for x in range(len(categories))], values, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))], categories)
+        ax.set_ylabel("speed-up over plain decoding")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "speedup.png"))
+
+    histograms = {}
+    for method in methods:
+        total: list[int] = []
+        for r in records:
+            if r.method == method:
+                for i, n in enumerate(r.acceptance_histogram):
+                    total += [0] * (i + 1 - len(total))
+                    total[i] += n
+        if sum(total):
+            histograms[method] = [n / sum(total) for n in total]
+    if histograms:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method, shares in histograms.items():
+            ax.plot(range(len(shares)), shares, marker="o", label=method)
+        ax.set_xlabel("drafted tokens accepted in a forward")
+        ax.set_ylabel("share of target forwards")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "accepted.png"))
+
+    sweeps: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.sweep is not None and r.draft_budget is not None:
+            sweeps[r.sweep][r.draft_budget].append(r.tokens_per_second)
+    sweeps = {name: points for name, points in sweeps.items() if len(points) > 1}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in sweeps.items():
+            budgets = sorted(points)
+            ax.plot(budgets, [_mean(points[b]) for b in budgets], marker="o", label=name)
+        base = _mean([r.tokens_per_second for r in records if r.method == BASELINE.name])
+        if base:
+            ax.axhline(base, color="black", linewidth=0.8, label="plain decoding")
+        ax.set_xlabel("draft tokens per forward")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "budget.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

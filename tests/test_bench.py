@@ -1,0 +1,245 @@
+"""The benchmark harness itself, on the quick suite with the smallest model of the registry."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdecode.bench import runner as runner_module
+from specdecode.bench.methods import BUILTIN, SETS, parse_methods
+from specdecode.bench.report import speedups
+from specdecode.bench.runner import Record, read_records
+from specdecode.bench.suites import load_suite
+from specdecode.cli import main
+from specdecode.verify import VERIFIERS
+from specdecode.verify.base import Verdict, Verifier
+
+TINY = "smollm2-135m-instruct"
+FAST = ["--model", TINY, "--suite", "quick", "--max-new-tokens", "12"]
+CATEGORIES = ["--categories", "code-editing,rag"]  # inputs the answers repeat: drafts happen
+
+
+def bench(tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / "run"
+    code = main(["bench", *FAST, *CATEGORIES, "--out", str(out), *extra])
+    return code, out
+
+
+def test_every_suite_has_its_categories_and_origins() -> None:
+    full = load_suite("spec-bench")
+    categories = {p.category for p in full}
+    assert categories == {
+        "multi-turn",
+        "summarization",
+        "rag",
+        "math-reasoning",
+        "code-completion",
+        "code-editing",
+    }
+    for category in categories:
+        assert sum(p.category == category for p in full) >= 20
+    assert all(p.origin for p in full)
+    quick = load_suite("quick")
+    assert {p.category for p in quick} == categories and len(quick) == 12
+    chat = next(p for p in full if p.messages)
+    assert chat.chat()[-1]["role"] == "user" and len(chat.chat()) == 3
+
+
+def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
+    code, out = bench(tmp_path, "--methods", "prompt-lookup,prompt-lookup-k10")
+    assert code == 0
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 4 * 3  # 4 prompts x (baseline + 2 methods)
+    # Interleaved: every prompt's baseline, then its methods, before the next prompt starts.
+    order = [(r.prompt_id, r.method) for r in records]
+    prompts = list(dict.fromkeys(p for p, _ in order))
+    assert order == [
+        (p, m) for p in prompts for m in ("none", "prompt-lookup", "prompt-lookup-k10")
+    ]
+    for r in records:
+        assert r.new_tokens > 0 and r.seconds > 0 and r.tokens_per_second > 0
+        assert r.peak_memory_mb > 100  # the model alone is bigger than that
+        assert r.target_forwards and r.acceptance_histogram
+        assert sum(r.acceptance_histogram) == r.target_forwards
+        assert r.exact is (None if r.method == "none" else True)
+        parts = [r.prefill_seconds, r.drafting_seconds, r.verifying_seconds, r.other_seconds]
+        assert all(p is not None and p >= -1e-6 for p in parts)
+        assert abs(sum(parts) - r.seconds) < 1e-6
+    assert any(r.mean_accepted_tokens > 1 for r in records if r.method != "none")
+    report = (out / "report.md").read_text()
+    assert "## Overall" in report and "## code-editing" in report and "## rag" in report
+    assert "EXACTNESS" not in report and "Command: `specdecode bench" in report
+    assert (out / "speedup.png").stat().st_size > 0 and (out / "accepted.png").exists()
+
+
+def test_speedups_are_ratios_of_runs_on_the_same_prompt_and_repeat() -> None:
+    def record(method: str, prompt: str, repeat: int, tps: float) -> Record:
+        return Record(method, prompt, "c", repeat, 10, 10 / tps, tps, 1.0)
+
+    records = [
+        record("none", "a", 0, 2.0),
+        record("x", "a", 0, 4.0),
+        record("none", "b", 0, 10.0),
+        record("x", "b", 0, 5.0),
+        record("none", "a", 1, 1.0),
+        record("x", "a", 1, 3.0),
+    ]
+    ratios = speedups(records)
+    assert sorted(ratios[("c", "x")]) == [0.5, 2.0, 3.0]
+    assert ratios[("overall", "x")] == ratios[("c", "x")]
+
+
+class AcceptEverything(Verifier):
+    """Deliberately wrong: keeps every draft whatever the target says."""
+
+    name = "accept-everything"
+    supports_trees = False
+    lossless = False
+
+    def verify(self, tree, target_logits, sampling, rng) -> Verdict:
+        path = list(range(tree.num_nodes))
+        tokens = tree.tokens.tolist() + [int(target_logits[-1].argmax())]
+        return Verdict(path, tokens, tree.num_nodes, True)
+
+
+def test_an_exactness_mismatch_is_reported_first_and_fails_the_run(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setitem(VERIFIERS, AcceptEverything.name, AcceptEverything)
+    methods = tmp_path / "methods.toml"
+    methods.write_text(
+        '[[method]]\nname = "broken"\ndrafter = "prompt-lookup"\nverifier = "accept-everything"\n'
+    )
+    code, out = bench(tmp_path, "--methods", str(methods))
+    assert code == 1
+    records = read_records(out / "results.jsonl")
+    assert any(r.exact is False for r in records if r.method == "broken")
+    report = (out / "report.md").read_text()
+    assert report.index("EXACTNESS MISMATCHES") < report.index("## Overall")
+    assert "**NO**" in report
+
+
+def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    measure = runner_module.Runner._measure
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_measure", interrupted)
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 130
+    kept = read_records(out / "results.jsonl")
+    assert len(kept) == 3
+    # Without --resume the directory is not silently overwritten.
+    assert bench(tmp_path, "--methods", "prompt-lookup")[0] == 2
+    monkeypatch.setattr(runner_module.Runner, "_measure", measure)
+    code, out = bench(tmp_path, "--methods", "prompt-lookup", "--resume")
+    assert code == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    records = [Record(**json.loads(line)) for line in lines]
+    assert len(records) == 8 and len({r.key for r in records}) == 8
+    assert [r.key for r in records[:3]] == [r.key for r in kept]
+    assert all(r.exact for r in records if r.method != "none")
+
+
+def test_methods_files_sets_and_sweeps(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(
+        '[[method]]\nname = "pld"\ndrafter = "prompt-lookup"\ncontroller = "fixed"\n'
+        "num_draft_tokens = [2, 4]\n[method.drafter_options]\nmax_ngram = 4\n\n"
+        '[[method]]\nname = "transformers"\npeer = "hf-ar"\n'
+    )
+    methods = parse_methods(str(path))
+    assert [m.name for m in methods] == ["pld-k2", "pld-k4", "transformers"]
+    assert methods[1].spec.num_draft_tokens == 4 and methods[1].sweep == "pld"
+    assert methods[0].spec.drafter_options == {"max_ngram": 4}
+    assert [m.name for m in parse_methods("all-lossless")] == SETS["all-lossless"]
+    without_draft = parse_methods("all-lossless", has_draft_model=False)
+    assert all(not m.needs_draft_model for m in without_draft) and without_draft
+    assert BUILTIN["hf-assisted"].needs_draft_model
+
+
+BAD = [
+    (["--methods", "warp-drive"], "unknown method"),
+    (["--suite", "nonexistent"], "unknown suite"),
+    (["--methods", "draft-model"], "need --draft-model"),
+    (["--repeats", "0"], "--repeats"),
+    (["--categories", "poetry"], "no prompts of categories"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD)
+def test_bad_input_is_one_line(capsys, argv: list[str], fragment: str) -> None:
+    code = main(["bench", "--model", TINY, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and err.count("error: ") == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[[method]\nname = 1", "not valid TOML"),
+        ('[[method]]\nname = "x"\ndrafter = "telepathy"\n', "unknown drafter"),
+        ('[[method]]\nname = "x"\ndrafter = "prompt-lookup"\nwarp = 9\n', "unknown keys"),
+        ('[[method]]\nname = "x"\npeer = "vllm"\n', "unknown peer"),
+        ('title = "no methods"\n', "no [[method]]"),
+    ],
+)
+def test_malformed_methods_file(tmp_path: Path, capsys, content: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    code = main(["bench", "--model", TINY, "--methods", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_unwritable_output_directory(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main(["bench", *FAST, "--out", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to" in err
+
+
+def test_missing_peer_package_stops_or_is_skipped(tmp_path: Path, capsys, monkeypatch) -> None:
+    from specdecode.bench import peers
+
+    monkeypatch.setattr(peers, "missing_package", lambda kind: "pip install something")
+    code = main(["bench", *FAST, "--methods", "prompt-lookup,hf-ar"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--skip-missing" in err and "pip install something" in err
+    code = main(
+        [
+            "bench",
+            *FAST,
+            "--categories",
+            "rag",
+            "--methods",
+            "prompt-lookup,hf-ar",
+            "--skip-missing",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and "warning: skipping hf-ar" in captured.err
+    assert "`hf-ar`" not in captured.out and "`prompt-lookup`" in captured.out
+
+
+def test_peak_memory_sees_an_allocation_that_is_gone_by_the_end() -> None:
+    from specdecode.bench.memory import PeakMemory, resident_mb
+
+    with PeakMemory() as peak:
+        block = torch.ones(256 * 2**20, dtype=torch.uint8)  # 256 MB, touched
+        block += 1
+        during = resident_mb()
+        time.sleep(0.05)  # several sampling intervals
+        del block
+    assert peak.mb >= during - 1
