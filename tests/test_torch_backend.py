@@ -227,4 +227,4 @@ def test_int8_draft_weights_stay_close_to_the_float_model() -> None:
         error = (quantized(x) - layer(x)).abs().max()
         scale = layer(x).abs().mean()
     assert quantized.weight.dtype == torch.int8
-    assert error < 0.02 * scale
+    assert error < 0.05 * scale  # per-channel int8 weights, bfloat16 activations

@@ -28,7 +28,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu" or rows.dtype != torch.float32:
+        if rows.device.type == "cpu":
+            # The CPU kernel is fast for bfloat16 activations and slow for float32 ones; a draft
+            # loses nothing that matters by rounding its activations.
+            out = torch.ops.aten._weight_int8pack_mm(
+                rows.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16)
+            ).to(rows.dtype)
+        elif rows.dtype != torch.float32:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
         else:  # the fused kernel takes no float32 input on CUDA
             out = (rows @ self.weight.to(rows.dtype).T) * self.scale.to(rows.dtype)
