@@ -142,7 +142,7 @@ def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))], categories)
         ax.set_ylabel("speed-up over plain decoding")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(_save(fig, out_dir / "speedup.png"))
 
