@@ -32,6 +32,8 @@ PROBE_OUTPUTS = 32768
 # (out, in, bias, dtype, device, threads, rows) -> whether `rows`-row products agree. Shared by all
 # layers of a shape: agreement depends on the shape and the library's choices, not the weights.
 _AGREES: dict[tuple, bool] = {}
+# The same key -> how `forward` splits that many rows.
+_PIECES: dict[tuple, list[int]] = {}
 
 
 def _probe(weight: torch.Tensor, bias: torch.Tensor | None, row_counts: list[int]) -> None:
@@ -80,7 +82,10 @@ class BatchInvariantLinear(nn.Linear):
         rows = x.shape[0]
         if x.dim() != 2 or rows > MAX_INVARIANT_ROWS or rows <= 2:
             return F.linear(x, self.weight, self.bias)
-        pieces = self.pieces(rows)
+        key = _key(self.weight, self.bias, rows)
+        pieces = _PIECES.get(key)
+        if pieces is None:  # worked out once per shape and row count, not in every forward
+            pieces = _PIECES[key] = self.pieces(rows)
         if len(pieces) == 1:
             return F.linear(x, self.weight, self.bias)
         out, start = [], 0
