@@ -199,12 +199,37 @@ def _to_hf_names(model, config: TransformerConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-def test_batch_invariant_linear_gives_every_row_the_bits_of_a_one_token_forward() -> None:
-    """Whatever this CPU's matrix library does with row counts, the pieces agree bit for bit."""
-    from specdecode.backends.torch.invariance import BatchInvariantLinear
+def test_rowwise_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> None:
+    """The C++ kernel sums each output in a fixed order: a row's result is the same alone or in
+    any batch, for ragged shapes too, and close to a float64 product."""
+    from specdecode.backends.torch import kernels
 
+    rowwise = kernels.rowwise_linear()
+    assert rowwise is not None, "the kernel should compile on an AVX-512 CPU with a C++ compiler"
     torch.manual_seed(0)
-    layer = BatchInvariantLinear(4864, 896, bias=False).to(torch.bfloat16)
+    for in_features, out_features in [(896, 4864), (100, 37), (4864, 9)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            weight = (torch.randn(out_features, in_features) * 0.05).to(dtype)
+            inputs = torch.randn(40, in_features) * torch.logspace(-2, 1, in_features)
+            alone = torch.cat([rowwise(inputs[i : i + 1], weight) for i in range(40)])
+            for rows in (2, 3, 4, 5, 7, 8, 13, 16, 40):
+                assert torch.equal(rowwise(inputs[:rows], weight), alone[:rows]), rows
+            exact = inputs.double() @ weight.double().T
+            assert torch.allclose(alone.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "library-pieces"])
+def test_batch_invariant_linear_gives_every_row_the_bits_of_a_one_token_forward(
+    use_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the kernel, or with library products split into pieces this CPU agrees on, a row's
+    output has the bits of the same row in a one-token forward."""
+    from specdecode.backends.torch import invariance
+
+    if not use_kernel:
+        monkeypatch.setattr(invariance, "kernel_applies", lambda weight: False)
+    torch.manual_seed(0)
+    layer = invariance.BatchInvariantLinear(4864, 896, bias=True).to(torch.bfloat16)
     for rows in range(1, 40):
         assert sum(layer.pieces(rows)) == rows
     inputs = (torch.randn(6, 17, 4864) * 0.05).to(torch.bfloat16)  # activations are small
@@ -212,7 +237,8 @@ def test_batch_invariant_linear_gives_every_row_the_bits_of_a_one_token_forward(
         for batch in inputs:
             together = layer(batch)
             for i in range(batch.shape[0]):
-                alone = torch.nn.functional.linear(batch[i : i + 1].repeat(2, 1), layer.weight)
+                # A one-token forward is padded to two rows (model.py).
+                alone = layer(batch[i : i + 1].repeat(2, 1))
                 assert torch.equal(together[i], alone[0]), i
 
 

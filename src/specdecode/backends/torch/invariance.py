@@ -7,11 +7,12 @@ reduction from the number of rows, and which row counts agree depends on the CPU
 EPYC with AVX-512 BF16 every count from 2 up agrees in bfloat16; on an Intel Xeon without it only
 2 and 3 do for some shapes).
 
-So nothing is assumed: each layer measures, on this machine and at this thread count, which row
-counts give the same bits per row as a two-row product (the shape a one-token forward is padded
-to, see `model.py`), and splits a product into chunks of such counts. Where every count agrees,
-as on the AMD machine, a product stays one call; where few do, the pieces cost about what the
-whole would, since such CPUs are then compute-bound anyway.
+The first choice is the C++ kernel of `kernels/rowwise_linear.cpp`, which sums every output in one
+fixed order whatever the row count, so the question does not arise. Where it is unavailable (no
+AVX-512, no compiler, CUDA), nothing is assumed: each layer measures, on this machine and at this
+thread count, which row counts give the same bits per row as a two-row product (the shape a
+one-token forward is then padded to, see `model.py`), and splits a product into chunks of such
+counts.
 
 Forwards larger than `MAX_INVARIANT_ROWS` (prompt prefill) are not split: plain and speculative
 decoding prefill the same way, so their bits agree without it.
@@ -22,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from specdecode.backends.torch import kernels
 
 MAX_INVARIANT_ROWS = 128
 # Largest piece tried when a row count itself does not agree; bigger pieces rarely help on a CPU.
@@ -75,11 +78,46 @@ def _key(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
     )
 
 
+def kernel_applies(weight: torch.Tensor) -> bool:
+    """Whether products with `weight` run on the row-wise kernel (which compiles on first call)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and kernels.rowwise_linear() is not None
+    )
+
+
+def widen_for_prefill(weight: torch.Tensor) -> bool:
+    """Whether large bfloat16 products (prefill) are faster in float32 on this machine.
+
+    Without bfloat16 instructions (AVX-512 BF16 or AMX) oneDNN emulates them, about four times
+    slower than a float32 product even counting the conversion of the weights.
+    """
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and not {"avx512_bf16", "amx_bf16"} & kernels.cpu_flags()
+    )
+
+
 class BatchInvariantLinear(nn.Linear):
-    """`nn.Linear` that splits its rows into pieces whose results match two-row products."""
+    """`nn.Linear` whose rows get the same bits whatever the number of rows of a product.
+
+    With the row-wise kernel every count agrees; without it, products are split into pieces of
+    row counts that match two-row products on this machine.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [R, in] -> [R, out]
         rows = x.shape[0]
+        if x.dim() == 2 and rows <= MAX_INVARIANT_ROWS and kernel_applies(self.weight):
+            rowwise = kernels.rowwise_linear()
+            out = rowwise(x.float().contiguous(), self.weight)  # [R, out] float32
+            if self.bias is not None:
+                out += self.bias
+            return out.to(x.dtype)
+        if rows > MAX_INVARIANT_ROWS and widen_for_prefill(self.weight):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         if x.dim() != 2 or rows > MAX_INVARIANT_ROWS or rows <= 2:
             return F.linear(x, self.weight, self.bias)
         key = _key(self.weight, self.bias, rows)
@@ -116,6 +154,8 @@ class BatchInvariantLinear(nn.Linear):
 
     def warm_up(self, max_rows: int) -> None:
         """Probe every row count up to `max_rows` now rather than during the first forwards."""
+        if kernel_applies(self.weight):
+            return
         counts = list(range(3, min(max_rows, MAX_INVARIANT_ROWS) + 1))
         missing = [rows for rows in counts if _key(self.weight, self.bias, rows) not in _AGREES]
         if missing:

@@ -5,10 +5,12 @@ query attention over a preallocated KV cache, and a gated MLP. The forward takes
 and a boolean attention mask over the new tokens, which is all tree attention needs.
 
 Numerics are arranged so that a token's logits do not depend on how many tokens share its forward:
-on CPU, matrix products take a different kernel for a single row than for several, so a one-token
-forward is padded to two rows, and products over more rows are split into pieces that this
-machine computes with the same bits (`invariance.py`). This is what lets greedy speculative
-decoding reproduce plain decoding token for token (tested in `tests/test_torch_backend.py`).
+on CPU, the linear layers of forwards up to 128 tokens run on a small C++ kernel that sums every
+output in one fixed order (`kernels/`); where it is unavailable, library products are used, a
+one-token forward is padded to two rows (libraries take another path for a single row) and
+larger products are split into pieces this machine computes with the same bits
+(`invariance.py`). This is what lets greedy speculative decoding reproduce plain decoding token
+for token (tested in `tests/test_torch_backend.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.invariance import BatchInvariantLinear
+from specdecode.backends.torch.invariance import BatchInvariantLinear, kernel_applies
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.models.config import TransformerConfig
 
@@ -212,9 +214,10 @@ class Transformer(nn.Module):
         num_new = token_ids.shape[0]
         write_at = cache.length
         end = write_at + num_new
-        if num_new == 1 and self.batch_invariant:
-            # A lone row takes another matmul kernel than several rows, with other rounding; a
-            # copy of the row keeps every forward on the multi-row kernel.
+        if num_new == 1 and self.batch_invariant and not kernel_applies(self.lm_head.weight):
+            # Library products take another kernel for a lone row than for several, with other
+            # rounding; a copy of the row keeps every forward on the multi-row kernel. (The
+            # row-wise kernel rounds a lone row like any other.)
             token_ids = token_ids.repeat(2)
             positions = positions.repeat(2)
             new_mask = new_mask.repeat(2, 1)

@@ -1,0 +1,112 @@
+"""Loading the C++ CPU kernel of `rowwise_linear.cpp`, compiled on first use.
+
+The kernel gives each output row of a small matrix product the same bits whatever the number of
+rows (see the .cpp file), and is faster than the library products for the 1-16 rows of decoding
+and verification on CPUs without native bfloat16 arithmetic. It is compiled once per machine with
+the system's C++ compiler into `~/.cache/specdecode/kernels/` (about 15 seconds), keyed by the
+source, the compiler flags and torch's version.
+
+Where it cannot be had (no AVX-512, no compiler, `SPECDECODE_KERNELS=0`, a CUDA model) callers
+fall back to library products, made batch-invariant by probing (`invariance.py`); a warning says
+why, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from specdecode.models.install import cache_root
+
+SOURCE = Path(__file__).with_name("rowwise_linear.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+ENV_SWITCH = "SPECDECODE_KERNELS"
+
+_state: dict[str, object] = {}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo is unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _why_unavailable() -> str | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _cache_dir() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    digest.update(torch.__version__.encode())
+    return cache_root() / "kernels" / digest.hexdigest()[:16]
+
+
+def rowwise_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The compiled `rowwise_linear(x [R, K] float32, weight [N, K]) -> [R, N] float32`, or None.
+
+    Built and loaded on the first call; later calls return the same answer at no cost.
+    """
+    if "op" in _state:
+        return _state["op"]  # type: ignore[return-value]
+    _state["op"] = None
+    reason = _why_unavailable()
+    if reason is None:
+        try:
+            _build_and_load()
+            _state["op"] = torch.ops.specdecode_kernels.rowwise_linear
+        except Exception as error:  # a missing compiler shows as many exception types
+            reason = f"it did not compile ({str(error).strip().splitlines()[-1][:160]})"
+    if reason is not None and reason != f"{ENV_SWITCH}=0":
+        warnings.warn(
+            f"specdecode: the CPU matrix kernel is not used ({reason}); falling back to library "
+            "products, which are slower for verification on this CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _state["op"]  # type: ignore[return-value]
+
+
+def _build_and_load() -> None:
+    from torch.utils.cpp_extension import load
+
+    build_dir = _cache_dir()
+    library = build_dir / "specdecode_kernels.so"
+    if library.is_file():
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError:  # a build cut short: start it again
+            shutil.rmtree(build_dir, ignore_errors=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print("specdecode: compiling the CPU matrix kernel (once, about 15 s)...", file=sys.stderr)
+    # cpp_extension locks the build directory, so concurrent first uses build it once.
+    load(
+        name="specdecode_kernels",
+        sources=[str(SOURCE)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
