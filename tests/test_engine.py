@@ -24,7 +24,7 @@ REPETITIVE_PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]
 
 
 @pytest.mark.parametrize("drafter", ["none", "prompt-lookup", "draft-model"])
-@pytest.mark.parametrize("controller", ["fixed", "heuristic"])
+@pytest.mark.parametrize("controller", ["fixed", "heuristic", "cost-aware"])
 def test_greedy_matches_plain_decoding(drafter: str, controller: str) -> None:
     target = ToyBackend(seed=1)
     # A draft model that agrees with the target often but not always.
@@ -152,3 +152,35 @@ def test_tree_validation() -> None:
     assert tree.path_to(3) == [0, 2, 3]
     assert not tree.is_chain
     assert tree.attention_mask[4].tolist() == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])
+def test_steps_that_draft_nothing_keep_the_output_exact(
+    drafter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A controller may ask for no drafts (cost-aware does, where drafting cannot pay): the draft
+    model's cache must catch up afterwards and the output stay the target's own."""
+    from specdecode import control
+    from specdecode.control.base import Controller
+    from specdecode.tree import Budget
+
+    class Scripted(Controller):
+        name = "scripted"
+        lengths = [0, 3, 0, 0, 5, 1, 0, 2]
+
+        def __init__(self, initial: int, maximum: int) -> None:
+            self.step = 0
+
+        def budget(self) -> Budget:
+            return Budget.chain(self.lengths[self.step % len(self.lengths)])
+
+        def observe(self, verdict, timings=None) -> None:
+            self.step += 1
+
+    monkeypatch.setitem(control.CONTROLLERS, "scripted", Scripted)
+    target = ToyBackend(seed=1)
+    engine = Engine(target, ToyTokenizer(), draft_model=ToyBackend(seed=1, order=2))
+    spec = SpecConfig(drafter=drafter, controller="scripted", num_draft_tokens=3)
+    ids, _, stats = engine.generate(REPETITIVE_PROMPT, SamplingParams(max_new_tokens=40), spec)
+    assert ids == plain_greedy(ToyBackend(seed=1), REPETITIVE_PROMPT, 40)
+    assert stats.emitted_tokens > stats.target_forwards  # some drafts were accepted

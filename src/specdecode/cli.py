@@ -56,7 +56,11 @@ def _generate_parser(sub) -> None:
         "--controller",
         choices=sorted(CONTROLLERS),
         default="heuristic",
-        help="draft-length schedule (default: heuristic)",
+        help=(
+            "draft-length schedule: fixed; heuristic (grow after a full acceptance, shrink after "
+            "a rejection); cost-aware (the length with the most expected tokens per second, "
+            "from measured step costs; may stop drafting) (default: heuristic)"
+        ),
     )
     p.add_argument(
         "--num-draft-tokens",
@@ -70,7 +74,7 @@ def _generate_parser(sub) -> None:
         type=int,
         default=16,
         metavar="K",
-        help="largest draft length the heuristic controller grows to (default: 16)",
+        help="largest draft length the heuristic and cost-aware controllers use (default: 16)",
     )
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: 256")
     p.add_argument(

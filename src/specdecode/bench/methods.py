@@ -80,7 +80,19 @@ BUILTIN: dict[str, Method] = {
             controller="fixed",
             num_draft_tokens=10,
         ),
+        _ours(
+            "prompt-lookup-cost-aware",
+            "prompt lookup, draft length from measured costs",
+            drafter="prompt-lookup",
+            controller="cost-aware",
+        ),
         _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
+        _ours(
+            "draft-model-cost-aware",
+            "draft model, draft length from measured costs",
+            drafter="draft-model",
+            controller="cost-aware",
+        ),
         _ours(
             "draft-model-adaptive",
             "draft model, stops drafting below 0.4 confidence",

@@ -3,12 +3,13 @@
 from typing import Any
 
 from specdecode.control.base import Controller, StepTimings
+from specdecode.control.cost_aware import CostAwareController
 from specdecode.control.fixed import FixedController
 from specdecode.control.heuristic import HeuristicController
 from specdecode.errors import SpecDecodeError
 
 CONTROLLERS: dict[str, type[Controller]] = {
-    cls.name: cls for cls in (FixedController, HeuristicController)
+    cls.name: cls for cls in (FixedController, HeuristicController, CostAwareController)
 }
 
 

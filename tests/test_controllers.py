@@ -1,0 +1,76 @@
+"""The cost-aware controller picks the draft length from measured costs and acceptance."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdecode.control import StepTimings, make_controller
+from specdecode.control.cost_aware import CostAwareController
+from specdecode.errors import SpecDecodeError
+from specdecode.verify.base import Verdict
+
+
+def verdict(drafted: int, accepted: int) -> Verdict:
+    return Verdict(
+        path=list(range(accepted)),
+        tokens=[1] * (accepted + 1),
+        num_draft_nodes=drafted,
+        bonus=accepted == drafted,
+    )
+
+
+def run(controller: CostAwareController, verify_cost, accept, steps: int = 200) -> list[int]:
+    """Simulate steps: drafts of the controller's length, accepted while `accept(depth)`."""
+    lengths = []
+    for _ in range(steps):
+        length = controller.budget().max_depth
+        lengths.append(length)
+        accepted = 0
+        while accepted < length and accept(accepted):
+            accepted += 1
+        controller.observe(verdict(length, accepted), StepTimings(0.0, verify_cost(length)))
+    return lengths
+
+
+def test_cheap_verification_and_good_drafts_draft_long() -> None:
+    controller = CostAwareController(initial=4, maximum=16)
+    lengths = run(controller, lambda k: 0.20 + 0.01 * k, lambda depth: depth < 12)
+    assert lengths[-1] == 12  # the whole run of acceptable drafts, nothing beyond it
+
+
+def test_expensive_verification_turns_drafting_off_but_keeps_probing() -> None:
+    controller = CostAwareController(initial=4, maximum=16, probe_every=8)
+    # Each draft token costs more than a forward's worth and only the first is ever accepted.
+    lengths = run(controller, lambda k: 0.2 + 0.25 * k, lambda depth: depth == 0)
+    tail = lengths[-64:]
+    assert tail.count(0) >= 50  # plain decoding most of the time
+    assert 1 in tail  # with a short probe now and then
+    assert max(tail) <= 1
+
+
+def test_acceptance_is_learned_per_position() -> None:
+    controller = CostAwareController(initial=8, maximum=8, smoothing=1.0)
+    controller.observe(verdict(8, 3), StepTimings(0.0, 0.3))
+    # Positions 1-3 accepted, position 4 rejected, 5-8 not tried (kept at the last estimate).
+    assert controller.acceptance == [1.0, 1.0, 1.0, 0.0]
+    assert controller.expected_tokens(8) == pytest.approx(4.0)
+
+
+def test_a_slow_drafter_is_not_worth_its_drafts() -> None:
+    controller = CostAwareController(initial=4, maximum=16)
+    lengths = []
+    for _ in range(100):
+        length = controller.budget().max_depth
+        lengths.append(length)
+        # Two drafts are always accepted, but each costs 0.3 s against a 0.2 s target step:
+        # 3 tokens in 0.8 s lose to plain decoding's 1 token in 0.2 s.
+        timings = StepTimings(drafting=0.3 * length, verifying=0.2)
+        controller.observe(verdict(length, min(length, 2)), timings)
+    assert lengths[-32:].count(0) >= 24
+
+
+def test_bad_options_are_one_line_errors() -> None:
+    with pytest.raises(SpecDecodeError, match="smoothing"):
+        make_controller("cost-aware", 4, 16, {"smoothing": 0.0})
+    with pytest.raises(SpecDecodeError, match="bad options"):
+        make_controller("cost-aware", 4, 16, {"no_such_option": 1})
