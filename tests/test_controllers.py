@@ -74,3 +74,14 @@ def test_bad_options_are_one_line_errors() -> None:
         make_controller("cost-aware", 4, 16, {"smoothing": 0.0})
     with pytest.raises(SpecDecodeError, match="bad options"):
         make_controller("cost-aware", 4, 16, {"no_such_option": 1})
+
+
+def test_the_draft_models_catch_up_is_not_counted_as_drafting_cost() -> None:
+    controller = CostAwareController(initial=4, maximum=8)
+    # The first draft of a sequence also prefills the draft model: 3 s, then 0.01 s per token.
+    for step in range(20):
+        length = controller.budget().max_depth
+        seconds = 3.0 if step == 0 else 0.01 * length
+        controller.observe(verdict(length, length), StepTimings(seconds, 0.2 + 0.01 * length))
+    assert controller.draft_seconds_per_token == pytest.approx(0.01)
+    assert controller.budget().max_depth == 8

@@ -54,6 +54,7 @@ class CostAwareController(Controller):
         self.acceptance: list[float] = []  # [depth - 1] -> P(accept | all shallower accepted)
         self.length = self.initial
         self.plain_steps = 0
+        self.drafted_last = False
 
     # ---- the model of a step -------------------------------------------------------------------
 
@@ -107,12 +108,16 @@ class CostAwareController(Controller):
         drafted = verdict.num_draft_nodes
         if timings is not None:
             self._average_into(self.verify_seconds, drafted, timings.verifying)
-            if drafted:
+            # A draft after a step without one includes the draft model catching up on the
+            # tokens it skipped (at a sequence's start, the whole prompt): a cost of resuming,
+            # not of drafting, which would make every draft look too dear.
+            if drafted and self.drafted_last:
                 per_token = timings.drafting / drafted
                 previous = self.draft_seconds_per_token
                 self.draft_seconds_per_token = (
                     per_token if previous is None else self._blend(previous, per_token)
                 )
+        self.drafted_last = drafted > 0
         # Position j was tried when drafts 1..j-1 were accepted: it succeeded if j <= accepted.
         for depth in range(min(verdict.num_accepted + 1, drafted)):
             success = 1.0 if depth < verdict.num_accepted else 0.0
