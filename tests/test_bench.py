@@ -243,3 +243,18 @@ def test_peak_memory_sees_an_allocation_that_is_gone_by_the_end() -> None:
         time.sleep(0.05)  # several sampling intervals
         del block
     assert peak.mb >= during - 1
+
+
+def test_llamacpp_peer_runs_beside_ours(tmp_path: Path) -> None:
+    """llama-cpp-python (the `llamacpp` extra, which the test extra installs) decodes the same
+    GGUF file on the same prompts, reported beside our methods."""
+    pytest.importorskip("llama_cpp", reason="install the extra: pip install -e '.[llamacpp]'")
+    code, out = bench(tmp_path, "--methods", "prompt-lookup,llamacpp-ar")
+    assert code == 0
+    records = read_records(out / "results.jsonl")
+    peers = [r for r in records if r.method == "llamacpp-ar"]
+    assert len(peers) == 4
+    for r in peers:
+        assert r.new_tokens > 0 and r.tokens_per_second > 0 and r.token_ids
+        assert r.exact is None  # another implementation's numerics: not held to token identity
+    assert "`llamacpp-ar`" in (out / "report.md").read_text()

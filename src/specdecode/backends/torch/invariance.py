@@ -26,7 +26,7 @@ from torch import nn
 
 from specdecode.backends.torch import kernels
 
-MAX_INVARIANT_ROWS = 128
+MAX_INVARIANT_ROWS = kernels.MAX_ROWS
 # Largest piece tried when a row count itself does not agree; bigger pieces rarely help on a CPU.
 MAX_PIECE_ROWS = 16
 PROBE_OUTPUTS = 32768

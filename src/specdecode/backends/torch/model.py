@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.invariance import BatchInvariantLinear, kernel_applies
+from specdecode.backends.torch.invariance import (
+    MAX_INVARIANT_ROWS,
+    BatchInvariantLinear,
+    kernel_applies,
+    widen_for_prefill,
+)
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.models.config import TransformerConfig
 
@@ -113,10 +118,13 @@ class Block(nn.Module):
         values = cache.v[self.layer, :, :end]
         group = heads // kv_heads
         q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
+        if rows > MAX_INVARIANT_ROWS and widen_for_prefill(keys):
+            # Prefill on a CPU without bfloat16 arithmetic: float32 products are much faster.
+            q, keys, values = q.float(), keys.float(), values.float()
         scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.scale  # [Hkv, G*R, L]
         scores = scores.view(kv_heads, group, rows, end) + mask_bias
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, group * rows, end)
-        out = torch.matmul(probs, values)  # [Hkv, G*R, D]
+        out = torch.matmul(probs, values).to(x.dtype)  # [Hkv, G*R, D]
         out = out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
         return self.o(out)
 

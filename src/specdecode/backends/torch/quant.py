@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from specdecode.backends.torch import kernels
+
 
 class Int8Linear(nn.Module):
     """`y = x @ (weight_int8 * scale).T + bias`, without materialising the float weight."""
@@ -28,7 +30,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu":
+        small = rows.shape[0] <= kernels.MAX_ROWS
+        rowwise = kernels.rowwise_linear() if small and rows.device.type == "cpu" else None
+        if rowwise is not None:
+            # Decoding: weights widened in registers, one pass over a quarter of float32's bytes.
+            out = (rowwise(rows.float().contiguous(), self.weight) * self.scale).to(rows.dtype)
+        elif rows.device.type == "cpu":
             # The CPU kernel is fast for bfloat16 activations and slow for float32 ones; a draft
             # loses nothing that matters by rounding its activations.
             out = torch.ops.aten._weight_int8pack_mm(

@@ -36,6 +36,12 @@ inline __m512 load_weight(const c10::BFloat16* w, __mmask16 mask) {
 
 inline __m512 load_weight(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
 
+inline __m512 load_weight(const int8_t* w, __mmask16 mask) {
+  // int8 weights (of a quantized draft model): a quarter of float32's bytes; the caller scales.
+  __m128i bytes = _mm_maskz_loadu_epi8(mask, w);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
 // Outputs [n0, n0 + Outputs) of rows [0, Rows) of x (float32, row stride k).
 template <int Rows, int Outputs, typename W>
 inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
@@ -106,8 +112,8 @@ void rows_times_weights(const float* x, const W* w, int64_t rows, int64_t k, int
   for (int64_t n0 = tiles * kOutputs; n0 < n; ++n0) tile_rows<1>(x, w, rows, k, n0, out, n);
 }
 
-// x: [rows, k] float32, contiguous; weight: [n, k] bfloat16 or float32, contiguous.
-// Returns [rows, n] float32 (bias, if any, added by the caller).
+// x: [rows, k] float32, contiguous; weight: [n, k] bfloat16, float32 or int8, contiguous.
+// Returns [rows, n] float32 (bias, and an int8 weight's scales, applied by the caller).
 at::Tensor rowwise_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "rowwise_linear: 2-D inputs expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "rowwise_linear: x must be float32");
@@ -119,8 +125,12 @@ at::Tensor rowwise_linear(const at::Tensor& x, const at::Tensor& weight) {
   if (weight.scalar_type() == at::kBFloat16) {
     rows_times_weights(x.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), rows, k, n,
                        out.data_ptr<float>());
+  } else if (weight.scalar_type() == at::kChar) {
+    rows_times_weights(x.data_ptr<float>(), weight.data_ptr<int8_t>(), rows, k, n,
+                       out.data_ptr<float>());
   } else {
-    TORCH_CHECK(weight.scalar_type() == at::kFloat, "rowwise_linear: bfloat16 or float32 weights");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat,
+                "rowwise_linear: bfloat16, float32 or int8 weights");
     rows_times_weights(x.data_ptr<float>(), weight.data_ptr<float>(), rows, k, n,
                        out.data_ptr<float>());
   }
