@@ -136,7 +136,7 @@ class Runner:
         baselines = {(r.prompt_id, r.repeat): r.token_ids for r in records if r.method == "none"}
         todo = [
             (prompt, repeat)
-            for prompt in prompts
+            for prompt in _categories_in_turn(prompts)
             for repeat in range(repeats)
             if any((m.name, prompt.id, repeat) not in finished for m in self.methods)
         ]
@@ -194,3 +194,18 @@ class Runner:
             exact=exact,
             token_ids=token_ids,
         )
+
+
+def _categories_in_turn(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """The first prompt of every category, then the second of every category, and so on: a long
+    run stopped early (and resumed later) has then measured every category about equally."""
+    by_category: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    queues = list(by_category.values())
+    return [
+        queue[i]
+        for i in range(max(map(len, queues), default=0))
+        for queue in queues
+        if i < len(queue)
+    ]

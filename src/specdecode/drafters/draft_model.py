@@ -28,6 +28,9 @@ from specdecode.errors import SpecDecodeError
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
 
+#: Catch-ups longer than this skip the logits of all but their last token.
+_LOGITS_FOR_ALL_UP_TO = 32
+
 
 class DraftModelDrafter(Drafter):
     name = "draft-model"
@@ -79,8 +82,13 @@ class DraftModelDrafter(Drafter):
         while common < limit and self._fed[common] == context[common]:
             common += 1
         self.model.truncate(common)
-        new = torch.as_tensor(list(context[common:]), dtype=torch.long)
-        logits = self.model.forward(new)
+        unseen = list(context[common:])
+        if len(unseen) > _LOGITS_FOR_ALL_UP_TO:
+            # The prompt, on the first step: only the last row's logits are wanted, and a
+            # prompt's worth of vocabulary-sized rows would cost as much as the rest.
+            self.model.extend(unseen[:-1])
+            unseen = unseen[-1:]
+        logits = self.model.forward(torch.as_tensor(unseen, dtype=torch.long))
         self._fed = list(context)
         assert logits is not None
         return logits[-1]

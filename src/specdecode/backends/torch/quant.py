@@ -36,11 +36,11 @@ class Int8Linear(nn.Module):
             # Decoding: weights widened in registers, one pass over a quarter of float32's bytes.
             out = (rowwise(rows.float().contiguous(), self.weight) * self.scale).to(rows.dtype)
         elif rows.device.type == "cpu":
-            # The CPU kernel is fast for bfloat16 activations and slow for float32 ones; a draft
-            # loses nothing that matters by rounding its activations.
-            out = torch.ops.aten._weight_int8pack_mm(
-                rows.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16)
-            ).to(rows.dtype)
+            # Prefill: this many rows make the product compute-bound, and float32 matrix products
+            # are the CPU's fastest; the widened weight is a temporary of one layer.
+            widened = self.weight.float()  # [out, in]
+            out = torch.nn.functional.linear(rows.float(), widened) * self.scale.float()
+            out = out.to(rows.dtype)
         elif rows.dtype != torch.float32:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
         else:  # the fused kernel takes no float32 input on CUDA
