@@ -118,21 +118,73 @@ def test_prefill_sized_forwards_agree_with_small_ones(small_bf16: TorchBackend) 
     assert agree >= 0.9 and difference < 0.1, (agree, difference)
 
 
-def test_tree_forward_equals_each_path_on_its_own(small_bf16: TorchBackend) -> None:
-    backend = small_bf16
-    prompt = torch.randint(10, 100_000, (30,), generator=torch.Generator().manual_seed(3))
-    #        root -> 0 -> 2 -> 4
-    #             -> 1 -> 3
-    tree = DraftTree(torch.tensor([101, 202, 303, 404, 505]), torch.tensor([-1, -1, 0, 1, 2]))
+# Prompt lengths: gemma's cross its 512-token sliding window; smollm's at 130 showed that library
+# attention gives a node other bits than decoding its path alone.
+TREE_CASES = [(FAMILIES[0], 300), (FAMILIES[1], 130), (FAMILIES[2], 600)]
+
+
+@pytest.mark.parametrize("attention", ["kernel", "row-by-row"])
+@pytest.mark.parametrize(("name", "prompt_length"), TREE_CASES, ids=[c[0] for c in TREE_CASES])
+def test_tree_forward_gives_each_node_the_bits_of_decoding_its_path(
+    name: str, prompt_length: int, attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logits at every node of one tree forward equal, bit for bit, those of feeding the node's
+    path one token at a time, as plain decoding does: what greedy tree decoding's exactness
+    rests on."""
+    from specdecode.backends.torch import kernels
+
+    if attention == "row-by-row":
+        monkeypatch.setattr(kernels, "rowwise_attention", lambda: None)
+    elif kernels.rowwise_attention() is None:
+        pytest.skip("the attention kernel needs AVX-512 (the row-by-row case covers this CPU)")
+    backend = TorchBackend.from_checkpoint(
+        load_checkpoint(name, torch.bfloat16), max_context=prompt_length + 32
+    )
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(10, 30_000, (prompt_length,), generator=generator)
+    #  root -> 0 -> 2 -> 4 ; 0 -> 5 -> 9 ; root -> 1 -> 3 -> 7 -> 8 ; root -> 6
+    parents = torch.tensor([-1, -1, 0, 1, 2, 0, -1, 3, 7, 5])
+    tree = DraftTree(torch.randint(10, 30_000, (10,), generator=generator), parents)
     backend.prefill(prompt.tolist())
-    tree_logits = backend.forward_tree(tree)  # [6, V]
+    tree_logits = backend.forward_tree(tree)  # [11, V]
     for node in range(tree.num_nodes):
-        backend.truncate(29)
+        backend.truncate(prompt_length - 1)
         path = [int(prompt[-1])] + [int(tree.tokens[n]) for n in tree.path_to(node)]
-        path_logits = backend.forward(torch.tensor(path))
-        # Same values up to bf16 rounding: node slots differ from positions inside the tree.
-        assert torch.allclose(tree_logits[node + 1], path_logits[-1], atol=0.3, rtol=0)
-        assert tree_logits[node + 1].argmax() == path_logits[-1].argmax()
+        for token in path:
+            decoded = backend.forward(torch.tensor([token]))  # [1, V]
+        assert torch.equal(tree_logits[node + 1], decoded[0]), (node, tree.path_to(node))
+
+
+def test_attention_kernel_depends_only_on_the_keys_a_row_sees() -> None:
+    """The kernel against float64 softmax attention, and a row's output unchanged when masked
+    keys are interleaved with its visible ones (as in a tree)."""
+    from specdecode.backends.torch import kernels
+
+    attend = kernels.rowwise_attention()
+    if attend is None:
+        pytest.skip("the attention kernel needs AVX-512 and a C++ compiler")
+    torch.manual_seed(0)
+    kv_heads, group, rows, slots, d = 2, 3, 5, 70, 40  # d not a multiple of 16: ragged lanes
+    q = torch.randn(kv_heads, group * rows, d)
+    keys, values = torch.randn(2, kv_heads, slots, d).to(torch.bfloat16)
+    allowed = torch.rand(rows, slots) < 0.6
+    allowed[:, 0] = True
+    out = attend(q, keys, values, allowed, 0.3)  # [Hkv, G*R, D]
+    scores = torch.einsum("hqd,hld->hql", q.double(), keys.double()) * 0.3
+    row_of_query = torch.arange(group * rows) % rows
+    scores = scores.masked_fill(~allowed[row_of_query], float("-inf"))
+    reference = torch.softmax(scores, dim=-1) @ values.double()
+    assert torch.allclose(out.double(), reference, atol=1e-5, rtol=1e-5)
+    # Row 0's visible keys, packed densely, then spread out among masked keys.
+    seen = allowed[0].nonzero().squeeze(1)
+    dense = attend(
+        q.view(kv_heads, group, rows, d)[:, :, :1].contiguous().view(kv_heads, group, d),
+        keys[:, seen].contiguous(),
+        values[:, seen].contiguous(),
+        torch.ones(1, seen.shape[0], dtype=torch.bool),
+        0.3,
+    )
+    assert torch.equal(dense, out.view(kv_heads, group, rows, d)[:, :, 0])
 
 
 def test_commit_keeps_only_the_accepted_path(small_bf16: TorchBackend) -> None:

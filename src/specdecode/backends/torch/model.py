@@ -6,7 +6,9 @@ and a boolean attention mask over the new tokens, which is all tree attention ne
 
 Numerics are arranged so that a token's logits do not depend on how many tokens share its forward:
 on CPU, the linear layers of forwards up to 128 tokens run on a small C++ kernel that sums every
-output in one fixed order (`kernels/`); where it is unavailable, library products are used, a
+output in one fixed order, and their attention on another that computes each row over a dense
+list of the keys it may see, so that a tree node gets the bits of decoding its path alone
+(`kernels/`); where they are unavailable, library products are used, a
 one-token forward is padded to two rows (libraries take another path for a single row) and
 larger products are split into pieces this machine computes with the same bits
 (`invariance.py`). This is what lets greedy speculative decoding reproduce plain decoding token
@@ -16,11 +18,13 @@ for token (tested in `tests/test_torch_backend.py`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdecode.backends.torch import kernels
 from specdecode.backends.torch.invariance import (
     MAX_INVARIANT_ROWS,
     BatchInvariantLinear,
@@ -65,6 +69,14 @@ def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> t
     return x * cos + rotate_half(x) * sin
 
 
+@dataclass(frozen=True)
+class Visibility:
+    """Which cache slots each row of a forward may attend, in the two forms the paths need."""
+
+    allowed: torch.Tensor  # [R, L] bool
+    bias: torch.Tensor  # [R, L] float32: 0 where allowed, -inf elsewhere
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int, linear: type[nn.Linear]) -> None:
         super().__init__()
@@ -83,6 +95,9 @@ class Block(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(d)) if gemma else None
         self.k_norm = nn.Parameter(torch.ones(d)) if gemma else None
         self.sliding = cfg.is_sliding_layer(layer)
+        # Whether each row's attention must have the bits of decoding it alone (False for a
+        # draft model, whose rounding does not matter).
+        self.exact_rows = linear is BatchInvariantLinear
         scalar = cfg.query_pre_attn_scalar if gemma and cfg.query_pre_attn_scalar else d
         self.scale = 1.0 / math.sqrt(scalar)
         self.norm_offset = 1.0 if gemma else 0.0
@@ -97,7 +112,7 @@ class Block(nn.Module):
         cache: KVCache,
         write_at: int,
         num_new: int,
-        mask_bias: torch.Tensor,  # [R, L] float: 0 where a row may attend a slot, else -inf
+        visibility: Visibility,
     ) -> torch.Tensor:
         cfg = self.cfg
         rows = x.shape[0]
@@ -118,30 +133,70 @@ class Block(nn.Module):
         values = cache.v[self.layer, :, :end]
         group = heads // kv_heads
         q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
+        attend = kernels.rowwise_attention() if self._use_kernel(rows, keys) else None
+        if attend is not None:
+            out = attend(q.float().contiguous(), keys, values, visibility.allowed, self.scale)
+        elif rows <= MAX_INVARIANT_ROWS and self.exact_rows:
+            out = self._attention_row_by_row(q, keys, values, visibility.allowed)
+        else:
+            out = None
+        if out is not None:
+            out = out.to(x.dtype).view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
+            return self.o(out)
         if rows > MAX_INVARIANT_ROWS and widen_for_prefill(keys):
             # Prefill on a CPU without bfloat16 arithmetic: float32 products are much faster.
             q, keys, values = q.float(), keys.float(), values.float()
         scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.scale  # [Hkv, G*R, L]
-        scores = scores.view(kv_heads, group, rows, end) + mask_bias
+        scores = scores.view(kv_heads, group, rows, end) + visibility.bias
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, group * rows, end)
         out = torch.matmul(probs, values).to(x.dtype)  # [Hkv, G*R, D]
         out = out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
         return self.o(out)
+
+    def _attention_row_by_row(
+        self,
+        q: torch.Tensor,  # [Hkv, G*R, D]
+        keys: torch.Tensor,  # [Hkv, L, D]
+        values: torch.Tensor,  # [Hkv, L, D]
+        allowed: torch.Tensor,  # [R, L] bool
+    ) -> torch.Tensor:  # [Hkv, G*R, D]
+        """Without the kernel: each row over a dense copy of the keys it sees, so that its
+        products have the shapes, and so the bits, of decoding it alone (slow, but exact)."""
+        kv_heads, queries, d = q.shape
+        rows = allowed.shape[0]
+        q = q.view(kv_heads, queries // rows, rows, d)
+        outs = []
+        for row in range(rows):
+            seen = allowed[row].nonzero().squeeze(1)  # [n]
+            row_keys, row_values = keys[:, seen], values[:, seen]  # [Hkv, n, D]
+            row_q = q[:, :, row].contiguous()  # [Hkv, G, D]
+            scores = torch.matmul(row_q, row_keys.transpose(1, 2)).float() * self.scale
+            probs = torch.softmax(scores, dim=-1).to(row_values.dtype)  # [Hkv, G, n]
+            outs.append(torch.matmul(probs, row_values))  # [Hkv, G, D]
+        return torch.stack(outs, dim=2).view(kv_heads, queries, d)
+
+    @staticmethod
+    def _use_kernel(rows: int, keys: torch.Tensor) -> bool:
+        return (
+            rows <= MAX_INVARIANT_ROWS
+            and keys.device.type == "cpu"
+            and keys.dtype in (torch.bfloat16, torch.float32)
+        )
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.cfg.family == "gemma3" else F.silu(gate)
         return self.down(act * up)
 
-    def forward(self, x, rope, cache, write_at, num_new, mask_bias):
+    def forward(self, x, rope, cache, write_at, num_new, visibility: Visibility):
         if self.pre_mlp_norm is None:  # Llama / Qwen2
             attn = self.attention(
-                self.norm(x, self.input_norm), rope, cache, write_at, num_new, mask_bias
+                self.norm(x, self.input_norm), rope, cache, write_at, num_new, visibility
             )
             x = x + attn
             return x + self.mlp(self.norm(x, self.post_attn_norm))
         attn = self.attention(
-            self.norm(x, self.input_norm), rope, cache, write_at, num_new, mask_bias
+            self.norm(x, self.input_norm), rope, cache, write_at, num_new, visibility
         )
         x = x + self.norm(attn, self.post_attn_norm)
         return x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
@@ -244,15 +299,17 @@ class Transformer(nn.Module):
             slot_pos = torch.cat([key_pos[:write_at], positions[:num_new]])
             mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
         # Computed once per forward rather than in every layer: additive masks, rope tables.
-        bias = _additive(mask)
-        bias_local = bias if mask_local is mask else _additive(mask_local)
+        visible = Visibility(mask, _additive(mask))
+        visible_local = (
+            visible if mask_local is mask else Visibility(mask_local, _additive(mask_local))
+        )
         rope_global = self.ropes["global"].at(positions, x.dtype)
         rope_local = self.ropes["local"].at(positions, x.dtype)
         for block in self.blocks:
             if block.sliding:
-                x = block(x, rope_local, cache, write_at, num_new, bias_local)
+                x = block(x, rope_local, cache, write_at, num_new, visible_local)
             else:
-                x = block(x, rope_global, cache, write_at, num_new, bias)
+                x = block(x, rope_global, cache, write_at, num_new, visible)
         cache.length = end
         if not return_logits:
             return None

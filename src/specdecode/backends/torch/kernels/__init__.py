@@ -1,10 +1,12 @@
-"""Loading the C++ CPU kernel of `rowwise_linear.cpp`, compiled on first use.
+"""Loading the C++ CPU kernels, compiled on first use.
 
-The kernel gives each output row of a small matrix product the same bits whatever the number of
-rows (see the .cpp file), and is faster than the library products for the 1-16 rows of decoding
-and verification on CPUs without native bfloat16 arithmetic. It is compiled once per machine with
-the system's C++ compiler into `~/.cache/specdecode/kernels/` (about 15 seconds), keyed by the
-source, the compiler flags and torch's version.
+`rowwise_linear.cpp` gives each output row of a small matrix product the same bits whatever the
+number of rows, and is faster than the library products for the 1-16 rows of decoding and
+verification on CPUs without native bfloat16 arithmetic. `rowwise_attention.cpp` gives each query
+row the same bits whatever the other rows and wherever its visible keys sit (a tree's nodes).
+They are compiled once per machine with the system's C++ compiler into
+`~/.cache/specdecode/kernels/` (about 20 seconds), keyed by the sources, the compiler flags and
+torch's version.
 
 Where it cannot be had (no AVX-512, no compiler, `SPECDECODE_KERNELS=0`, a CUDA model) callers
 fall back to library products, made batch-invariant by probing (`invariance.py`); a warning says
@@ -26,7 +28,7 @@ import torch
 
 from specdecode.models.install import cache_root
 
-SOURCE = Path(__file__).with_name("rowwise_linear.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("rowwise_linear.cpp", "rowwise_attention.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 ENV_SWITCH = "SPECDECODE_KERNELS"
@@ -59,7 +61,7 @@ def _why_unavailable() -> str | None:
 
 
 def _cache_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
     digest.update(torch.__version__.encode())
     return cache_root() / "kernels" / digest.hexdigest()[:16]
 
@@ -69,24 +71,35 @@ def rowwise_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | N
 
     Built and loaded on the first call; later calls return the same answer at no cost.
     """
-    if "op" in _state:
-        return _state["op"]  # type: ignore[return-value]
-    _state["op"] = None
+    return torch.ops.specdecode_kernels.rowwise_linear if _loaded() else None
+
+
+def rowwise_attention() -> Callable[..., torch.Tensor] | None:
+    """The compiled `rowwise_attention(q [Hkv, Q, D] float32, keys [Hkv, L, D], values, visible
+    [R, L] bool, scale) -> [Hkv, Q, D] float32`, or None (see rowwise_attention.cpp)."""
+    return torch.ops.specdecode_kernels.rowwise_attention if _loaded() else None
+
+
+def _loaded() -> bool:
+    """Whether the kernels are built and loaded (tried once; a warning says why not)."""
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    _state["loaded"] = False
     reason = _why_unavailable()
     if reason is None:
         try:
             _build_and_load()
-            _state["op"] = torch.ops.specdecode_kernels.rowwise_linear
+            _state["loaded"] = True
         except Exception as error:  # a missing compiler shows as many exception types
             reason = f"it did not compile ({str(error).strip().splitlines()[-1][:160]})"
     if reason is not None and reason != f"{ENV_SWITCH}=0":
         warnings.warn(
-            f"specdecode: the CPU matrix kernel is not used ({reason}); falling back to library "
+            f"specdecode: the CPU kernels are not used ({reason}); falling back to library "
             "products, which are slower for verification on this CPU",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return _state["op"]  # type: ignore[return-value]
+    return bool(_state["loaded"])
 
 
 def _build_and_load() -> None:
@@ -101,11 +114,11 @@ def _build_and_load() -> None:
         except OSError:  # a build cut short: start it again
             shutil.rmtree(build_dir, ignore_errors=True)
     build_dir.mkdir(parents=True, exist_ok=True)
-    print("specdecode: compiling the CPU matrix kernel (once, about 15 s)...", file=sys.stderr)
+    print("specdecode: compiling the CPU kernels (once, about 20 s)...", file=sys.stderr)
     # cpp_extension locks the build directory, so concurrent first uses build it once.
     load(
         name="specdecode_kernels",
-        sources=[str(SOURCE)],
+        sources=[str(s) for s in SOURCES],
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
