@@ -49,9 +49,12 @@ class ToyBackend(Backend):
             positions = torch.arange(self.num_cached, self.num_cached + count)
         if tree_mask is None:
             tree_mask = torch.ones(count, count, dtype=torch.bool).tril()
+        span = tree_mask.shape[1]  # the mask covers the last span - count cached slots too
+        fixed = self.cache[: len(self.cache) - (span - count)]
+        window = self.cache[len(fixed) :] + ids
         rows = []
         for i in range(count):
-            visible = self.cache + [ids[j] for j in range(count) if tree_mask[i, j]]
+            visible = fixed + [window[j] for j in range(span) if tree_mask[i, j]]
             assert int(positions[i]) == len(visible) - 1, "position does not match visible prefix"
             rows.append(self.logits_after(visible))
         self.forward_sizes.append(count)

@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 def _generate_parser(sub) -> None:
     from specdecode.control import CONTROLLERS
     from specdecode.drafters import DRAFTERS
+    from specdecode.trees import CHAIN, TREE_SHAPES
     from specdecode.verify import VERIFIERS
 
     p = sub.add_parser(
@@ -50,7 +51,31 @@ def _generate_parser(sub) -> None:
     p.add_argument(
         "--verifier",
         choices=sorted(VERIFIERS),
-        help="default: greedy at temperature 0, rejection when sampling",
+        help="default: greedy at temperature 0; when sampling, rejection for chains and the "
+        "tree shape's own (specinfer, or rrs-without-replacement) for trees",
+    )
+    p.add_argument(
+        "--tree",
+        choices=[CHAIN, *sorted(TREE_SHAPES)],
+        default=CHAIN,
+        help="draft shape (draft-model drafter): chain; static (top-k children per node); "
+        "dynamic (EAGLE-2: the likeliest nodes); iid (independent drafts); without-replacement "
+        "(distinct sampled children); delayed (a single path first, branching deeper) "
+        "(default: chain)",
+    )
+    p.add_argument(
+        "--tree-width",
+        type=int,
+        default=2,
+        metavar="W",
+        help="children per branching node, or drafts for iid (default: 2)",
+    )
+    p.add_argument(
+        "--tree-nodes",
+        type=int,
+        metavar="N",
+        help="most tree nodes per target forward (default: draft length x width); the tree's "
+        "depth is the controller's draft length",
     )
     p.add_argument(
         "--controller",
@@ -146,6 +171,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         controller=args.controller,
         num_draft_tokens=args.num_draft_tokens,
         max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
+        tree=args.tree,
+        tree_width=args.tree_width,
+        tree_nodes=args.tree_nodes,
     )
     llm = SpecDecoder.load(
         args.model,

@@ -53,7 +53,7 @@ class SpecConfig:
 
     Names are looked up in the registries of `specdecode.drafters`, `specdecode.verify` and
     `specdecode.control`. `verifier=None` picks the exact one for the sampling mode: `greedy` at
-    temperature 0, `rejection` otherwise.
+    temperature 0; otherwise `rejection` for chains and the tree shape's own for trees.
     """
 
     drafter: str = "prompt-lookup"
@@ -63,12 +63,23 @@ class SpecConfig:
     max_draft_tokens: int = 16
     drafter_options: dict[str, Any] = field(default_factory=dict)
     controller_options: dict[str, Any] = field(default_factory=dict)
+    #: Draft shape: "chain", or a tree of `specdecode.trees` grown `tree_width` wide, at most
+    #: `tree_nodes` nodes (default: draft length x width), as deep as the controller's length.
+    tree: str = "chain"
+    tree_width: int = 2
+    tree_nodes: int | None = None
+    tree_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
             raise SpecDecodeError(
                 f"the draft length must be at least 1, got {self.num_draft_tokens} "
                 "(use drafter 'none' for plain decoding)"
+            )
+        if self.tree_width < 1 or (self.tree_nodes is not None and self.tree_nodes < 1):
+            raise SpecDecodeError(
+                f"a tree needs a width and node budget of at least 1, got width "
+                f"{self.tree_width}, nodes {self.tree_nodes}"
             )
         if self.max_draft_tokens < self.num_draft_tokens:
             raise SpecDecodeError(

@@ -33,7 +33,8 @@ from specdecode.control import StepTimings, make_controller
 from specdecode.drafters import DrafterResources, make_drafter
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget
-from specdecode.verify import Verdict, make_verifier
+from specdecode.trees import CHAIN, TreeShape, make_tree_shape
+from specdecode.verify import Verdict, Verifier, make_verifier
 
 
 class TextDecoder(Protocol):
@@ -210,12 +211,22 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens but the model's context holds "
                 f"{self.target.max_context}: shorten the prompt"
             )
-        resources = DrafterResources(target=self.target, draft_model=self.draft_model)
+        shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
+        resources = DrafterResources(self.target, self.draft_model, shape)
         drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
-        verifier = make_verifier(spec.verifier or ("greedy" if sampling.greedy else "rejection"))
+        verifier = _pick_verifier(spec, sampling, shape)
+        if shape is not None and not self.target.supports_trees:
+            raise SpecDecodeError(
+                f"the {type(self.target).__name__} backend verifies chains only: use --tree chain"
+            )
         controller = make_controller(
             spec.controller, spec.num_draft_tokens, spec.max_draft_tokens, spec.controller_options
         )
+        if shape is not None and controller.chains_only:
+            raise SpecDecodeError(
+                f"the {controller.name!r} controller plans chains: use --controller heuristic or "
+                "fixed with --tree"
+            )
         eos = (
             frozenset()
             if sampling.ignore_eos or self.tokenizer is None
@@ -245,7 +256,11 @@ class Engine:
                 break
             with torch.inference_mode():
                 step_start = time.perf_counter()
-                budget = _capped(controller.budget(), min(remaining - 1, room - 1))
+                budget = controller.budget()
+                if shape is not None:
+                    nodes = spec.tree_nodes or budget.max_depth * spec.tree_width
+                    budget = Budget(budget.max_depth, spec.tree_width, nodes)
+                budget = _capped(budget, min(remaining - 1, room - 1), room - 1)
                 tree = drafter.propose(context, budget)
                 drafted = time.perf_counter()
                 if tree.num_nodes and not tree.is_chain and not verifier.supports_trees:
@@ -288,12 +303,30 @@ class Engine:
         yield StepOutput([], text.flush(), stats, True)
 
 
-def _capped(budget: Budget, depth: int) -> Budget:
-    """The budget, no deeper than `depth` (so drafts never run past the token limit)."""
-    depth = max(0, depth)
-    if budget.max_depth <= depth:
+def _pick_verifier(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None) -> Verifier:
+    """The named verifier, or the exact one for the sampling mode and draft shape; refuses a
+    chains-only verifier for trees before anything is decoded."""
+    if spec.verifier is not None:
+        name = spec.verifier
+    elif sampling.greedy:
+        name = "greedy"
+    else:
+        name = "rejection" if shape is None else shape.sampling_verifier
+    verifier = make_verifier(name)
+    if shape is not None and not verifier.supports_trees:
+        raise SpecDecodeError(
+            f"the {name!r} verifier takes chains but --tree {shape.name} builds trees; use "
+            f"--verifier {shape.sampling_verifier} (or greedy at temperature 0)"
+        )
+    return verifier
+
+
+def _capped(budget: Budget, depth: int, nodes: int) -> Budget:
+    """The budget, no deeper than `depth` (so drafts never run past the token limit) and with no
+    more than `nodes` nodes (so a tree fits in the context)."""
+    depth = max(0, min(depth, budget.max_depth))
+    most = budget.max_nodes if budget.max_nodes is not None else depth * budget.max_width
+    most = max(0, min(most, nodes, depth * budget.max_width))
+    if depth == budget.max_depth and most == budget.max_nodes:
         return budget
-    nodes = budget.max_nodes if budget.max_nodes is not None else depth * budget.max_width
-    return Budget(
-        max_depth=depth, max_width=budget.max_width, max_nodes=min(nodes, depth * budget.max_width)
-    )
+    return Budget(max_depth=depth, max_width=budget.max_width, max_nodes=most)

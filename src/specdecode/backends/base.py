@@ -5,7 +5,9 @@ speculation needs is built from three primitives:
 
 - `forward(token_ids, positions, tree_mask)`: append tokens after the cached ones and return their
   logits. Every new token attends to every cached token; among the new tokens, `tree_mask` says
-  who sees whom (None = causal, i.e. a chain).
+  who sees whom (None = causal, i.e. a chain). A mask wider than the new tokens, `[T, S]`, also
+  covers the `S - T` cached slots before them: how a drafter grows a tree level by level, each
+  level seeing its ancestors among the nodes already cached but not their siblings.
 - `truncate(length)`: forget everything after `length` (rollback is a length counter).
 - `keep(start, offsets)`: compaction; the cache rows `start + offsets[k]` move to `start + k`.
   This is how a tree's accepted path is kept and its rejected branches dropped.
@@ -53,7 +55,7 @@ class Backend(ABC):
         self,
         token_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor | None = None,  # [T] int64; default num_cached + arange(T)
-        tree_mask: torch.Tensor | None = None,  # [T, T] bool; None = causal
+        tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T; None = causal
         return_logits: bool = True,
     ) -> torch.Tensor | None:  # [T, V] float32
         """Append `token_ids` to the cache and return their next-token logits."""

@@ -106,6 +106,17 @@ BUILTIN: dict[str, Method] = {
             controller="fixed",
             num_draft_tokens=4,
         ),
+        *[
+            _ours(
+                f"draft-model-{shape}-tree",
+                f"draft model, {shape} tree, 2 wide, at most 16 nodes",
+                drafter="draft-model",
+                tree=shape,
+                tree_width=2,
+                tree_nodes=16,
+            )
+            for shape in ("static", "dynamic", "iid", "without-replacement", "delayed")
+        ],
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
@@ -153,6 +164,10 @@ _SPEC_KEYS = {
     "max_draft_tokens",
     "drafter_options",
     "controller_options",
+    "tree",
+    "tree_width",
+    "tree_nodes",
+    "tree_options",
 }
 
 

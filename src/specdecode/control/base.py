@@ -20,6 +20,8 @@ class StepTimings:
 
 class Controller(ABC):
     name: ClassVar[str]
+    #: Whether the controller's model of a step assumes a chain (one node per drafted token).
+    chains_only: ClassVar[bool] = False
 
     @classmethod
     def create(cls, initial: int, maximum: int, options: dict[str, Any]) -> Controller:

@@ -26,6 +26,7 @@ from specdecode.verify.base import Verdict
 
 class CostAwareController(Controller):
     name = "cost-aware"
+    chains_only = True  # its costs and acceptance are per chain length
 
     def __init__(
         self,

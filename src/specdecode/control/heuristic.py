@@ -1,8 +1,8 @@
 """Grow the draft after a full acceptance, shrink it after a rejection.
 
 The schedule of Hugging Face transformers' assisted generation ("heuristic"): +2 tokens when every
-draft was accepted, -1 otherwise, kept within [1, maximum]. Steps that drafted nothing (the drafter
-found no proposal) leave the length alone.
+draft was accepted (for a tree: a path down to a leaf), -1 otherwise, kept within [1, maximum].
+Steps that drafted nothing (the drafter found no proposal) leave the length alone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class HeuristicController(Controller):
     def observe(self, verdict: Verdict, timings: StepTimings | None = None) -> None:
         if verdict.num_draft_nodes == 0:
             return
-        if verdict.num_accepted == verdict.num_draft_nodes:
+        if verdict.bonus:  # no rejection: the chain, or a tree path, was accepted to its end
             self.length = min(self.maximum, self.length + self.grow)
         else:
             self.length = max(1, self.length - self.shrink)

@@ -19,6 +19,11 @@ def make_drafter(name: str, options: dict[str, Any], resources: DrafterResources
     except KeyError:
         known = ", ".join(sorted(DRAFTERS))
         raise SpecDecodeError(f"unknown drafter {name!r}; choose one of: {known}") from None
+    if resources.tree is not None and not cls.supports_trees:
+        raise SpecDecodeError(
+            f"the {name!r} drafter drafts chains only; use --drafter draft-model for --tree "
+            f"{resources.tree.name}"
+        )
     try:
         return cls.create(dict(options), resources)
     except TypeError as exc:

@@ -22,6 +22,7 @@ import torch
 from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams
 from specdecode.tree import Budget, DraftTree
+from specdecode.trees import TreeShape
 from specdecode.verify.base import Verdict
 
 
@@ -31,6 +32,8 @@ class DrafterResources:
 
     target: Backend
     draft_model: Backend | None = None
+    #: How to shape the drafts (None: the drafter's own chain).
+    tree: TreeShape | None = None
 
 
 class Drafter(ABC):
@@ -39,6 +42,8 @@ class Drafter(ABC):
     needs_draft_model: ClassVar[bool] = False
     #: Whether proposals carry `draft_probs` when sampling (False: point-mass proposals).
     samples_drafts: ClassVar[bool] = False
+    #: Whether the drafter can grow trees of any `TreeShape` (False: chains only).
+    supports_trees: ClassVar[bool] = False
 
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:

@@ -27,6 +27,7 @@ from specdecode.drafters.base import Drafter, DrafterResources
 from specdecode.errors import SpecDecodeError
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
+from specdecode.trees import TreeShape
 
 #: Catch-ups longer than this skip the logits of all but their last token.
 _LOGITS_FOR_ALL_UP_TO = 32
@@ -36,13 +37,21 @@ class DraftModelDrafter(Drafter):
     name = "draft-model"
     needs_draft_model = True
     samples_drafts = True
+    supports_trees = True
 
-    def __init__(self, model: Backend, target_vocab_size: int, min_confidence: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Backend,
+        target_vocab_size: int,
+        min_confidence: float = 0.0,
+        tree: TreeShape | None = None,
+    ) -> None:
         if not 0.0 <= min_confidence < 1.0:
             raise SpecDecodeError(
                 f"the draft-model drafter's min_confidence must be in [0, 1), got {min_confidence}"
             )
         self.model = model
+        self.tree = tree
         self.min_confidence = min_confidence
         self.target_vocab_size = target_vocab_size
         self.sampling = SamplingParams()
@@ -64,6 +73,7 @@ class DraftModelDrafter(Drafter):
             resources.draft_model,
             resources.target.vocab_size,
             float(options.get("min_confidence", 0.0)),
+            resources.tree,
         )
 
     def begin(self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None):
@@ -98,6 +108,17 @@ class DraftModelDrafter(Drafter):
         if depth <= 0:
             return DraftTree.empty()
         logits = self._catch_up(context)
+        if self.tree is not None:
+            room = self.model.max_context - len(context) - 1
+            budget = Budget(depth, budget.max_width, min(budget.max_nodes or depth, room))
+            expander = _TreeExpander(self.model, len(context))
+            tree = self.tree.grow(logits, expander, budget, self.sampling, self.rng)
+            # The tree's nodes follow the context in the cache; the next catch-up drops them.
+            self._fed = list(context)
+            if tree.draft_probs is None:
+                return tree
+            probs = _match_vocab(tree.draft_probs, self.target_vocab_size)  # [N, V]
+            return DraftTree(tree.tokens, tree.parents, probs)
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
         for step in range(depth):
@@ -124,6 +145,35 @@ class DraftModelDrafter(Drafter):
         draft_probs = torch.stack(probs)  # [k, V_draft]
         draft_probs = _match_vocab(draft_probs, self.target_vocab_size)  # [k, V]
         return DraftTree.chain(drafts, draft_probs)
+
+
+class _TreeExpander:
+    """Feeds tree nodes to the draft model level by level, after the context: each node sees the
+    context and its own ancestors among the nodes fed so far."""
+
+    def __init__(self, model: Backend, context_length: int) -> None:
+        self.model = model
+        self.root_position = context_length - 1
+        self.slot: dict[int, int] = {}  # tree node -> its index among the fed nodes
+
+    def expand(self, nodes: list[int], parents: list[int], tokens: list[int]) -> torch.Tensor:
+        for node in nodes:
+            self.slot[node] = len(self.slot)
+        visible = torch.zeros(len(nodes), len(self.slot), dtype=torch.bool)  # [n, fed]
+        positions = []
+        for row, node in enumerate(nodes):
+            depth, ancestor = 0, node
+            while ancestor >= 0:
+                visible[row, self.slot[ancestor]] = True
+                ancestor, depth = parents[ancestor], depth + 1
+            positions.append(self.root_position + depth)
+        logits = self.model.forward(
+            torch.tensor([tokens[n] for n in nodes], dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            visible,
+        )
+        assert logits is not None
+        return logits
 
 
 def _match_vocab(probs: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -4,10 +4,15 @@ from specdecode.errors import SpecDecodeError
 from specdecode.verify.base import Verdict, Verifier
 from specdecode.verify.greedy import GreedyVerifier
 from specdecode.verify.rejection import RejectionVerifier
+from specdecode.verify.rrs_without_replacement import RecursiveRejectionVerifier
+from specdecode.verify.specinfer import SpecInferVerifier
 
 VERIFIERS: dict[str, type[Verifier]] = {
-    cls.name: cls for cls in (GreedyVerifier, RejectionVerifier)
+    cls.name: cls
+    for cls in (GreedyVerifier, RejectionVerifier, SpecInferVerifier, RecursiveRejectionVerifier)
 }
+# The greedy verifier walks trees as well as chains; the name the tree papers use for it.
+VERIFIERS["greedy-tree"] = GreedyVerifier
 
 
 def make_verifier(name: str) -> Verifier:

@@ -79,7 +79,7 @@ class TorchBackend(Backend):
         self,
         token_ids: torch.Tensor,  # [T]
         positions: torch.Tensor | None = None,  # [T]
-        tree_mask: torch.Tensor | None = None,  # [T, T] bool
+        tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T (see Backend.forward)
         return_logits: bool = True,
     ) -> torch.Tensor | None:  # [T, V] float32 (on the CPU)
         count = int(token_ids.shape[0])
@@ -94,6 +94,10 @@ class TorchBackend(Backend):
             positions = torch.arange(self.cache.length, self.cache.length + count)
         if tree_mask is None:
             tree_mask = torch.ones(count, count, dtype=torch.bool).tril_()
+        elif not (
+            tree_mask.shape[0] == count and count <= tree_mask.shape[1] <= self.cache.length + count
+        ):
+            raise ValueError(f"tree_mask of shape {tuple(tree_mask.shape)} for {count} new tokens")
         with torch.inference_mode():
             logits = self.model(
                 token_ids.to(self.device),

@@ -269,7 +269,7 @@ class Transformer(nn.Module):
         self,
         token_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        new_mask: torch.Tensor,  # [T, T] bool: new token i sees new token j
+        new_mask: torch.Tensor,  # [T, S] bool, S >= T: new token i sees slot end - S + j
         cache: KVCache,
         return_logits: bool = True,
     ) -> torch.Tensor | None:  # [T, V] float32
@@ -289,9 +289,10 @@ class Transformer(nn.Module):
         if cfg.family == "gemma3":
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         device = x.device
-        # Which cache slots each row may attend: all cached slots, then the new ones per new_mask.
+        # Which cache slots each row may attend: all cached slots up to the last S, then those
+        # (trailing cached ones, as of a tree being grown, and the new tokens) per new_mask.
         mask = torch.ones(rows, end, dtype=torch.bool, device=device)
-        mask[:, write_at:end] = new_mask
+        mask[:, end - new_mask.shape[1] : end] = new_mask
         mask_local = mask
         if cfg.sliding_window is not None and cfg.family == "gemma3":
             # Slot positions equal token positions for cached tokens; new ones use `positions`.

@@ -1,0 +1,234 @@
+"""Token trees on the toy model: every shape's greedy output is plain decoding's, trees really
+branch, and each tree verifier keeps the target's distribution (chi-square against the exact
+joint law of a short sequence), while deliberately broken verifiers fail the same test."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from toy import ToyBackend, ToyTokenizer
+
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine
+from specdecode.errors import SpecDecodeError
+from specdecode.sampling import shaped_probs
+from specdecode.tree import Budget
+from specdecode.trees import TREE_SHAPES, make_tree_shape
+from specdecode.verify import make_verifier
+from specdecode.verify.rrs_without_replacement import RecursiveRejectionVerifier
+from specdecode.verify.specinfer import SpecInferVerifier, residual
+
+SHAPES = sorted(TREE_SHAPES)
+
+
+def plain_greedy(model: ToyBackend, prompt: list[int], count: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(count):
+        seq.append(int(model.logits_after(seq).argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_greedy_tree_decoding_matches_plain_decoding(shape: str) -> None:
+    target = ToyBackend(seed=1, vocab_size=6)
+    draft = ToyBackend(seed=1, order=2, vocab_size=6)  # agrees with the target now and then
+    engine = Engine(target, ToyTokenizer(), draft_model=draft)
+    spec = SpecConfig(
+        drafter="draft-model",
+        controller="fixed",
+        num_draft_tokens=3,
+        tree=shape,
+        tree_width=2,
+        tree_nodes=6,
+    )
+    ids, _, stats = engine.generate([0, 1, 2], SamplingParams(max_new_tokens=40), spec)
+    assert ids == plain_greedy(ToyBackend(seed=1, vocab_size=6), [0, 1, 2], 40)
+    assert stats.drafted_tokens <= 6 * stats.target_forwards
+    # Branching pays: more tokens per forward than a chain of the same depth would average.
+    assert stats.mean_accepted_tokens > 1.0
+
+
+def test_trees_branch_and_respect_the_budget() -> None:
+    torch.manual_seed(0)
+    draft = ToyBackend(seed=2, vocab_size=8)
+    for name in SHAPES:
+        shape = make_tree_shape(name)
+        for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
+            draft.reset()
+            draft.forward(torch.tensor([1, 2, 3]))
+            tree = shape.grow(
+                draft.logits_after([1, 2, 3]),
+                _ToyExpander(draft, 3),
+                Budget(4, 2, 7),
+                sampling,
+                torch.Generator().manual_seed(1),
+            )
+            assert 1 < tree.num_nodes <= 7 and int(tree.depths.max()) <= 4, name
+            assert not tree.is_chain, name
+            assert (tree.draft_probs is not None) == (shape.sampled and not sampling.greedy)
+
+
+class _ToyExpander:
+    """Expands nodes by asking the toy model for the logits after each node's path."""
+
+    def __init__(self, model: ToyBackend, context_length: int) -> None:
+        self.model, self.context = model, list(model.cache[:context_length])
+
+    def expand(self, nodes, parents, tokens):
+        rows = []
+        for node in nodes:
+            path, at = [], node
+            while at >= 0:
+                path.append(tokens[at])
+                at = parents[at]
+            rows.append(self.model.logits_after(self.context + path[::-1]))
+        return torch.stack(rows)
+
+
+def test_bad_tree_configurations_fail_before_decoding() -> None:
+    engine = Engine(ToyBackend(), ToyTokenizer(), draft_model=ToyBackend(seed=3))
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
+    with pytest.raises(SpecDecodeError, match="takes chains"):
+        engine.generate(
+            [1], sampling, SpecConfig(drafter="draft-model", tree="iid", verifier="rejection")
+        )
+    with pytest.raises(SpecDecodeError, match="drafts chains only"):
+        engine.generate([1], sampling, SpecConfig(drafter="prompt-lookup", tree="static"))
+    with pytest.raises(SpecDecodeError, match="unknown tree shape"):
+        engine.generate([1], sampling, SpecConfig(drafter="draft-model", tree="bushy"))
+    with pytest.raises(SpecDecodeError, match="at least 1"):
+        SpecConfig(tree="static", tree_nodes=0)
+
+
+# ---- distributions ---------------------------------------------------------------------------
+
+VOCAB = 4
+LENGTH = 3
+SAMPLES = 12_000
+
+
+class _MarkovExpander:
+    """Draft logits from an order-1 Markov table: the next token depends on the last one."""
+
+    def __init__(self, table: torch.Tensor, root: int) -> None:
+        self.table, self.root = table, root
+
+    def expand(self, nodes, parents, tokens):
+        return torch.stack([self.table[tokens[node]] for node in nodes])
+
+
+def exact_joint(target_table: torch.Tensor, sampling: SamplingParams, root: int) -> torch.Tensor:
+    transition = shaped_probs(target_table, sampling)  # [V, V]
+    probs = []
+    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+        prob, prev = 1.0, root
+        for token in seq:
+            prob *= float(transition[prev, token])
+            prev = token
+        probs.append(prob)
+    return torch.tensor(probs, dtype=torch.float64)
+
+
+def tree_histogram(verifier, shape_name, target_table, draft_table, sampling, budget, seed=0):
+    """Counts of each length-LENGTH sequence over SAMPLES draft-tree -> verify generations."""
+    rng = torch.Generator().manual_seed(seed)
+    shape = make_tree_shape(shape_name)
+    counts = torch.zeros(VOCAB**LENGTH, dtype=torch.float64)
+    for _ in range(SAMPLES):
+        seq = [0]
+        while len(seq) <= LENGTH:
+            expander = _MarkovExpander(draft_table, seq[-1])
+            tree = shape.grow(draft_table[seq[-1]], expander, budget, sampling, rng)
+            rows = [seq[-1]] + tree.tokens.tolist()  # the target's logits after root and nodes
+            verdict = verifier.verify(tree, target_table[rows], sampling, rng)
+            seq.extend(verdict.tokens)
+        index = 0
+        for token in seq[1 : LENGTH + 1]:
+            index = index * VOCAB + token
+        counts[index] += 1
+    return counts
+
+
+def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    keep = expected_probs > 0
+    assert counts[~keep].sum() == 0, "a sequence of probability zero was produced"
+    expected = expected_probs[keep] / expected_probs[keep].sum() * counts.sum()
+    return float(chisquare(counts[keep].numpy(), expected.numpy()).pvalue)
+
+
+def tables(seed: int, sharpness: float) -> torch.Tensor:
+    return torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(seed)) * sharpness
+
+
+CASES = {
+    # name: (target sharpness, draft sharpness, sampling)
+    "plain": (1.0, 1.0, SamplingParams(temperature=1.0)),
+    "near-degenerate": (6.0, 0.5, SamplingParams(temperature=1.0)),
+    "top-k": (1.5, 1.0, SamplingParams(temperature=0.8, top_k=2)),
+    "top-p": (1.5, 1.0, SamplingParams(temperature=1.0, top_p=0.7)),
+}
+PAIRS = [  # (verifier, tree shape): each lossless verifier with the trees it is meant for
+    ("specinfer", "iid"),
+    ("specinfer", "static"),
+    ("specinfer", "dynamic"),
+    ("rrs-without-replacement", "without-replacement"),
+    ("rrs-without-replacement", "delayed"),
+]
+
+
+@pytest.mark.parametrize(("verifier", "shape"), PAIRS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tree_verifiers_keep_the_target_distribution(verifier: str, shape: str, case: str) -> None:
+    target_sharpness, draft_sharpness, sampling = CASES[case]
+    target_table, draft_table = tables(1, target_sharpness), tables(2, draft_sharpness)
+    counts = tree_histogram(
+        make_verifier(verifier), shape, target_table, draft_table, sampling, Budget(2, 3, 5)
+    )
+    p_value = chi_square_p(counts, exact_joint(target_table, sampling, 0))
+    assert p_value > 1e-3, p_value
+
+
+class _NoResidual(SpecInferVerifier):
+    """Broken: after a rejection the next sibling is judged against the untouched target."""
+
+    def verify(self, tree, target_logits, sampling, rng):
+        import specdecode.verify.specinfer as module
+
+        original = module.residual
+        module.residual = lambda probs, proposal: probs
+        try:
+            return super().verify(tree, target_logits, sampling, rng)
+        finally:
+            module.residual = original
+
+
+class _KeepsRejectedInProposal(RecursiveRejectionVerifier):
+    """Broken: siblings drawn without replacement judged as if drawn with replacement."""
+
+    def after_rejection(self, proposal, token):
+        return proposal
+
+
+@pytest.mark.parametrize(
+    ("broken", "shape"),
+    [
+        (_NoResidual(), "iid"),
+        (_KeepsRejectedInProposal(), "without-replacement"),
+        (SpecInferVerifier(), "without-replacement"),
+    ],
+    ids=["no-residual", "rrs-keeps-rejected", "specinfer-on-draws-without-replacement"],
+)
+def test_broken_tree_verifiers_are_caught(broken, shape: str) -> None:
+    target_sharpness, draft_sharpness, sampling = CASES["plain"]
+    target_table, draft_table = tables(1, target_sharpness), tables(2, draft_sharpness)
+    counts = tree_histogram(broken, shape, target_table, draft_table, sampling, Budget(2, 3, 5))
+    assert chi_square_p(counts, exact_joint(target_table, sampling, 0)) < 1e-6
+
+
+def test_residual_is_normalised() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    proposal = torch.tensor([0.2, 0.6, 0.2])
+    assert torch.allclose(residual(probs, proposal), torch.tensor([1.0, 0.0, 0.0]))
