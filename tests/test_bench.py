@@ -189,6 +189,7 @@ def test_bad_input_is_one_line(capsys, argv: list[str], fragment: str) -> None:
     [
         ("[[method]\nname = 1", "not valid TOML"),
         ('[[method]]\nname = "x"\ndrafter = "telepathy"\n', "unknown drafter"),
+        ('[[method]]\nname = "x"\ndrafter = "draft-model"\ntree = "bushy"\n', "unknown tree"),
         ('[[method]]\nname = "x"\ndrafter = "prompt-lookup"\nwarp = 9\n', "unknown keys"),
         ('[[method]]\nname = "x"\npeer = "vllm"\n', "unknown peer"),
         ('title = "no methods"\n', "no [[method]]"),

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy import ToyBackend, ToyTokenizer
+from toy import ToyBackend, ToyTokenizer, plain_greedy
 
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.engine import Engine
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import DraftTree
-
-
-def plain_greedy(model: ToyBackend, prompt: list[int], count: int) -> list[int]:
-    """Reference greedy decoding that never touches the engine."""
-    seq = list(prompt)
-    for _ in range(count):
-        seq.append(int(model.logits_after(seq).argmax()))
-    return seq[len(prompt) :]
-
 
 REPETITIVE_PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3]
 

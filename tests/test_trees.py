@@ -4,17 +4,14 @@ joint law of a short sequence), while deliberately broken verifiers fail the sam
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
-from toy import ToyBackend, ToyTokenizer
+from test_rejection_sampling import LENGTH, VOCAB, chi_square_pvalue, exact_joint, markov_table
+from toy import ToyBackend, ToyTokenizer, plain_greedy
 
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.engine import Engine
 from specdecode.errors import SpecDecodeError
-from specdecode.sampling import shaped_probs
 from specdecode.tree import Budget
 from specdecode.trees import TREE_SHAPES, make_tree_shape
 from specdecode.verify import make_verifier
@@ -22,13 +19,6 @@ from specdecode.verify.rrs_without_replacement import RecursiveRejectionVerifier
 from specdecode.verify.specinfer import SpecInferVerifier, residual
 
 SHAPES = sorted(TREE_SHAPES)
-
-
-def plain_greedy(model: ToyBackend, prompt: list[int], count: int) -> list[int]:
-    seq = list(prompt)
-    for _ in range(count):
-        seq.append(int(model.logits_after(seq).argmax()))
-    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -105,31 +95,17 @@ def test_bad_tree_configurations_fail_before_decoding() -> None:
 
 # ---- distributions ---------------------------------------------------------------------------
 
-VOCAB = 4
-LENGTH = 3
 SAMPLES = 12_000
 
 
 class _MarkovExpander:
     """Draft logits from an order-1 Markov table: the next token depends on the last one."""
 
-    def __init__(self, table: torch.Tensor, root: int) -> None:
-        self.table, self.root = table, root
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
 
     def expand(self, nodes, parents, tokens):
         return torch.stack([self.table[tokens[node]] for node in nodes])
-
-
-def exact_joint(target_table: torch.Tensor, sampling: SamplingParams, root: int) -> torch.Tensor:
-    transition = shaped_probs(target_table, sampling)  # [V, V]
-    probs = []
-    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
-        prob, prev = 1.0, root
-        for token in seq:
-            prob *= float(transition[prev, token])
-            prev = token
-        probs.append(prob)
-    return torch.tensor(probs, dtype=torch.float64)
 
 
 def tree_histogram(verifier, shape_name, target_table, draft_table, sampling, budget, seed=0):
@@ -140,7 +116,7 @@ def tree_histogram(verifier, shape_name, target_table, draft_table, sampling, bu
     for _ in range(SAMPLES):
         seq = [0]
         while len(seq) <= LENGTH:
-            expander = _MarkovExpander(draft_table, seq[-1])
+            expander = _MarkovExpander(draft_table)
             tree = shape.grow(draft_table[seq[-1]], expander, budget, sampling, rng)
             rows = [seq[-1]] + tree.tokens.tolist()  # the target's logits after root and nodes
             verdict = verifier.verify(tree, target_table[rows], sampling, rng)
@@ -150,17 +126,6 @@ def tree_histogram(verifier, shape_name, target_table, draft_table, sampling, bu
             index = index * VOCAB + token
         counts[index] += 1
     return counts
-
-
-def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    keep = expected_probs > 0
-    assert counts[~keep].sum() == 0, "a sequence of probability zero was produced"
-    expected = expected_probs[keep] / expected_probs[keep].sum() * counts.sum()
-    return float(chisquare(counts[keep].numpy(), expected.numpy()).pvalue)
-
-
-def tables(seed: int, sharpness: float) -> torch.Tensor:
-    return torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(seed)) * sharpness
 
 
 CASES = {
@@ -183,11 +148,11 @@ PAIRS = [  # (verifier, tree shape): each lossless verifier with the trees it is
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tree_verifiers_keep_the_target_distribution(verifier: str, shape: str, case: str) -> None:
     target_sharpness, draft_sharpness, sampling = CASES[case]
-    target_table, draft_table = tables(1, target_sharpness), tables(2, draft_sharpness)
+    target_table, draft_table = markov_table(1, target_sharpness), markov_table(2, draft_sharpness)
     counts = tree_histogram(
         make_verifier(verifier), shape, target_table, draft_table, sampling, Budget(2, 3, 5)
     )
-    p_value = chi_square_p(counts, exact_joint(target_table, sampling, 0))
+    p_value = chi_square_pvalue(counts, exact_joint(target_table, sampling, 0))
     assert p_value > 1e-3, p_value
 
 
@@ -223,9 +188,9 @@ class _KeepsRejectedInProposal(RecursiveRejectionVerifier):
 )
 def test_broken_tree_verifiers_are_caught(broken, shape: str) -> None:
     target_sharpness, draft_sharpness, sampling = CASES["plain"]
-    target_table, draft_table = tables(1, target_sharpness), tables(2, draft_sharpness)
+    target_table, draft_table = markov_table(1, target_sharpness), markov_table(2, draft_sharpness)
     counts = tree_histogram(broken, shape, target_table, draft_table, sampling, Budget(2, 3, 5))
-    assert chi_square_p(counts, exact_joint(target_table, sampling, 0)) < 1e-6
+    assert chi_square_pvalue(counts, exact_joint(target_table, sampling, 0)) < 1e-6
 
 
 def test_residual_is_normalised() -> None:

@@ -73,6 +73,14 @@ class ToyBackend(Backend):
         self.forward_sizes.clear()
 
 
+def plain_greedy(model: ToyBackend, prompt: Sequence[int], count: int) -> list[int]:
+    """Reference greedy decoding of the toy model that never touches the engine."""
+    seq = list(prompt)
+    for _ in range(count):
+        seq.append(int(model.logits_after(seq).argmax()))
+    return seq[len(prompt) :]
+
+
 class ToyTokenizer:
     """Token i is the letter chr(ord('a') + i); token `eos` ends the sequence."""
 

@@ -257,9 +257,10 @@ class Engine:
             with torch.inference_mode():
                 step_start = time.perf_counter()
                 budget = controller.budget()
-                if shape is not None:
-                    nodes = spec.tree_nodes or budget.max_depth * spec.tree_width
-                    budget = Budget(budget.max_depth, spec.tree_width, nodes)
+                if (
+                    shape is not None
+                ):  # the controller sets the depth; nodes default to depth x width
+                    budget = Budget(budget.max_depth, spec.tree_width, spec.tree_nodes)
                 budget = _capped(budget, min(remaining - 1, room - 1), room - 1)
                 tree = drafter.propose(context, budget)
                 drafted = time.perf_counter()

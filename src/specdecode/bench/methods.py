@@ -26,6 +26,7 @@ from typing import Any
 from specdecode.config import SpecConfig
 from specdecode.drafters import DRAFTERS
 from specdecode.errors import SpecDecodeError
+from specdecode.trees import CHAIN, TREE_SHAPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -209,6 +210,11 @@ def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
     if entry["drafter"] not in DRAFTERS:
         raise SpecDecodeError(
             f"{where}: unknown drafter {entry['drafter']!r}; choose one of: {', '.join(DRAFTERS)}"
+        )
+    shapes = [CHAIN, *TREE_SHAPES]
+    if entry.get("tree", CHAIN) not in shapes:
+        raise SpecDecodeError(
+            f"{where}: unknown tree {entry['tree']!r}; choose one of: {', '.join(shapes)}"
         )
     fields = {key: value for key, value in entry.items() if key in _SPEC_KEYS}
     budgets = fields.pop("num_draft_tokens", 6)

@@ -110,11 +110,11 @@ class DraftModelDrafter(Drafter):
         logits = self._catch_up(context)
         if self.tree is not None:
             room = self.model.max_context - len(context) - 1
-            budget = Budget(depth, budget.max_width, min(budget.max_nodes or depth, room))
+            budget = Budget(depth, budget.max_width, min(budget.max_nodes or 0, room))
             expander = _TreeExpander(self.model, len(context))
+            # The tree's nodes follow the context in the draft cache, outside `_fed`, so the
+            # next catch-up drops them.
             tree = self.tree.grow(logits, expander, budget, self.sampling, self.rng)
-            # The tree's nodes follow the context in the cache; the next catch-up drops them.
-            self._fed = list(context)
             if tree.draft_probs is None:
                 return tree
             probs = _match_vocab(tree.draft_probs, self.target_vocab_size)  # [N, V]

@@ -14,6 +14,7 @@ verifier that matches how the nodes were drawn.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
@@ -51,7 +52,6 @@ class PartialTree:
         self.sampling = sampling
         self.tokens: list[int] = []
         self.parents: list[int] = []
-        self.drawn_from: list[int] = []  # the node whose distribution each node was drawn from
         self.scores: list[float] = []  # log q of the path down to each node
         self.dist: dict[int, torch.Tensor] = {-1: ranking_probs(root_logits, sampling)}
 
@@ -63,8 +63,7 @@ class PartialTree:
         base = 0.0 if parent < 0 else self.scores[parent]
         self.tokens.append(int(token))
         self.parents.append(parent)
-        self.drawn_from.append(parent)
-        self.scores.append(base + (float("-inf") if prob <= 0 else torch.tensor(prob).log().item()))
+        self.scores.append(base + (math.log(prob) if prob > 0 else float("-inf")))
         return len(self.tokens) - 1
 
     def feed(self, nodes: list[int]) -> None:
@@ -75,12 +74,6 @@ class PartialTree:
         probs = ranking_probs(logits, self.sampling)
         for row, node in enumerate(nodes):
             self.dist[node] = probs[row]
-
-    def depth(self, node: int) -> int:
-        depth = 0
-        while node >= 0:
-            node, depth = self.parents[node], depth + 1
-        return depth
 
     def finish(self, keep: list[int] | None = None, with_probs: bool = False) -> DraftTree:
         """The tree of the nodes in `keep` (default all; closed under ancestors), renumbered in
@@ -94,7 +87,8 @@ class PartialTree:
         parents = torch.tensor([index[self.parents[n]] for n in kept], dtype=torch.long)
         probs = None
         if with_probs and kept:
-            probs = torch.stack([self.dist[self.drawn_from[n]] for n in kept])  # [N, V]
+            # Each node was drawn from its parent's distribution.
+            probs = torch.stack([self.dist[self.parents[n]] for n in kept])  # [N, V]
         return DraftTree(tokens, parents, probs)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +72,16 @@ def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> t
 
 @dataclass(frozen=True)
 class Visibility:
-    """Which cache slots each row of a forward may attend, in the two forms the paths need."""
+    """Which cache slots each row of a forward may attend; shared by all layers."""
 
     allowed: torch.Tensor  # [R, L] bool
-    bias: torch.Tensor  # [R, L] float32: 0 where allowed, -inf elsewhere
+
+    @cached_property
+    def bias(self) -> torch.Tensor:  # [R, L] float32: 0 where allowed, -inf elsewhere
+        """The additive form the library path needs (the kernels read `allowed`)."""
+        return torch.zeros(self.allowed.shape, device=self.allowed.device).masked_fill_(
+            ~self.allowed, float("-inf")
+        )
 
 
 class Block(nn.Module):
@@ -133,13 +140,7 @@ class Block(nn.Module):
         values = cache.v[self.layer, :, :end]
         group = heads // kv_heads
         q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
-        attend = kernels.rowwise_attention() if self._use_kernel(rows, keys) else None
-        if attend is not None:
-            out = attend(q.float().contiguous(), keys, values, visibility.allowed, self.scale)
-        elif rows <= MAX_INVARIANT_ROWS and self.exact_rows:
-            out = self._attention_row_by_row(q, keys, values, visibility.allowed)
-        else:
-            out = None
+        out = self._attention_per_row(q, keys, values, visibility.allowed)
         if out is not None:
             out = out.to(x.dtype).view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
             return self.o(out)
@@ -175,13 +176,28 @@ class Block(nn.Module):
             outs.append(torch.matmul(probs, row_values))  # [Hkv, G, D]
         return torch.stack(outs, dim=2).view(kv_heads, queries, d)
 
-    @staticmethod
-    def _use_kernel(rows: int, keys: torch.Tensor) -> bool:
-        return (
-            rows <= MAX_INVARIANT_ROWS
-            and keys.device.type == "cpu"
-            and keys.dtype in (torch.bfloat16, torch.float32)
+    def _attention_per_row(
+        self,
+        q: torch.Tensor,  # [Hkv, G*R, D]
+        keys: torch.Tensor,  # [Hkv, L, D]
+        values: torch.Tensor,  # [Hkv, L, D]
+        allowed: torch.Tensor,  # [R, L] bool
+    ) -> torch.Tensor | None:  # [Hkv, G*R, D]
+        """Attention in which a row's bits depend only on the keys it sees: the kernel, or
+        without it (for a model that needs exactness) row by row. None for prefill-sized
+        forwards, and for draft models without the kernel, which take the batched path."""
+        if allowed.shape[0] > MAX_INVARIANT_ROWS:
+            return None
+        attend = (
+            kernels.rowwise_attention()
+            if keys.device.type == "cpu" and keys.dtype in (torch.bfloat16, torch.float32)
+            else None
         )
+        if attend is not None:
+            return attend(q.float().contiguous(), keys, values, allowed, self.scale)
+        if self.exact_rows:
+            return self._attention_row_by_row(q, keys, values, allowed)
+        return None
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -299,11 +315,10 @@ class Transformer(nn.Module):
             key_pos = torch.arange(end, device=device)
             slot_pos = torch.cat([key_pos[:write_at], positions[:num_new]])
             mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
-        # Computed once per forward rather than in every layer: additive masks, rope tables.
-        visible = Visibility(mask, _additive(mask))
-        visible_local = (
-            visible if mask_local is mask else Visibility(mask_local, _additive(mask_local))
-        )
+        # Computed once per forward rather than in every layer: masks (the additive form on first
+        # use), rope tables.
+        visible = Visibility(mask)
+        visible_local = visible if mask_local is mask else Visibility(mask_local)
         rope_global = self.ropes["global"].at(positions, x.dtype)
         rope_local = self.ropes["local"].at(positions, x.dtype)
         for block in self.blocks:
@@ -320,7 +335,3 @@ class Transformer(nn.Module):
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return logits[:num_new]
-
-
-def _additive(mask: torch.Tensor) -> torch.Tensor:  # [R, L] bool -> [R, L] float32
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
