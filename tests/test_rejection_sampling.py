@@ -20,6 +20,7 @@ from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import DraftTree
 from specdecode.verify.base import Verdict
 from specdecode.verify.rejection import RejectionVerifier
+from specdecode.verify.traversal import TraversalVerifier
 
 VOCAB = 4
 LENGTH = 3
@@ -134,6 +135,16 @@ def test_point_mass_drafts_keep_the_target_distribution() -> None:
     assert run_case(RejectionVerifier(), CASES["random"], draft_len=3, point_mass=True) > 1e-3
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_verification_of_chains_keeps_the_target_distribution(name: str) -> None:
+    """`traversal` on a chain is block verification: paths judged as a whole."""
+    assert run_case(TraversalVerifier(), CASES[name], draft_len=2) > 1e-3
+
+
+def test_block_verification_of_point_mass_chains_keeps_the_target_distribution() -> None:
+    assert run_case(TraversalVerifier(), CASES["random"], draft_len=3, point_mass=True) > 1e-3
+
+
 class SampledDraftAsPointMass(RejectionVerifier):
     """Ignores q and treats each sampled draft as a point mass: accept with p(x), else draw from p
     without x. Slower to accept, but still exact, and the test must say so."""
@@ -184,6 +195,29 @@ class TargetRowsShifted(RejectionVerifier):
         return super().verify(tree, shifted, sampling, rng)
 
 
-@pytest.mark.parametrize("broken", [ResidualIsTarget, BonusFromDraft, TargetRowsShifted])
+class BlockValueNotLowered(TraversalVerifier):
+    """Broken: after a rejection the parent keeps its path value instead of r / (r + 1 - a)."""
+
+    def verify(self, tree, target_logits, sampling, rng) -> Verdict:
+        import specdecode.verify.traversal as module
+
+        original = module._Traversal.reject
+
+        def reject(walk, slot):
+            parent = int(walk.tree.parents[slot - 1]) + 1
+            kept = walk.value[parent]
+            original(walk, slot)
+            walk.value[parent] = kept
+
+        module._Traversal.reject = reject
+        try:
+            return super().verify(tree, target_logits, sampling, rng)
+        finally:
+            module._Traversal.reject = original
+
+
+@pytest.mark.parametrize(
+    "broken", [ResidualIsTarget, BonusFromDraft, TargetRowsShifted, BlockValueNotLowered]
+)
 def test_broken_verifiers_fail(broken) -> None:
     assert run_case(broken(), CASES["random"], draft_len=2) < 1e-6

@@ -12,11 +12,13 @@ from toy import ToyBackend, ToyTokenizer, plain_greedy
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.engine import Engine
 from specdecode.errors import SpecDecodeError
-from specdecode.tree import Budget
+from specdecode.tree import Budget, DraftTree
 from specdecode.trees import TREE_SHAPES, make_tree_shape
 from specdecode.verify import make_verifier
 from specdecode.verify.rrs_without_replacement import RecursiveRejectionVerifier
 from specdecode.verify.specinfer import SpecInferVerifier, residual
+from specdecode.verify.spectr import SpecTrVerifier
+from specdecode.verify.traversal import TraversalVerifier
 
 SHAPES = sorted(TREE_SHAPES)
 
@@ -91,6 +93,44 @@ def test_bad_tree_configurations_fail_before_decoding() -> None:
         engine.generate([1], sampling, SpecConfig(drafter="draft-model", tree="bushy"))
     with pytest.raises(SpecDecodeError, match="at least 1"):
         SpecConfig(tree="static", tree_nodes=0)
+    with pytest.raises(SpecDecodeError, match="does not fit in the model's context"):
+        engine.generate(
+            [1], sampling, SpecConfig(drafter="draft-model", tree="static", tree_nodes=10**6)
+        )
+    with pytest.raises(SpecDecodeError, match="before its child"):
+        DraftTree(torch.tensor([5, 6]), torch.tensor([1, -1]))  # a parent after its child
+    with pytest.raises(SpecDecodeError, match="before its child"):
+        DraftTree(torch.tensor([5, 6]), torch.tensor([1, 0]))  # a cycle
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (SpecConfig(drafter="prompt-lookup", verifier="spectr"), "needs the draft distribution"),
+        (
+            SpecConfig(drafter="draft-model", tree="static", verifier="spectr"),
+            "needs the draft distribution",
+        ),
+        (
+            SpecConfig(drafter="draft-model", tree="without-replacement", verifier="specinfer"),
+            "not lossless for drafts picked without replacement",
+        ),
+        (
+            SpecConfig(drafter="draft-model", tree="iid", verifier="rrs-without-replacement"),
+            "not lossless for drafts picked independent",
+        ),
+        (SpecConfig(drafter="draft-model", verifier="greedy"), "exact at temperature 0 only"),
+    ],
+    ids=["spectr-point-mass-chain", "spectr-static", "specinfer-wor", "rrs-iid", "greedy-t1"],
+)
+def test_verifier_and_draft_mismatches_fail_before_decoding(spec, message) -> None:
+    engine = Engine(ToyBackend(), ToyTokenizer(), draft_model=ToyBackend(seed=3))
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
+    with pytest.raises(SpecDecodeError, match=message):
+        engine.generate([1, 2, 3], sampling, spec)
+    # The same pairs are fine at temperature 0, where every draft is judged by the argmax.
+    greedy = SamplingParams(max_new_tokens=5)
+    assert len(engine.generate([1, 2, 3], greedy, spec)[0]) == 5
 
 
 # ---- distributions ---------------------------------------------------------------------------
@@ -141,6 +181,9 @@ PAIRS = [  # (verifier, tree shape): each lossless verifier with the trees it is
     ("specinfer", "dynamic"),
     ("rrs-without-replacement", "without-replacement"),
     ("rrs-without-replacement", "delayed"),
+    ("spectr", "iid"),
+    ("traversal", "without-replacement"),
+    ("traversal", "delayed"),
 ]
 
 
@@ -177,14 +220,55 @@ class _KeepsRejectedInProposal(RecursiveRejectionVerifier):
         return proposal
 
 
+class _UnscaledSpecTr(SpecTrVerifier):
+    """Broken: K-SEQ without its scale (rho = 1), so k drafts over-supply the likely tokens."""
+
+    def scale(self, probs, proposal, num_drafts):
+        return 1.0
+
+
+class _TraversalKeepsRejectedInDraft(TraversalVerifier):
+    """Broken: after a rejection the parent's draft row keeps the rejected token."""
+
+    def verify(self, tree, target_logits, sampling, rng):
+        import specdecode.verify.traversal as module
+
+        original = module._Traversal.reject
+
+        def reject(walk, slot):
+            parent = int(walk.tree.parents[slot - 1]) + 1
+            kept = walk.draft[parent].clone()
+            original(walk, slot)
+            walk.draft[parent] = kept
+            walk.refresh_below(parent)
+
+        module._Traversal.reject = reject
+        try:
+            return super().verify(tree, target_logits, sampling, rng)
+        finally:
+            module._Traversal.reject = original
+
+
 @pytest.mark.parametrize(
     ("broken", "shape"),
     [
         (_NoResidual(), "iid"),
         (_KeepsRejectedInProposal(), "without-replacement"),
         (SpecInferVerifier(), "without-replacement"),
+        (_UnscaledSpecTr(), "iid"),
+        (SpecTrVerifier(), "without-replacement"),
+        (_TraversalKeepsRejectedInDraft(), "without-replacement"),
+        (TraversalVerifier(), "iid"),
     ],
-    ids=["no-residual", "rrs-keeps-rejected", "specinfer-on-draws-without-replacement"],
+    ids=[
+        "no-residual",
+        "rrs-keeps-rejected",
+        "specinfer-on-draws-without-replacement",
+        "spectr-unscaled",
+        "spectr-on-draws-without-replacement",
+        "traversal-keeps-rejected",
+        "traversal-on-iid-draws",
+    ],
 )
 def test_broken_tree_verifiers_are_caught(broken, shape: str) -> None:
     target_sharpness, draft_sharpness, sampling = CASES["plain"]

@@ -2,6 +2,7 @@
 
     specdecode generate "PROMPT" [--model M] [--draft-model D] [--drafter NAME] ...
     specdecode models [list | pull NAME | verify NAME]
+    specdecode certify [--model M] [--drafter D] [--verifier V] [--temperature T] [--samples N]
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
@@ -23,11 +24,6 @@ EXIT_USAGE = 2
 
 
 def _generate_parser(sub) -> None:
-    from specdecode.control import CONTROLLERS
-    from specdecode.drafters import DRAFTERS
-    from specdecode.trees import CHAIN, TREE_SHAPES
-    from specdecode.verify import VERIFIERS
-
     p = sub.add_parser(
         "generate",
         help="generate text, speculatively",
@@ -36,12 +32,57 @@ def _generate_parser(sub) -> None:
         "(the default), the same distribution when sampling.",
     )
     p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
+    _add_model_args(p)
+    _add_speculation_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: 256")
+    _add_sampling_args(p)
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the output contains TEXT (repeatable)",
+    )
+    p.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="raw completion: do not wrap the prompt in the chat template",
+    )
+    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text streams the answer; json prints one object at the end",
+    )
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"registry name, GGUF file or Hugging Face directory (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer, to draft with")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "hf"],
+        default="torch",
+        help="torch: our compact transformer (default); hf: transformers, chains only",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    _add_draft_quantize(p)
+
+
+def _add_speculation_args(p: argparse.ArgumentParser) -> None:
+    from specdecode.control import CONTROLLERS
+    from specdecode.drafters import DRAFTERS
+    from specdecode.trees import CHAIN, TREE_SHAPES
+    from specdecode.verify import VERIFIERS
+
     p.add_argument(
         "--drafter",
         choices=sorted(DRAFTERS),
@@ -52,7 +93,9 @@ def _generate_parser(sub) -> None:
         "--verifier",
         choices=sorted(VERIFIERS),
         help="default: greedy at temperature 0; when sampling, rejection for chains and the "
-        "tree shape's own (specinfer, or rrs-without-replacement) for trees",
+        "tree shape's own (specinfer, or rrs-without-replacement) for trees; spectr (SpecTr's "
+        "K-SEQ) for iid trees; traversal (Traversal Verification, leaves up); lossy-typical "
+        "(Medusa's typical acceptance: LOSSY, changes the output distribution)",
     )
     p.add_argument(
         "--tree",
@@ -101,43 +144,19 @@ def _generate_parser(sub) -> None:
         metavar="K",
         help="largest draft length the heuristic and cost-aware controllers use (default: 16)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: 256")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float = 0.0) -> None:
     p.add_argument(
-        "--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (default)"
+        "--temperature",
+        type=float,
+        default=default_temperature,
+        metavar="T",
+        help=f"0 is greedy (default: {default_temperature:g})",
     )
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default: 1.0 (off)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="default: 0 (off)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="stop when the output contains TEXT (repeatable)",
-    )
-    p.add_argument(
-        "--no-chat",
-        action="store_true",
-        help="raw completion: do not wrap the prompt in the chat template",
-    )
-    p.add_argument("--system", help="a system message for the chat template")
-    p.add_argument(
-        "--format",
-        choices=["text", "json"],
-        default="text",
-        help="text streams the answer; json prints one object at the end",
-    )
-    p.add_argument(
-        "--backend",
-        choices=["torch", "hf"],
-        default="torch",
-        help="torch: our compact transformer (default); hf: transformers, chains only",
-    )
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    _add_draft_quantize(p)
-    p.set_defaults(func=cmd_generate)
 
 
 def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
@@ -148,6 +167,45 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
         help="weights of the draft model (torch backend): int8 (default) drafts faster; the "
         "target checks every draft, so this changes speed, never output",
     )
+
+
+def _spec_from_args(args: argparse.Namespace) -> SpecConfig:
+    drafter = args.drafter or ("draft-model" if args.draft_model else "prompt-lookup")
+    if drafter == "draft-model" and not args.draft_model:
+        raise SpecDecodeError("--drafter draft-model needs --draft-model NAME|PATH")
+    return SpecConfig(
+        drafter=drafter,
+        verifier=args.verifier,
+        controller=args.controller,
+        num_draft_tokens=args.num_draft_tokens,
+        max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
+        tree=args.tree,
+        tree_width=args.tree_width,
+        tree_nodes=args.tree_nodes,
+    )
+
+
+def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
+    return SpecDecoder.load(
+        args.model,
+        draft_model=args.draft_model if spec.drafter == "draft-model" else None,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
+    )
+
+
+def _warn_if_lossy(verifier: str | None) -> None:
+    from specdecode.verify import VERIFIERS
+
+    if verifier is not None and not VERIFIERS[verifier].lossless:
+        print(
+            f"warning: the {verifier!r} verifier is lossy: the output does not follow the "
+            "model's own distribution",
+            file=sys.stderr,
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -162,28 +220,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    drafter = args.drafter or ("draft-model" if args.draft_model else "prompt-lookup")
-    if drafter == "draft-model" and not args.draft_model:
-        raise SpecDecodeError("--drafter draft-model needs --draft-model NAME|PATH")
-    spec = SpecConfig(
-        drafter=drafter,
-        verifier=args.verifier,
-        controller=args.controller,
-        num_draft_tokens=args.num_draft_tokens,
-        max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
-        tree=args.tree,
-        tree_width=args.tree_width,
-        tree_nodes=args.tree_nodes,
-    )
-    llm = SpecDecoder.load(
-        args.model,
-        draft_model=args.draft_model if drafter == "draft-model" else None,
-        backend=args.backend,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-        draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
-    )
+    spec = _spec_from_args(args)
+    llm = _load_from_args(args, spec)
+    _warn_if_lossy(args.verifier)
     ids = llm.encode_prompt(prompt, chat=not args.no_chat, system=args.system)
     token_ids: list[int] = []
     text_parts: list[str] = []
@@ -270,6 +309,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# A list that repeats, so that prompt lookup drafts too, and whose next items the model spreads its
+# probability over (a certificate from a near-deterministic context would test nothing).
+CERTIFY_PROMPT = "Random fruits: apple, pear, apple, plum, pear, apple, fig, plum, apple,"
+
+
+def _certify_parser(sub) -> None:
+    p = sub.add_parser(
+        "certify",
+        help="test that a drafter/verifier pair keeps the model's distribution",
+        description="Sample many short continuations of one context, speculatively and plainly, "
+        "and test that their distributions agree: chi-square test of homogeneity (p-value) and "
+        "total-variation distance with a 95%% bootstrap interval. Exits 0 when the test passes, "
+        "1 when it fails (p-value below --alpha).",
+    )
+    _add_model_args(p)
+    _add_speculation_args(p)
+    _add_sampling_args(p, default_temperature=1.0)
+    p.add_argument(
+        "--prompt",
+        default=CERTIFY_PROMPT,
+        help="the fixed context, as raw text (default: a list of fruits that repeats)",
+    )
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="continuations drawn each way (default: 2000; more samples see smaller errors)",
+    )
+    p.add_argument(
+        "--length", type=int, default=3, metavar="L", help="tokens per continuation (default: 3)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="significance level: the test fails below this p-value (default: 0.01)",
+    )
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_certify)
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from specdecode.certify import CertifyConfig, certify
+
+    config = CertifyConfig(
+        samples=args.samples, length=args.length, alpha=args.alpha, seed=args.seed or 0
+    )
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    spec = _spec_from_args(args)
+    llm = _load_from_args(args, spec)
+    ids = llm.encode_prompt(args.prompt, chat=args.chat)
+    with tqdm(total=2 * config.samples, desc="certify", unit="sample", file=sys.stderr) as bar:
+        report = certify(llm.engine, ids, sampling, spec, config, on_sample=lambda: bar.update())
+    if args.format == "json":
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.summary())
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdecode",
@@ -278,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _generate_parser(sub)
     _models_parser(sub)
+    _certify_parser(sub)
     from specdecode.bench import command as bench_command
 
     bench_command.add_parser(sub, _add_draft_quantize)

@@ -30,9 +30,9 @@ import torch
 from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.control import StepTimings, make_controller
-from specdecode.drafters import DrafterResources, make_drafter
+from specdecode.drafters import Drafter, DrafterResources, make_drafter
 from specdecode.errors import SpecDecodeError
-from specdecode.tree import Budget
+from specdecode.tree import Budget, SiblingDraws
 from specdecode.trees import CHAIN, TreeShape, make_tree_shape
 from specdecode.verify import Verdict, Verifier, make_verifier
 
@@ -212,9 +212,17 @@ class Engine:
                 f"{self.target.max_context}: shorten the prompt"
             )
         shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
+        if shape is not None and spec.tree_nodes is not None:
+            room = self.target.max_context - len(prompt) - 1
+            if spec.tree_nodes > room:
+                raise SpecDecodeError(
+                    f"a tree of {spec.tree_nodes} nodes does not fit in the model's context "
+                    f"({self.target.max_context} tokens) after a {len(prompt)}-token prompt: "
+                    f"lower --tree-nodes to at most {room}"
+                )
         resources = DrafterResources(self.target, self.draft_model, shape)
         drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
-        verifier = _pick_verifier(spec, sampling, shape)
+        verifier = _pick_verifier(spec, sampling, shape, drafter)
         if shape is not None and not self.target.supports_trees:
             raise SpecDecodeError(
                 f"the {type(self.target).__name__} backend verifies chains only: use --tree chain"
@@ -304,20 +312,55 @@ class Engine:
         yield StepOutput([], text.flush(), stats, True)
 
 
-def _pick_verifier(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None) -> Verifier:
-    """The named verifier, or the exact one for the sampling mode and draft shape; refuses a
-    chains-only verifier for trees before anything is decoded."""
+def verifier_name(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None) -> str:
+    """The verifier a generation uses: the named one, else the exact one for the sampling mode
+    (greedy at temperature 0; rejection for chains, the tree shape's own for trees)."""
     if spec.verifier is not None:
-        name = spec.verifier
-    elif sampling.greedy:
-        name = "greedy"
-    else:
-        name = "rejection" if shape is None else shape.sampling_verifier
+        return spec.verifier
+    if sampling.greedy:
+        return "greedy"
+    return "rejection" if shape is None else shape.sampling_verifier
+
+
+def _pick_verifier(
+    spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None, drafter: Drafter
+) -> Verifier:
+    """The named verifier, or the exact one for the sampling mode and draft shape. Refuses, before
+    anything is decoded, a chains-only verifier with a tree, and a lossless verifier with drafts
+    it is not lossless for (it would silently change the output distribution)."""
+    name = verifier_name(spec, sampling, shape)
     verifier = make_verifier(name)
     if shape is not None and not verifier.supports_trees:
         raise SpecDecodeError(
             f"the {name!r} verifier takes chains but --tree {shape.name} builds trees; use "
             f"--verifier {shape.sampling_verifier} (or greedy at temperature 0)"
+        )
+    if sampling.greedy or not verifier.lossless:
+        return verifier
+    right_one = "rejection" if shape is None else shape.sampling_verifier
+    if not verifier.lossless_for:
+        raise SpecDecodeError(
+            f"the {name!r} verifier is exact at temperature 0 only; use --verifier {right_one} "
+            f"at temperature {sampling.temperature}"
+        )
+    if shape is None:
+        # One child per node: every way of drawing siblings is the same, only the probabilities
+        # matter.
+        draws = SiblingDraws.INDEPENDENT if drafter.samples_drafts else SiblingDraws.DETERMINISTIC
+        compatible = True
+    else:
+        draws = shape.siblings if drafter.samples_drafts else SiblingDraws.DETERMINISTIC
+        compatible = draws in verifier.lossless_for
+    if verifier.requires_draft_probs and draws is SiblingDraws.DETERMINISTIC:
+        what = f"the {drafter.name!r} drafter" if shape is None else f"a {shape.name!r} tree"
+        raise SpecDecodeError(
+            f"the {name!r} verifier needs the draft distribution, which {what} does not give at "
+            f"temperature > 0; use --verifier {right_one}"
+        )
+    if not compatible:
+        raise SpecDecodeError(
+            f"the {name!r} verifier is not lossless for drafts picked {draws.value} at "
+            f"temperature {sampling.temperature}; use --verifier {right_one}"
         )
     return verifier
 

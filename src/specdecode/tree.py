@@ -15,11 +15,21 @@ proposal is a point mass on the drafted token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from functools import cached_property
 
 import torch
 
 from specdecode.errors import SpecDecodeError
+
+
+class SiblingDraws(Enum):
+    """How a drafter picked the children of a node at temperature > 0; which verifiers keep the
+    target's distribution depends on it."""
+
+    DETERMINISTIC = "deterministic"  # chosen, not drawn: point-mass proposals, no draft_probs
+    INDEPENDENT = "independent"  # i.i.d. draws from the parent's draft distribution (may repeat)
+    WITHOUT_REPLACEMENT = "without replacement"  # distinct draws, each from what is left of it
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Backend(ABC):
         self.max_context = max_context
         self.root_token: int | None = None
         self._last_tree_size = 0
+        self._prefilled: list[int] = []  # the tokens the last prefill cached
 
     # ---- primitives every backend implements -------------------------------------------------
 
@@ -74,6 +75,7 @@ class Backend(ABC):
         self.truncate(0)
         self.root_token = None
         self._last_tree_size = 0
+        self._prefilled = []
 
     def prefill(self, tokens: Sequence[int]) -> None:
         """Start a sequence: cache all of `tokens` but the last, which becomes the root."""
@@ -84,9 +86,17 @@ class Backend(ABC):
                 f"the prompt has {len(tokens)} tokens but the context holds {self.max_context}: "
                 "shorten the prompt"
             )
-        self.reset()
-        self.extend(tokens[:-1])
+        head = [int(t) for t in tokens[:-1]]
+        if head and head == self._prefilled and self.num_cached >= len(head):
+            # The same prompt again (sampling many continuations): decoding only ever appended
+            # after it, so its cache rows are intact and exactly what a fresh prefill computes.
+            self.truncate(len(head))
+        else:
+            self.reset()
+            self.extend(head)
+            self._prefilled = head
         self.root_token = int(tokens[-1])
+        self._last_tree_size = 0
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Cache `tokens` after the current ones without computing logits (chunked)."""

@@ -23,7 +23,7 @@ import torch
 from specdecode.config import SamplingParams
 from specdecode.errors import SpecDecodeError
 from specdecode.sampling import shaped_probs
-from specdecode.tree import Budget, DraftTree
+from specdecode.tree import Budget, DraftTree, SiblingDraws
 
 
 class Expander(Protocol):
@@ -96,10 +96,16 @@ class TreeShape(ABC):
     """How to grow a draft tree within a budget; one subclass per file."""
 
     name: ClassVar[str]
-    #: Whether, at temperature > 0, nodes are random draws that carry `draft_probs`.
-    sampled: ClassVar[bool] = False
+    #: How siblings are picked at temperature > 0 (anything but DETERMINISTIC carries
+    #: `draft_probs`).
+    siblings: ClassVar[SiblingDraws] = SiblingDraws.DETERMINISTIC
     #: The lossless verifier for this shape at temperature > 0.
     sampling_verifier: ClassVar[str] = "specinfer"
+
+    @property
+    def sampled(self) -> bool:
+        """Whether, at temperature > 0, nodes are random draws that carry `draft_probs`."""
+        return self.siblings is not SiblingDraws.DETERMINISTIC
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -10,13 +10,13 @@ import torch
 
 from specdecode.config import SamplingParams
 from specdecode.sampling import sample_from
-from specdecode.tree import Budget, DraftTree
+from specdecode.tree import Budget, DraftTree, SiblingDraws
 from specdecode.trees.base import Expander, PartialTree, TreeShape, top_children
 
 
 class IidTree(TreeShape):
     name = "iid"
-    sampled = True
+    siblings = SiblingDraws.INDEPENDENT
 
     def grow(
         self,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from specdecode.config import SamplingParams
+from specdecode.tree import SiblingDraws
 from specdecode.trees.base import draw_without_replacement, top_children
 from specdecode.trees.levels import LevelByLevel
 
 
 class WithoutReplacementTree(LevelByLevel):
     name = "without-replacement"
-    sampled = True
+    siblings = SiblingDraws.WITHOUT_REPLACEMENT
     sampling_verifier = "rrs-without-replacement"
 
     def children(

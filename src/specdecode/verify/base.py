@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.tree import DraftTree
+from specdecode.tree import DraftTree, SiblingDraws
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,18 @@ class Verifier(ABC):
     """Decides which drafted tokens to keep, given the target's logits at every node."""
 
     name: ClassVar[str]
-    #: Whether `verify` needs `tree.draft_probs` when the draft was sampled (temperature > 0).
-    needs_draft_probs: ClassVar[bool] = False
+    #: Whether, at temperature > 0, the verifier refuses drafts without `draft_probs` (point-mass
+    #: proposals from deterministic drafters and tree shapes).
+    requires_draft_probs: ClassVar[bool] = False
     #: Whether the verifier handles branching trees (False: chains only).
     supports_trees: ClassVar[bool] = False
-    #: Whether the output keeps the target's distribution exactly.
+    #: Whether the output keeps the target's distribution (at temperature 0: is exact).
     lossless: ClassVar[bool] = True
+    #: At temperature > 0, the ways of drawing siblings under which it is lossless (a chain has
+    #: one child per node and satisfies any of them).
+    lossless_for: ClassVar[frozenset[SiblingDraws]] = frozenset(
+        {SiblingDraws.DETERMINISTIC, SiblingDraws.INDEPENDENT}
+    )
 
     @abstractmethod
     def verify(

@@ -22,6 +22,7 @@ from specdecode.verify.base import Verdict, Verifier
 class GreedyVerifier(Verifier):
     name = "greedy"
     supports_trees = True
+    lossless_for = frozenset()  # it takes the argmax: exact at temperature 0, nowhere else
 
     def verify(
         self,

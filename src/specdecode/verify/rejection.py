@@ -29,7 +29,6 @@ from specdecode.verify.base import Verdict, Verifier
 
 class RejectionVerifier(Verifier):
     name = "rejection"
-    needs_draft_probs = True
 
     def verify(
         self,

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from specdecode.tree import DraftTree
+from specdecode.tree import DraftTree, SiblingDraws
 from specdecode.verify.specinfer import SpecInferVerifier, draft_row
 
 
 class RecursiveRejectionVerifier(SpecInferVerifier):
     name = "rrs-without-replacement"
+    lossless_for = frozenset({SiblingDraws.DETERMINISTIC, SiblingDraws.WITHOUT_REPLACEMENT})
 
     def proposal_for(
         self, tree: DraftTree, child: int, previous: torch.Tensor | None, vocab_size: int

@@ -27,7 +27,6 @@ from specdecode.verify.base import Verdict, Verifier
 
 class SpecInferVerifier(Verifier):
     name = "specinfer"
-    needs_draft_probs = True
     supports_trees = True
 
     def verify(

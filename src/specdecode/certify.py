@@ -1,0 +1,222 @@
+"""Losslessness check: does speculative sampling produce the target model's own distribution?
+
+`certify` draws many short continuations of one fixed context twice, speculatively (with the
+drafter, tree and verifier under test) and autoregressively (drafter `none`, the same engine and
+sampling), and compares the two samples:
+- a chi-square test of homogeneity on the 2 x K table of continuation counts (continuations too
+  rare in either sample for the test's approximation are pooled into one column), with its
+  p-value: the test *fails* when the p-value is below `alpha`;
+- the total-variation distance between the two empirical distributions, with a bootstrap
+  confidence interval (TV of two finite samples is above 0 even for identical laws; the interval
+  says how far apart the laws may be).
+
+A failure is evidence against losslessness at level `alpha`; a pass says the difference, if any,
+is below what this many samples can see. Lossy verifiers are tested the same way and flagged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine, verifier_name
+from specdecode.errors import SpecDecodeError
+from specdecode.trees import CHAIN, make_tree_shape
+from specdecode.verify import make_verifier
+
+_MIN_EXPECTED = 5.0  # the usual validity condition of the chi-square approximation
+_BOOTSTRAP_ROUNDS = 1000
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    samples: int = 2000  # continuations drawn by each method
+    length: int = 3  # tokens per continuation
+    alpha: float = 0.01  # the test fails below this p-value
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 50:
+            raise SpecDecodeError(f"--samples must be at least 50, got {self.samples}")
+        if self.length < 1:
+            raise SpecDecodeError(f"--length must be at least 1, got {self.length}")
+        if not 0.0 < self.alpha < 1.0:
+            raise SpecDecodeError(f"--alpha must be between 0 and 1, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class HomogeneityTest:
+    statistic: float
+    dof: int
+    p_value: float
+    tv_distance: float
+    tv_low: float  # 95% bootstrap interval of the TV distance
+    tv_high: float
+    columns: int  # distinct continuations after pooling
+
+
+@dataclass(frozen=True)
+class CertifyReport:
+    verifier: str
+    lossless_claimed: bool
+    samples: int
+    length: int
+    alpha: float
+    test: HomogeneityTest
+    speculative_tokens_per_forward: float
+
+    @property
+    def passed(self) -> bool:
+        return self.test.p_value >= self.alpha
+
+    def summary(self) -> str:
+        test = self.test
+        verdict = "PASS" if self.passed else "FAIL"
+        lines = [
+            f"{verdict}: {self.verifier} vs plain sampling, {self.samples} continuations of "
+            f"{self.length} token(s) each",
+            f"  chi-square {test.statistic:.2f} on {test.dof} degrees of freedom, p-value "
+            f"{test.p_value:.4g} (fails below {self.alpha})",
+            f"  total-variation distance {test.tv_distance:.4f} "
+            f"(95% bootstrap interval {test.tv_low:.4f} .. {test.tv_high:.4f})",
+            f"  speculation: {self.speculative_tokens_per_forward:.2f} tokens per target forward",
+        ]
+        if self.speculative_tokens_per_forward <= 1.0:
+            lines.append(
+                "  note: no drafted token was accepted, so this says nothing about the verifier; "
+                "use a context the drafter can continue (prompt lookup needs repeated text)"
+            )
+        if not self.lossless_claimed:
+            lines.append(
+                f"  note: {self.verifier!r} is lossy by design"
+                + ("; this sample size did not show it" if self.passed else "")
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+def homogeneity_test(
+    first: Counter, second: Counter, rng: torch.Generator | None = None
+) -> HomogeneityTest:
+    """Chi-square test that two samples of outcomes come from one distribution, and their TV."""
+    outcomes = sorted(set(first) | set(second))
+    counts = torch.tensor(
+        [[first[o] for o in outcomes], [second[o] for o in outcomes]], dtype=torch.float64
+    )  # [2, K]
+    totals = counts.sum(1, keepdim=True)  # [2, 1]
+    tv = float(_tv(counts))
+    expected = totals * counts.sum(0, keepdim=True) / counts.sum()  # [2, K]
+    rare = (expected < _MIN_EXPECTED).any(0)  # [K]
+    table = counts[:, ~rare]
+    if bool(rare.any()):
+        table = torch.cat([table, counts[:, rare].sum(1, keepdim=True)], dim=1)
+    columns = table.shape[1]
+    if columns < 2:  # one outcome in both samples: nothing to tell apart
+        return HomogeneityTest(0.0, 0, 1.0, tv, 0.0, 0.0, columns)
+    expected = totals * table.sum(0, keepdim=True) / table.sum()
+    statistic = float(((table - expected) ** 2 / expected).sum())
+    dof = columns - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2)))
+    tv_low, tv_high = _bootstrap_tv(counts, rng)
+    return HomogeneityTest(statistic, dof, p_value, tv, tv_low, tv_high, columns)
+
+
+def _tv(counts: torch.Tensor) -> float:  # counts [..., 2, K]
+    freqs = counts / counts.sum(-1, keepdim=True)
+    return 0.5 * (freqs[..., 0, :] - freqs[..., 1, :]).abs().sum(-1)
+
+
+def _bootstrap_tv(counts: torch.Tensor, rng: torch.Generator | None) -> tuple[float, float]:
+    """A 95% interval for the TV distance between the two laws: the basic bootstrap over
+    multinomial resamples of each sample. (Resampled TVs sit above the sample's, as the sample's
+    sits above the truth; reflecting the quantiles around the sample's TV corrects that bias.)"""
+    resampled = []
+    for row in counts:  # [K]
+        total = int(row.sum())
+        draws = torch.multinomial(row / row.sum(), total * _BOOTSTRAP_ROUNDS, True, generator=rng)
+        draws = draws.reshape(_BOOTSTRAP_ROUNDS, total)
+        resampled.append(
+            torch.zeros(_BOOTSTRAP_ROUNDS, row.shape[0], dtype=torch.float64).scatter_add_(
+                1, draws, torch.ones_like(draws, dtype=torch.float64)
+            )
+        )
+    tvs = _tv(torch.stack(resampled, dim=1))  # [rounds]
+    low, high = torch.quantile(tvs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    sample_tv = float(_tv(counts))
+    return max(0.0, 2 * sample_tv - high), max(0.0, 2 * sample_tv - low)
+
+
+def sample_continuations(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    spec: SpecConfig,
+    samples: int,
+    seed: int,
+    on_sample: Callable[[], None] | None = None,
+) -> tuple[Counter, float]:
+    """Counts of each continuation over `samples` generations, and tokens per target forward."""
+    counts: Counter = Counter()
+    emitted = forwards = 0
+    for index in range(samples):
+        # One seed per draw so that a run is reproducible and the draws are independent.
+        token_ids, _, stats = engine.generate(
+            prompt_ids, replace(sampling, seed=seed + index), spec
+        )
+        counts[tuple(token_ids)] += 1
+        emitted += stats.emitted_tokens
+        forwards += stats.target_forwards
+        if on_sample is not None:
+            on_sample()
+    return counts, emitted / max(forwards, 1)
+
+
+def certify(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    spec: SpecConfig,
+    config: CertifyConfig,
+    on_sample: Callable[[], None] | None = None,
+) -> CertifyReport:
+    """Sample `config.samples` continuations both ways and test that they agree."""
+    sampling = replace(sampling, max_new_tokens=config.length, ignore_eos=True, stop=())
+    shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
+    verifier = make_verifier(verifier_name(spec, sampling, shape))
+    # Seeds of the two samples never overlap, so they are independent draws.
+    speculative, tokens_per_forward = sample_continuations(
+        engine,
+        prompt_ids,
+        sampling,
+        spec,
+        config.samples,
+        2 * config.seed * config.samples,
+        on_sample,
+    )
+    plain, _ = sample_continuations(
+        engine,
+        prompt_ids,
+        sampling,
+        SpecConfig(drafter="none"),
+        config.samples,
+        (2 * config.seed + 1) * config.samples,
+        on_sample,
+    )
+    test = homogeneity_test(speculative, plain, torch.Generator().manual_seed(config.seed))
+    return CertifyReport(
+        verifier.name,
+        verifier.lossless,
+        config.samples,
+        config.length,
+        config.alpha,
+        test,
+        tokens_per_forward,
+    )
