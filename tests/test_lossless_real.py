@@ -100,6 +100,29 @@ def test_tree_drafts_greedy_are_exact_on_the_1p5b_0p5b_pair(shape: str, pair: Sp
         assert fast.stats.mean_accepted_tokens > 1.5
 
 
+@pytest.mark.parametrize(
+    ("shape", "verifier"),
+    [
+        ("iid", "specinfer"),
+        ("iid", "spectr"),
+        ("without-replacement", "rrs-without-replacement"),
+        ("without-replacement", "traversal"),
+        ("static", "lossy-typical"),
+    ],
+)
+def test_sampling_verifiers_at_temperature_zero_are_exact(
+    shape: str, verifier: str, pair: SpecDecoder
+) -> None:
+    """At temperature 0 every verifier sees one-hot targets and must keep plain greedy decoding's
+    tokens (lossy-typical included: only the argmax passes its threshold)."""
+    plain = generate(pair, EDIT_PROMPT, "none", 24)
+    fast = generate(
+        pair, EDIT_PROMPT, "draft-model", 24, tree=shape, tree_nodes=8, verifier=verifier
+    )
+    assert fast.token_ids == plain.token_ids
+    assert fast.stats.mean_accepted_tokens > 1.5
+
+
 def real_distributions(llm: SpecDecoder, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Target and draft logits over the `vocab` most likely tokens of two real contexts.
 

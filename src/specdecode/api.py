@@ -151,6 +151,14 @@ class SpecDecoder:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids for a conversation (role / content dicts ending with a user turn), through
+        the chat template; without one, the turns' text joined by blank lines."""
+        if self.tokenizer.has_chat_template:
+            text = self.tokenizer.apply_chat_template(messages)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode_prompt("\n\n".join(m["content"] for m in messages), chat=False)
+
     def stream(
         self,
         prompt: str | list[int],

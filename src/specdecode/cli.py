@@ -3,6 +3,7 @@
     specdecode generate "PROMPT" [--model M] [--draft-model D] [--drafter NAME] ...
     specdecode models [list | pull NAME | verify NAME]
     specdecode certify [--model M] [--drafter D] [--verifier V] [--temperature T] [--samples N]
+    specdecode analyze [--model M] [--draft-model D] [--methods TREE/VERIFIER,...] ...
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
@@ -373,6 +374,90 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _analyze_parser(sub) -> None:
+    from specdecode.analyze import DEFAULT_METHODS
+
+    p = sub.add_parser(
+        "analyze",
+        help="each sampling verifier's acceptance beside the optimal-transport bound",
+        description="Generate the prompts of a suite with each method (tree/verifier) at a fixed "
+        "node budget, and report per method how often the first token was one of the root's "
+        "drafts, beside alpha*, the best rate any lossless verifier can reach with those drafts "
+        "(Hu et al. 2025), and the mean tokens per target forward.",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated tree/verifier pairs (default: %(default)s)",
+    )
+    p.add_argument("--suite", default="quick", help="prompt suite (default: quick)")
+    p.add_argument(
+        "--prompts", type=int, default=6, metavar="N", help="prompts from the suite (default: 6)"
+    )
+    p.add_argument(
+        "--nodes", type=int, default=8, metavar="N", help="draft nodes per forward (default: 8)"
+    )
+    p.add_argument(
+        "--tree-width", type=int, default=2, metavar="W", help="drafts per node (default: 2)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default: 1")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default: 1.0 (off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="default: 0 (off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from specdecode.analyze import analyze_method, parse_method, report_table
+    from specdecode.bench.suites import load_suite
+
+    drafter = "draft-model" if args.draft_model else "prompt-lookup"
+    if args.nodes < 1 or args.tree_width < 1 or args.prompts < 1:
+        raise SpecDecodeError("--nodes, --tree-width and --prompts must be at least 1")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = [parse_method(m, drafter, args.nodes, args.tree_width) for m in names]
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    prompts = load_suite(args.suite)[: args.prompts]
+    llm = _load_from_args(args, SpecConfig(drafter=drafter))
+    ids = [llm.encode_chat(p.chat()) for p in prompts]
+    rows = []
+    with tqdm(total=len(specs) * len(ids), desc="analyze", unit="prompt", file=sys.stderr) as bar:
+        for name, spec in zip(names, specs, strict=True):
+            bar.set_postfix_str(name)
+            record = analyze_method(llm.engine, ids, sampling, spec, on_prompt=bar.update)
+            rows.append((name, record))
+    if args.format == "json":
+        print(
+            json.dumps(
+                [
+                    {
+                        "method": name,
+                        "root_steps": r.steps,
+                        "root_acceptance": r.acceptance,
+                        "standard_error": r.standard_error,
+                        "optimal_bound": r.bound,
+                        "tokens_per_forward": r.tokens_per_forward,
+                    }
+                    for name, r in rows
+                ]
+            )
+        )
+    else:
+        print(report_table(rows))
+    return 1 if any(r.exceeds_bound for _, r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specdecode",
@@ -382,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _models_parser(sub)
     _certify_parser(sub)
+    _analyze_parser(sub)
     from specdecode.bench import command as bench_command
 
     bench_command.add_parser(sub, _add_draft_quantize)

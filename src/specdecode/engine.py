@@ -21,7 +21,7 @@ contains a stop string (the text is cut before it).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -32,7 +32,7 @@ from specdecode.config import SamplingParams, SpecConfig
 from specdecode.control import StepTimings, make_controller
 from specdecode.drafters import Drafter, DrafterResources, make_drafter
 from specdecode.errors import SpecDecodeError
-from specdecode.tree import Budget, SiblingDraws
+from specdecode.tree import Budget, DraftTree, SiblingDraws
 from specdecode.trees import CHAIN, TreeShape, make_tree_shape
 from specdecode.verify import Verdict, Verifier, make_verifier
 
@@ -41,6 +41,10 @@ class TextDecoder(Protocol):
     eos_token_ids: frozenset[int]
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+#: Called after each verification with (draft tree, target logits [N+1, V], verdict).
+StepObserver = Callable[[DraftTree, torch.Tensor, Verdict], None]
 
 
 @dataclass
@@ -188,21 +192,31 @@ class Engine:
         self.draft_model = draft_model
 
     def generate(
-        self, prompt_ids: Sequence[int], sampling: SamplingParams, spec: SpecConfig
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        spec: SpecConfig,
+        observe: StepObserver | None = None,
     ) -> tuple[list[int], str, GenerationStats]:
         """Run to completion; return (token ids, text, statistics)."""
         token_ids: list[int] = []
         text = ""
         stats = GenerationStats()
-        for step in self.stream(prompt_ids, sampling, spec):
+        for step in self.stream(prompt_ids, sampling, spec, observe):
             token_ids.extend(step.token_ids)
             text += step.text
             stats = step.stats
         return token_ids, text, stats
 
     def stream(
-        self, prompt_ids: Sequence[int], sampling: SamplingParams, spec: SpecConfig
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        spec: SpecConfig,
+        observe: StepObserver | None = None,
     ) -> Iterator[StepOutput]:
+        """Generate step by step; `observe`, if given, sees every step's draft tree, the
+        target's logits over it and the verdict (for analysis; it must not modify them)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise SpecDecodeError("the prompt is empty: give at least one token of text")
@@ -283,6 +297,8 @@ class Engine:
                 timings = StepTimings(drafted - step_start, verified - drafted)
                 drafter.update(verdict)
                 controller.observe(verdict, timings)
+                if observe is not None:  # outside the timed part of the step
+                    observe(tree, target_logits, verdict)
             depth = int(tree.depths.max()) if tree.num_nodes else 0
             stats.record(verdict, depth, timings)
 

@@ -118,6 +118,30 @@ BUILTIN: dict[str, Method] = {
             )
             for shape in ("static", "dynamic", "iid", "without-replacement", "delayed")
         ],
+        _ours(
+            "draft-model-traversal",
+            "draft model chain, block verification (traversal)",
+            drafter="draft-model",
+            verifier="traversal",
+        ),
+        _ours(
+            "draft-model-iid-tree-spectr",
+            "draft model, iid tree, 2 wide, at most 16 nodes, SpecTr K-SEQ",
+            drafter="draft-model",
+            tree="iid",
+            tree_width=2,
+            tree_nodes=16,
+            verifier="spectr",
+        ),
+        _ours(
+            "draft-model-without-replacement-tree-traversal",
+            "draft model, tree without replacement, 2 wide, at most 16 nodes, traversal",
+            drafter="draft-model",
+            tree="without-replacement",
+            tree_width=2,
+            tree_nodes=16,
+            verifier="traversal",
+        ),
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }

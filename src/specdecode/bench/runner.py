@@ -95,10 +95,7 @@ class Runner:
                 raise SpecDecodeError(f"no runner for the peer baseline {method.peer!r}")
 
     def encode(self, prompt: Prompt) -> list[int]:
-        if self.llm.tokenizer.has_chat_template:
-            text = self.llm.tokenizer.apply_chat_template(prompt.chat())
-            return self.llm.tokenizer.encode(text, add_special_tokens=False)
-        return self.llm.encode_prompt("\n\n".join(m["content"] for m in prompt.chat()), chat=False)
+        return self.llm.encode_chat(prompt.chat())
 
     def run_one(
         self, method: Method, prompt_ids: list[int], sampling: SamplingParams

@@ -1,0 +1,212 @@
+"""How close does each verifier come to the best acceptance any lossless verifier can reach?
+
+At a node with `n` drafted children drawn from the draft distribution `q`, with target
+distribution `p` there, a lossless verifier must emit a token distributed as `p`; the chance that
+it is one of the drafts is at most the optimal-transport value (Hu et al., "Towards Optimal
+Multi-draft Speculative Decoding", 2025, its dual):
+
+    alpha* = 1 + min over token sets H of [ p(H) - P(every draft lies in H) ]
+
+(any coupling puts at most `p(H)` on drafts inside `H` and at most `P(some draft outside H)` on
+the others). With i.i.d. drafts `P(every draft in H) = q(H)^n` and the minimum is reached on a
+prefix of the tokens sorted by `p/q`, lowest first (Hu et al.), so it costs a sort. Drafts without
+replacement use the same prefixes (exact in every brute-force check in the tests; for `n <= 2`,
+where the probability has a closed form). Deterministic drafts (a fixed token set `S`) give
+`alpha* = p(S)`.
+
+`analyze` generates with each method, and at every step compares the event "the first emitted
+token is one of the root's drafts" with `alpha*` at the root. The root is where the bound holds for
+every verifier: whatever a verifier does deeper, its first token must have the law `p_root`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine, verifier_name
+from specdecode.errors import SpecDecodeError
+from specdecode.sampling import shaped_probs
+from specdecode.tree import DraftTree, SiblingDraws
+from specdecode.trees import CHAIN, make_tree_shape
+from specdecode.verify import Verdict
+from specdecode.verify.specinfer import draft_row
+
+
+def optimal_acceptance(
+    target_probs: torch.Tensor,  # [V]
+    draft_probs: torch.Tensor,  # [V]
+    num_drafts: int,
+    draws: SiblingDraws,
+    draft_tokens: Sequence[int] = (),
+) -> float | None:
+    """alpha*: the best probability, over lossless verifiers, that the emitted token is a draft.
+    None where it is not computed (more than 2 drafts without replacement)."""
+    if draws is SiblingDraws.DETERMINISTIC:
+        return float(target_probs[list(set(draft_tokens))].sum())
+    if draws is SiblingDraws.WITHOUT_REPLACEMENT and num_drafts > 2:
+        return None
+    p = target_probs.double()
+    q = draft_probs.double()
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.full_like(p, math.inf))
+    order = torch.argsort(ratio)
+    p_sorted, q_sorted = p[order], q[order]
+    zero = torch.zeros(1, dtype=torch.float64)
+    p_prefix = torch.cat([zero, torch.cumsum(p_sorted, 0)])  # [V+1], p(H) of each prefix
+    q_prefix = torch.cat([zero, torch.cumsum(q_sorted, 0)]).clamp_(max=1.0)
+    if draws is SiblingDraws.INDEPENDENT or num_drafts == 1:
+        all_inside = q_prefix**num_drafts
+    else:  # two distinct draws: sum over x in H of q(x) (q(H) - q(x)) / (1 - q(x))
+        spare = (1.0 - q_sorted).clamp_min(1e-300)
+        first = torch.cat([zero, torch.cumsum(q_sorted / spare, 0)])
+        second = torch.cat([zero, torch.cumsum(q_sorted**2 / spare, 0)])
+        all_inside = (q_prefix * first - second).clamp_(min=0.0)
+    return float(min(1.0, 1.0 + float((p_prefix - all_inside).min())))
+
+
+@dataclass
+class RootRecord:
+    """Per method: how often the root's drafts were accepted, and what the bound allowed."""
+
+    steps: int = 0  # steps whose root had drafts and a computable bound
+    accepted: int = 0
+    bound_sum: float = 0.0
+    bound_variance_sum: float = 0.0  # sum of b (1 - b): the count's variance if rates were b
+    emitted: int = 0
+    forwards: int = 0
+    drafts_per_root: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def bound(self) -> float:
+        return self.bound_sum / self.steps if self.steps else 0.0
+
+    @property
+    def standard_error(self) -> float:
+        """Of the acceptance rate, were each step accepted with exactly its bound's probability
+        (an observed rate of 0 or 1 would otherwise claim no uncertainty at all)."""
+        return math.sqrt(self.bound_variance_sum) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.emitted / self.forwards if self.forwards else 0.0
+
+    @property
+    def exceeds_bound(self) -> bool:
+        """Measured acceptance above the bound by more than 4 standard errors: a lossy verifier
+        (or a bug); the last term is a continuity correction for few steps."""
+        return self.acceptance > self.bound + 4 * self.standard_error + 1 / max(self.steps, 1)
+
+
+def _draws(spec: SpecConfig, samples_drafts: bool) -> SiblingDraws:
+    if not samples_drafts:
+        return SiblingDraws.DETERMINISTIC
+    if spec.tree == CHAIN:
+        return SiblingDraws.INDEPENDENT
+    return make_tree_shape(spec.tree, spec.tree_options).siblings
+
+
+def analyze_method(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingParams,
+    spec: SpecConfig,
+    on_prompt: Callable[[], None] | None = None,
+) -> RootRecord:
+    """Generate every prompt with `spec` and record root acceptance against alpha*."""
+    from specdecode.drafters import DRAFTERS
+
+    if sampling.greedy:
+        raise SpecDecodeError("analyze compares sampling verifiers: give --temperature above 0")
+    drafter = DRAFTERS.get(spec.drafter)
+    if drafter is None:
+        raise SpecDecodeError(f"unknown drafter {spec.drafter!r}")
+    shape_draws = _draws(spec, drafter.samples_drafts)
+    record = RootRecord()
+
+    def observe(tree: DraftTree, target_logits: torch.Tensor, verdict: Verdict) -> None:
+        children = tree.children[0]
+        if not children:
+            return
+        draws = shape_draws if tree.draft_probs is not None else SiblingDraws.DETERMINISTIC
+        target_probs = shaped_probs(target_logits[0], sampling)  # [V]
+        draft_probs = draft_row(tree, children[0], target_probs.shape[-1])  # [V]
+        tokens = [int(tree.tokens[c]) for c in children]
+        bound = optimal_acceptance(target_probs, draft_probs, len(children), draws, tokens)
+        if bound is None:
+            return
+        record.steps += 1
+        record.bound_sum += bound
+        record.bound_variance_sum += bound * (1.0 - bound)
+        record.accepted += int(verdict.num_accepted > 0)
+        record.drafts_per_root.append(len(children))
+
+    for index, prompt in enumerate(prompts):
+        seeded = (
+            sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + index)
+        )
+        _, _, stats = engine.generate(prompt, seeded, spec, observe)
+        record.emitted += stats.emitted_tokens
+        record.forwards += stats.target_forwards
+        if on_prompt is not None:
+            on_prompt()
+    return record
+
+
+def method_label(spec: SpecConfig, sampling: SamplingParams) -> str:
+    shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
+    return f"{spec.tree}/{verifier_name(spec, sampling, shape)}"
+
+
+#: What `specdecode analyze` compares by default: each sampling verifier with the drafts it is
+#: lossless for, as "tree/verifier".
+DEFAULT_METHODS = (
+    "chain/rejection",
+    "chain/traversal",
+    "iid/specinfer",
+    "iid/spectr",
+    "without-replacement/rrs-without-replacement",
+    "without-replacement/traversal",
+)
+
+
+def parse_method(text: str, drafter: str, nodes: int, width: int) -> SpecConfig:
+    """ "tree/verifier" (or just "tree") -> a fixed-budget SpecConfig with `nodes` draft nodes."""
+    tree, _, verifier = text.partition("/")
+    if tree != CHAIN:
+        make_tree_shape(tree)  # a clear error for an unknown shape
+    depth = nodes if tree == CHAIN else max(1, nodes // width)
+    return SpecConfig(
+        drafter=drafter,
+        verifier=verifier or None,
+        controller="fixed",
+        num_draft_tokens=depth,
+        max_draft_tokens=depth,
+        tree=tree,
+        tree_width=width,
+        tree_nodes=None if tree == CHAIN else nodes,
+    )
+
+
+def report_table(rows: Sequence[tuple[str, RootRecord]]) -> str:
+    lines = [
+        "| method | root steps | drafts at root | root acceptance | optimal bound | gap | "
+        "tokens / forward |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, record in rows:
+        drafts = sum(record.drafts_per_root) / max(len(record.drafts_per_root), 1)
+        flag = " (above the bound: lossy?)" if record.exceeds_bound else ""
+        lines.append(
+            f"| {label} | {record.steps} | {drafts:.1f} | {record.acceptance:.3f} "
+            f"± {record.standard_error:.3f}{flag} | {record.bound:.3f} | "
+            f"{record.bound - record.acceptance:+.3f} | {record.tokens_per_forward:.2f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The optimal acceptance bound against brute force, and `analyze` on the toy model: every lossless
+verifier stays within the bound, and the ordering the papers report shows up."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from toy import ToyBackend, ToyTokenizer
+
+from specdecode.analyze import analyze_method, optimal_acceptance
+from specdecode.config import SamplingParams, SpecConfig
+from specdecode.engine import Engine
+from specdecode.tree import SiblingDraws
+
+
+def all_inside_by_enumeration(q: list[float], subset: set[int], n: int, replacement: bool) -> float:
+    """P(all n drafts fall in `subset`), summing over every ordered draw sequence."""
+    total = 0.0
+    for seq in itertools.product(range(len(q)), repeat=n):
+        if not replacement and len(set(seq)) < n:
+            continue
+        prob, left = 1.0, 1.0
+        for token in seq:
+            prob *= q[token] / left
+            if not replacement:
+                left -= q[token]
+        if all(t in subset for t in seq):
+            total += prob
+    return total
+
+
+def brute_force_bound(p: list[float], q: list[float], n: int, replacement: bool) -> float:
+    vocab = range(len(p))
+    best = 1.0
+    for size in range(len(p) + 1):
+        for subset in itertools.combinations(vocab, size):
+            inside = set(subset)
+            value = sum(p[i] for i in inside) - all_inside_by_enumeration(q, inside, n, replacement)
+            best = min(best, 1.0 + value)
+    return best
+
+
+@pytest.mark.parametrize(
+    ("n", "draws"),
+    [
+        (1, SiblingDraws.INDEPENDENT),
+        (2, SiblingDraws.INDEPENDENT),
+        (3, SiblingDraws.INDEPENDENT),
+        (2, SiblingDraws.WITHOUT_REPLACEMENT),
+    ],
+)
+def test_bound_equals_the_brute_force_minimum_over_token_sets(n: int, draws) -> None:
+    gen = torch.Generator().manual_seed(n)
+    for trial in range(30):
+        sharp = 0.5 + 3.0 * torch.rand((), generator=gen)
+        p = torch.softmax(torch.randn(6, generator=gen) * sharp, -1).double()
+        q = torch.softmax(torch.randn(6, generator=gen) * sharp, -1).double()
+        if trial % 5 == 0:
+            p[trial % 6] = 0.0  # tokens the target or the draft never produce
+        p, q = p / p.sum(), q / q.sum()  # exactly normalised, in float64
+        exact = brute_force_bound(
+            p.tolist(), q.tolist(), n, replacement=draws is SiblingDraws.INDEPENDENT
+        )
+        assert optimal_acceptance(p, q, n, draws) == pytest.approx(exact, abs=1e-9)
+        if n == 1:  # one draft: the bound is the maximal coupling, 1 - TV(p, q)
+            assert exact == pytest.approx(float(torch.minimum(p, q).sum()), abs=1e-9)
+
+
+def test_bound_for_fixed_drafts_is_their_target_mass() -> None:
+    p = torch.tensor([0.5, 0.3, 0.2])
+    bound = optimal_acceptance(p, p, 2, SiblingDraws.DETERMINISTIC, draft_tokens=[0, 2])
+    assert bound == pytest.approx(0.7)
+
+
+def test_more_drafts_and_distinct_drafts_raise_the_bound() -> None:
+    gen = torch.Generator().manual_seed(7)
+    p = torch.softmax(torch.randn(50, generator=gen) * 2, -1)
+    q = torch.softmax(torch.randn(50, generator=gen) * 2, -1)
+    one = optimal_acceptance(p, q, 1, SiblingDraws.INDEPENDENT)
+    two = optimal_acceptance(p, q, 2, SiblingDraws.INDEPENDENT)
+    distinct = optimal_acceptance(p, q, 2, SiblingDraws.WITHOUT_REPLACEMENT)
+    assert one < two <= distinct <= 1.0
+
+
+METHODS = {
+    "chain/rejection": SpecConfig(drafter="draft-model", controller="fixed", num_draft_tokens=2),
+    "iid/specinfer": SpecConfig(
+        drafter="draft-model", controller="fixed", num_draft_tokens=2, tree="iid", tree_width=2
+    ),
+    "iid/spectr": SpecConfig(
+        drafter="draft-model",
+        controller="fixed",
+        num_draft_tokens=2,
+        tree="iid",
+        tree_width=2,
+        verifier="spectr",
+    ),
+    "without-replacement/rrs": SpecConfig(
+        drafter="draft-model",
+        controller="fixed",
+        num_draft_tokens=2,
+        tree="without-replacement",
+        tree_width=2,
+    ),
+    "without-replacement/traversal": SpecConfig(
+        drafter="draft-model",
+        controller="fixed",
+        num_draft_tokens=2,
+        tree="without-replacement",
+        tree_width=2,
+        verifier="traversal",
+    ),
+}
+
+
+def test_lossless_verifiers_stay_within_the_bound_and_order_as_the_papers_say() -> None:
+    engine = Engine(
+        ToyBackend(sharpness=1.0), ToyTokenizer(), draft_model=ToyBackend(seed=5, sharpness=1.0)
+    )
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=40, ignore_eos=True, seed=0)
+    prompts = [[1, 2, 3, i % 8] for i in range(40)]
+    records = {
+        name: analyze_method(engine, prompts, sampling, spec) for name, spec in METHODS.items()
+    }
+    for name, record in records.items():
+        assert record.steps > 300, name
+        assert not record.exceeds_bound, (name, record.acceptance, record.bound)
+        assert record.bound > record.acceptance - 0.05, name
+    # Two drafts at the root beat one; distinct drafts beat independent ones.
+    assert records["iid/specinfer"].acceptance > records["chain/rejection"].acceptance + 0.03
+    assert records["without-replacement/rrs"].bound > records["iid/specinfer"].bound
+    # Judging whole paths accepts at least as many tokens as judging tokens one by one.
+    traversal = records["without-replacement/traversal"].tokens_per_forward
+    assert traversal > records["without-replacement/rrs"].tokens_per_forward - 0.02
