@@ -145,7 +145,9 @@ def analyze_method(
         record.steps += 1
         record.bound_sum += bound
         record.bound_variance_sum += bound * (1.0 - bound)
-        record.accepted += int(verdict.num_accepted > 0)
+        # The coupling event the bound is about: the first token is one of the drafts (a
+        # recovered token may coincide with a rejected draft and still counts).
+        record.accepted += int(verdict.tokens[0] in tokens)
         record.drafts_per_root.append(len(children))
 
     for index, prompt in enumerate(prompts):
@@ -202,6 +204,12 @@ def report_table(rows: Sequence[tuple[str, RootRecord]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, record in rows:
+        if not record.steps:
+            lines.append(
+                f"| {label} | 0 | - | - | not computed (over 2 drafts without replacement) | - | "
+                f"{record.tokens_per_forward:.2f} |"
+            )
+            continue
         drafts = sum(record.drafts_per_root) / max(len(record.drafts_per_root), 1)
         flag = " (above the bound: lossy?)" if record.exceeds_bound else ""
         lines.append(

@@ -58,6 +58,13 @@ class HomogeneityTest:
     tv_high: float
     tv_same_law: float  # TV that two samples of one law reach 95% of the time at these sizes
     columns: int  # distinct continuations after pooling
+    pooled_share: float  # of all continuations, those pooled as too rare to test alone
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether most of the sample was tested outcome by outcome (else the continuations are
+        too spread for this many samples: fewer tokens or more samples)."""
+        return self.columns >= 2 and self.pooled_share <= 0.5
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,18 @@ class CertifyReport:
 
     @property
     def passed(self) -> bool:
-        return self.test.p_value >= self.alpha
+        return self.test.conclusive and self.test.p_value >= self.alpha
+
+    @property
+    def verdict(self) -> str:
+        if not self.test.conclusive:
+            return "INCONCLUSIVE"
+        return "PASS" if self.passed else "FAIL"
 
     def summary(self) -> str:
         test = self.test
-        verdict = "PASS" if self.passed else "FAIL"
         lines = [
-            f"{verdict}: {self.verifier} vs plain sampling, {self.samples} continuations of "
+            f"{self.verdict}: {self.verifier} vs plain sampling, {self.samples} continuations of "
             f"{self.length} token(s) each",
             f"  chi-square {test.statistic:.2f} on {test.dof} degrees of freedom, p-value "
             f"{test.p_value:.4g} (fails below {self.alpha})",
@@ -87,6 +99,11 @@ class CertifyReport:
             f"one law this size differ by up to {test.tv_same_law:.4f})",
             f"  speculation: {self.speculative_tokens_per_forward:.2f} tokens per target forward",
         ]
+        if not test.conclusive:
+            lines.append(
+                f"  note: {test.pooled_share:.0%} of the continuations were too rare to test one "
+                "by one; use a shorter --length or more --samples"
+            )
         if self.speculative_tokens_per_forward <= 1.0:
             lines.append(
                 "  note: no drafted token was accepted, so this says nothing about the verifier; "
@@ -102,15 +119,17 @@ class CertifyReport:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["passed"] = self.passed
+        out["verdict"] = self.verdict
         return out
 
 
 def homogeneity_test(
     first: Counter, second: Counter, rng: torch.Generator | None = None
 ) -> HomogeneityTest:
-    """Chi-square test that two samples of outcomes come from one distribution, and their TV
-    distance. Both are computed on the table after pooling rare outcomes, where the plug-in TV is
-    least inflated by sampling noise."""
+    """Chi-square test that two samples of outcomes come from one distribution, and the TV
+    distance between them, both on the table after pooling rare outcomes into one column. (The
+    plug-in TV of sparse outcomes is mostly sampling noise; pooling can only lower the true
+    distance, and a table that is mostly pooled is reported as inconclusive.)"""
     outcomes = sorted(set(first) | set(second))
     counts = torch.tensor(
         [[first[o] for o in outcomes], [second[o] for o in outcomes]], dtype=torch.float64
@@ -121,17 +140,20 @@ def homogeneity_test(
     table = counts[:, ~rare]
     if bool(rare.any()):
         table = torch.cat([table, counts[:, rare].sum(1, keepdim=True)], dim=1)
-    columns = table.shape[1]
+    pooled_share = float(counts[:, rare].sum() / counts.sum())
     tv = float(_tv(table))
-    if columns < 2:  # one outcome in both samples: nothing to tell apart
-        return HomogeneityTest(0.0, 0, 1.0, tv, 0.0, 0.0, 0.0, columns)
+    tv_low, tv_high = _bootstrap_tv(table, rng)
+    noise = _same_law_tv(table, rng)
+    columns = table.shape[1]
+    if columns < 2:  # nothing the test can tell apart
+        return HomogeneityTest(0.0, 0, 1.0, tv, tv_low, tv_high, noise, columns, pooled_share)
     expected = totals * table.sum(0, keepdim=True) / table.sum()
     statistic = float(((table - expected) ** 2 / expected).sum())
     dof = columns - 1
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2)))
-    tv_low, tv_high = _bootstrap_tv(table, rng)
-    noise = _same_law_tv(table, rng)
-    return HomogeneityTest(statistic, dof, p_value, tv, tv_low, tv_high, noise, columns)
+    return HomogeneityTest(
+        statistic, dof, p_value, tv, tv_low, tv_high, noise, columns, pooled_share
+    )
 
 
 def _tv(counts: torch.Tensor) -> torch.Tensor:  # counts [..., 2, K] -> [...]
@@ -140,29 +162,37 @@ def _tv(counts: torch.Tensor) -> torch.Tensor:  # counts [..., 2, K] -> [...]
 
 
 def _resample(probs: torch.Tensor, total: int, rng: torch.Generator | None) -> torch.Tensor:
-    """_BOOTSTRAP_ROUNDS multinomial count vectors of `total` draws from `probs` [K]."""
-    draws = torch.multinomial(probs, total * _BOOTSTRAP_ROUNDS, True, generator=rng)
-    draws = draws.reshape(_BOOTSTRAP_ROUNDS, total)
+    """_BOOTSTRAP_ROUNDS multinomial count vectors of `total` draws from `probs` [K]: each is
+    a chain of binomial draws (memory independent of `total`)."""
     counts = torch.zeros(_BOOTSTRAP_ROUNDS, probs.shape[0], dtype=torch.float64)
-    return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    left = torch.full((_BOOTSTRAP_ROUNDS,), float(total), dtype=torch.float64)
+    mass_left = 1.0
+    for k in range(probs.shape[0] - 1):
+        share = min(1.0, float(probs[k]) / mass_left) if mass_left > 0 else 0.0
+        drawn = torch.binomial(left, torch.full_like(left, share), generator=rng)
+        counts[:, k] = drawn
+        left -= drawn
+        mass_left -= float(probs[k])
+    counts[:, -1] = left
+    return counts
 
 
-def _bootstrap_tv(table: torch.Tensor, rng: torch.Generator | None) -> tuple[float, float]:
+def _bootstrap_tv(counts: torch.Tensor, rng: torch.Generator | None) -> tuple[float, float]:
     """A 95% interval for the TV distance between the two laws: the basic bootstrap over
     multinomial resamples of each sample. (Resampled TVs sit above the sample's, as the sample's
     sits above the truth; reflecting the quantiles around the sample's TV corrects that bias.)"""
-    rows = [_resample(row / row.sum(), int(row.sum()), rng) for row in table]
+    rows = [_resample(row / row.sum(), int(row.sum()), rng) for row in counts]
     tvs = _tv(torch.stack(rows, dim=1))  # [rounds]
     low, high = torch.quantile(tvs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    sample_tv = float(_tv(table))
+    sample_tv = float(_tv(counts))
     return max(0.0, 2 * sample_tv - high), max(0.0, 2 * sample_tv - low)
 
 
-def _same_law_tv(table: torch.Tensor, rng: torch.Generator | None) -> float:
+def _same_law_tv(counts: torch.Tensor, rng: torch.Generator | None) -> float:
     """The 95th percentile of the TV distance between two samples of these sizes drawn from one
     law (the pooled one): how far apart lossless results can look at this sample size."""
-    pooled = table.sum(0) / table.sum()
-    rows = [_resample(pooled, int(row.sum()), rng) for row in table]
+    pooled = counts.sum(0) / counts.sum()
+    rows = [_resample(pooled, int(row.sum()), rng) for row in counts]
     return float(torch.quantile(_tv(torch.stack(rows, dim=1)), 0.95))
 
 
@@ -200,6 +230,11 @@ def certify(
     on_sample: Callable[[], None] | None = None,
 ) -> CertifyReport:
     """Sample `config.samples` continuations both ways and test that they agree."""
+    if sampling.greedy:
+        raise SpecDecodeError(
+            "certify compares distributions: give --temperature above 0 (at 0 every verifier "
+            "must give plain greedy decoding's tokens, which the tests check token for token)"
+        )
     sampling = replace(sampling, max_new_tokens=config.length, ignore_eos=True, stop=())
     shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
     verifier = make_verifier(verifier_name(spec, sampling, shape))

@@ -322,7 +322,8 @@ def _certify_parser(sub) -> None:
         description="Sample many short continuations of one context, speculatively and plainly, "
         "and test that their distributions agree: chi-square test of homogeneity (p-value) and "
         "total-variation distance with a 95%% bootstrap interval. Exits 0 when the test passes, "
-        "1 when it fails (p-value below --alpha).",
+        "1 when it fails (p-value below --alpha), 3 when it is inconclusive (the continuations "
+        "are too spread for the number of samples).",
     )
     _add_model_args(p)
     _add_speculation_args(p)
@@ -371,7 +372,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print(report.summary())
-    return 0 if report.passed else 1
+    if report.passed:
+        return 0
+    return 1 if report.verdict == "FAIL" else 3
 
 
 def _analyze_parser(sub) -> None:
@@ -416,7 +419,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from specdecode.analyze import analyze_method, parse_method, report_table
     from specdecode.bench.suites import load_suite
 
-    drafter = "draft-model" if args.draft_model else "prompt-lookup"
+    if not args.draft_model:
+        raise SpecDecodeError(
+            "analyze compares verifiers on sampled drafts: give --draft-model NAME|PATH"
+        )
+    drafter = "draft-model"
     if args.nodes < 1 or args.tree_width < 1 or args.prompts < 1:
         raise SpecDecodeError("--nodes, --tree-width and --prompts must be at least 1")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -227,7 +227,7 @@ class Engine:
             )
         shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
         if shape is not None and spec.tree_nodes is not None:
-            room = self.target.max_context - len(prompt) - 1
+            room = self.target.max_context - len(prompt)  # the root and the nodes must fit
             if spec.tree_nodes > room:
                 raise SpecDecodeError(
                     f"a tree of {spec.tree_nodes} nodes does not fit in the model's context "
@@ -367,16 +367,18 @@ def _pick_verifier(
     else:
         draws = shape.siblings if drafter.samples_drafts else SiblingDraws.DETERMINISTIC
         compatible = draws in verifier.lossless_for
-    if verifier.requires_draft_probs and draws is SiblingDraws.DETERMINISTIC:
-        what = f"the {drafter.name!r} drafter" if shape is None else f"a {shape.name!r} tree"
+    # On a chain every verifier takes point masses (one child per node: nothing to select).
+    if shape is not None and verifier.requires_draft_probs and draws is SiblingDraws.DETERMINISTIC:
         raise SpecDecodeError(
-            f"the {name!r} verifier needs the draft distribution, which {what} does not give at "
-            f"temperature > 0; use --verifier {right_one}"
+            f"the {name!r} verifier needs the draft distribution, which a {shape.name!r} tree "
+            f"does not give at temperature > 0 (its nodes are chosen, not drawn); use --verifier "
+            f"{right_one}, or a tree whose siblings are drawn (--tree iid)"
         )
     if not compatible:
         raise SpecDecodeError(
-            f"the {name!r} verifier is not lossless for drafts picked {draws.value} at "
-            f"temperature {sampling.temperature}; use --verifier {right_one}"
+            f"the {name!r} verifier is not lossless for sibling drafts {draws.value} (the "
+            f"{shape.name!r} tree) at temperature {sampling.temperature}; use --verifier "
+            f"{right_one}"
         )
     return verifier
 

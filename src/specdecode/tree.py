@@ -27,9 +27,12 @@ class SiblingDraws(Enum):
     """How a drafter picked the children of a node at temperature > 0; which verifiers keep the
     target's distribution depends on it."""
 
-    DETERMINISTIC = "deterministic"  # chosen, not drawn: point-mass proposals, no draft_probs
-    INDEPENDENT = "independent"  # i.i.d. draws from the parent's draft distribution (may repeat)
-    WITHOUT_REPLACEMENT = "without replacement"  # distinct draws, each from what is left of it
+    # chosen, not drawn: point-mass proposals, no draft_probs
+    DETERMINISTIC = "chosen deterministically"
+    # i.i.d. draws from the parent's draft distribution (tokens may repeat)
+    INDEPENDENT = "drawn i.i.d."
+    # distinct draws, each from what is left of the parent's draft distribution
+    WITHOUT_REPLACEMENT = "drawn without replacement"
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ verifier weighs a whole path instead. Each node `v` (token `t`, parent `u`) carr
 Guarantee: lossless when siblings are drawn without replacement from `q_u`, in the order they are
 stored (the `without-replacement` and `delayed` trees), and on any chain, point-mass drafts
 included (there, it is block verification). It accepts at least as many tokens per step as
-token-level verification on the same draft, on average; the gain shrinks to nothing at
-temperature 0, where every ratio is 0 or 1.
+token-level verification on the same draft, on average. At temperature 0 every ratio is 0 or 1
+and it is the greedy walk (which it hands over to).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from specdecode.config import SamplingParams
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import DraftTree, SiblingDraws
 from specdecode.verify.base import Verdict, Verifier
+from specdecode.verify.greedy import GreedyVerifier
 from specdecode.verify.specinfer import draft_row
 
 
@@ -53,6 +54,10 @@ class TraversalVerifier(Verifier):
         sampling: SamplingParams,
         rng: torch.Generator | None,
     ) -> Verdict:
+        if sampling.greedy:
+            # One-hot targets: a path survives iff it is the argmax path, which is what the
+            # greedy walk finds; the traversal's point-mass rows would only add 0 * inf.
+            return GreedyVerifier().verify(tree, target_logits, sampling, rng)
         walk = _Traversal(tree, shaped_probs(target_logits, sampling))
         while True:
             slot = walk.first_in_post_order()
@@ -101,8 +106,11 @@ class _Traversal:
                 token = self.tokens[child]
                 p = float(self.target[parent, token])
                 q = float(self.draft[parent][token])
-                ratio = p / q if q > 0 else (math.inf if p > 0 else 0.0)
-                self.value[child + 1] = min(1.0, self.value[parent] * ratio)
+                if self.value[parent] == 0.0 or p == 0.0:
+                    self.value[child + 1] = 0.0
+                else:  # q == 0: a token the drafter could not have drawn; p > 0 accepts it
+                    ratio = p / q if q > 0 else math.inf
+                    self.value[child + 1] = min(1.0, self.value[parent] * ratio)
                 pending.append(child + 1)
 
     def reject(self, slot: int) -> None:
