@@ -35,7 +35,7 @@ _BOOTSTRAP_ROUNDS = 1000
 @dataclass(frozen=True)
 class CertifyConfig:
     samples: int = 2000  # continuations drawn by each method
-    length: int = 3  # tokens per continuation
+    length: int = 2  # tokens per continuation
     alpha: float = 0.01  # the test fails below this p-value
     seed: int = 0
 

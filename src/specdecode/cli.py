@@ -342,7 +342,7 @@ def _certify_parser(sub) -> None:
         help="continuations drawn each way (default: 2000; more samples see smaller errors)",
     )
     p.add_argument(
-        "--length", type=int, default=3, metavar="L", help="tokens per continuation (default: 3)"
+        "--length", type=int, default=2, metavar="L", help="tokens per continuation (default: 2)"
     )
     p.add_argument(
         "--alpha",
