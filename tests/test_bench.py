@@ -259,3 +259,21 @@ def test_llamacpp_peer_runs_beside_ours(tmp_path: Path) -> None:
         assert r.new_tokens > 0 and r.tokens_per_second > 0 and r.token_ids
         assert r.exact is None  # another implementation's numerics: not held to token identity
     assert "`llamacpp-ar`" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parent.parent / "benchmarks" / "methods").glob("*.toml")),
+    ids=lambda p: p.name,
+)
+def test_committed_methods_files_parse_and_name_known_parts(path: Path) -> None:
+    from specdecode.drafters import DRAFTERS
+    from specdecode.trees import CHAIN, TREE_SHAPES
+
+    methods = parse_methods(str(path))
+    assert methods
+    for method in methods:
+        assert method.spec is not None
+        assert method.spec.drafter in DRAFTERS
+        assert method.spec.tree == CHAIN or method.spec.tree in TREE_SHAPES
+        assert method.spec.verifier is None or method.spec.verifier in VERIFIERS
