@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from specdecode.config import SamplingParams, SpecConfig
-from specdecode.engine import Engine, verifier_name
+from specdecode.engine import Engine, sibling_draws
 from specdecode.errors import SpecDecodeError
 from specdecode.sampling import shaped_probs
 from specdecode.tree import DraftTree, SiblingDraws
 from specdecode.trees import CHAIN, make_tree_shape
-from specdecode.verify import Verdict
+from specdecode.verify import Verdict, make_verifier
 from specdecode.verify.specinfer import draft_row
 
 
@@ -105,14 +105,6 @@ class RootRecord:
         return self.acceptance > self.bound + 4 * self.standard_error + 1 / max(self.steps, 1)
 
 
-def _draws(spec: SpecConfig, samples_drafts: bool) -> SiblingDraws:
-    if not samples_drafts:
-        return SiblingDraws.DETERMINISTIC
-    if spec.tree == CHAIN:
-        return SiblingDraws.INDEPENDENT
-    return make_tree_shape(spec.tree, spec.tree_options).siblings
-
-
 def analyze_method(
     engine: Engine,
     prompts: Sequence[Sequence[int]],
@@ -128,14 +120,14 @@ def analyze_method(
     drafter = DRAFTERS.get(spec.drafter)
     if drafter is None:
         raise SpecDecodeError(f"unknown drafter {spec.drafter!r}")
-    shape_draws = _draws(spec, drafter.samples_drafts)
+    shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
+    draws = sibling_draws(shape, drafter.samples_drafts)
     record = RootRecord()
 
     def observe(tree: DraftTree, target_logits: torch.Tensor, verdict: Verdict) -> None:
         children = tree.children[0]
         if not children:
             return
-        draws = shape_draws if tree.draft_probs is not None else SiblingDraws.DETERMINISTIC
         target_probs = shaped_probs(target_logits[0], sampling)  # [V]
         draft_probs = draft_row(tree, children[0], target_probs.shape[-1])  # [V]
         tokens = [int(tree.tokens[c]) for c in children]
@@ -162,11 +154,6 @@ def analyze_method(
     return record
 
 
-def method_label(spec: SpecConfig, sampling: SamplingParams) -> str:
-    shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
-    return f"{spec.tree}/{verifier_name(spec, sampling, shape)}"
-
-
 #: What `specdecode analyze` compares by default: each sampling verifier with the drafts it is
 #: lossless for, as "tree/verifier".
 DEFAULT_METHODS = (
@@ -182,8 +169,11 @@ DEFAULT_METHODS = (
 def parse_method(text: str, drafter: str, nodes: int, width: int) -> SpecConfig:
     """ "tree/verifier" (or just "tree") -> a fixed-budget SpecConfig with `nodes` draft nodes."""
     tree, _, verifier = text.partition("/")
+    # Unknown names fail here, before any model is loaded or any method has run.
     if tree != CHAIN:
-        make_tree_shape(tree)  # a clear error for an unknown shape
+        make_tree_shape(tree)
+    if verifier:
+        make_verifier(verifier)
     depth = nodes if tree == CHAIN else max(1, nodes // width)
     return SpecConfig(
         drafter=drafter,

@@ -405,10 +405,7 @@ def _analyze_parser(sub) -> None:
         "--tree-width", type=int, default=2, metavar="W", help="drafts per node (default: 2)"
     )
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default: 1")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="default: 1.0 (off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="default: 0 (off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_sampling_args(p, default_temperature=1.0)
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_analyze)
 
@@ -433,7 +430,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,  # reproducible unless asked otherwise
     )
     prompts = load_suite(args.suite)[: args.prompts]
     llm = _load_from_args(args, SpecConfig(drafter=drafter))

@@ -338,6 +338,14 @@ def verifier_name(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape |
     return "rejection" if shape is None else shape.sampling_verifier
 
 
+def sibling_draws(shape: TreeShape | None, samples_drafts: bool) -> SiblingDraws:
+    """How the drafts' siblings are picked at temperature > 0: by the tree shape, or for a
+    drafter's own chain i.i.d. (sampled) or deterministically."""
+    if not samples_drafts:
+        return SiblingDraws.DETERMINISTIC
+    return SiblingDraws.INDEPENDENT if shape is None else shape.siblings
+
+
 def _pick_verifier(
     spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None, drafter: Drafter
 ) -> Verifier:
@@ -359,14 +367,9 @@ def _pick_verifier(
             f"the {name!r} verifier is exact at temperature 0 only; use --verifier {right_one} "
             f"at temperature {sampling.temperature}"
         )
-    if shape is None:
-        # One child per node: every way of drawing siblings is the same, only the probabilities
-        # matter.
-        draws = SiblingDraws.INDEPENDENT if drafter.samples_drafts else SiblingDraws.DETERMINISTIC
-        compatible = True
-    else:
-        draws = shape.siblings if drafter.samples_drafts else SiblingDraws.DETERMINISTIC
-        compatible = draws in verifier.lossless_for
+    draws = sibling_draws(shape, drafter.samples_drafts)
+    # On a chain (one child per node) every way of drawing siblings is the same.
+    compatible = shape is None or draws in verifier.lossless_for
     # On a chain every verifier takes point masses (one child per node: nothing to select).
     if shape is not None and verifier.requires_draft_probs and draws is SiblingDraws.DETERMINISTIC:
         raise SpecDecodeError(
