@@ -192,6 +192,8 @@ def test_bad_input_is_one_line(capsys, argv: list[str], fragment: str) -> None:
         ('[[method]]\nname = "x"\ndrafter = "draft-model"\ntree = "bushy"\n', "unknown tree"),
         ('[[method]]\nname = "x"\ndrafter = "prompt-lookup"\nwarp = 9\n', "unknown keys"),
         ('[[method]]\nname = "x"\npeer = "vllm"\n', "unknown peer"),
+        ('[[method]]\nname = "x"\ndrafter = "none"\nbackend = "tpu"\n', "unknown backend"),
+        ('[[method]]\nname = "x"\npeer = "hf-ar"\nbackend = "torch"\n', "a peer takes no"),
         ('title = "no methods"\n', "no [[method]]"),
     ],
 )
@@ -259,6 +261,31 @@ def test_llamacpp_peer_runs_beside_ours(tmp_path: Path) -> None:
         assert r.new_tokens > 0 and r.tokens_per_second > 0 and r.token_ids
         assert r.exact is None  # another implementation's numerics: not held to token identity
     assert "`llamacpp-ar`" in (out / "report.md").read_text()
+
+
+def test_a_method_on_another_backend_is_checked_against_that_backends_baseline(
+    tmp_path: Path,
+) -> None:
+    """Token identity holds within a backend (two backends' numerics differ): a llamacpp method in
+    a torch run gets its own plain baseline, `none-llamacpp`, and is checked against it."""
+    methods = tmp_path / "m.toml"
+    methods.write_text(
+        '[[method]]\nname = "pld-torch"\ndrafter = "prompt-lookup"\n\n'
+        '[[method]]\nname = "pld-llamacpp"\ndrafter = "prompt-lookup"\nbackend = "llamacpp"\n'
+    )
+    code, out = bench(tmp_path, "--methods", str(methods))
+    assert code == 0
+    records = read_records(out / "results.jsonl")
+    by_method: dict[str, list[Record]] = {}
+    for r in records:
+        by_method.setdefault(r.method, []).append(r)
+    assert sorted(by_method) == ["none", "none-llamacpp", "pld-llamacpp", "pld-torch"]
+    assert {r.backend for r in by_method["none-llamacpp"]} == {"llamacpp"}
+    assert {r.backend for r in by_method["pld-torch"]} == {"torch"}
+    for r in by_method["pld-llamacpp"]:
+        twin = next(b for b in by_method["none-llamacpp"] if b.prompt_id == r.prompt_id)
+        assert r.exact is True and r.token_ids == twin.token_ids
+    assert "Backends: llamacpp, torch" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

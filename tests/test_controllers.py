@@ -85,3 +85,33 @@ def test_the_draft_models_catch_up_is_not_counted_as_drafting_cost() -> None:
         controller.observe(verdict(length, length), StepTimings(seconds, 0.2 + 0.01 * length))
     assert controller.draft_seconds_per_token == pytest.approx(0.01)
     assert controller.budget().max_depth == 8
+
+
+def test_a_measured_cost_curve_finds_the_short_length_that_online_learning_misses() -> None:
+    steep = {0: 0.04, 1: 0.07, 2: 0.09, 3: 0.11, 4: 0.13, 6: 0.2, 8: 0.24, 12: 0.3, 16: 0.3}
+
+    def cost(k: int) -> float:
+        return steep[max(m for m in steep if m <= k)]
+
+    informed = make_controller("cost-aware", 4, 16, {})
+    assert informed.uses_costs
+    informed.use_costs(steep)
+    assert informed.expected_seconds(8) == pytest.approx(0.24)
+    assert informed.expected_seconds(10) == pytest.approx(0.24)  # the nearest shorter length
+    # Only the first draft is ever accepted: drafting 1 pays (2 tokens for 0.07 s against 1 for
+    # 0.04 s) and drafting more does not.
+    lengths = run(informed, cost, lambda depth: depth == 0, steps=40)
+    assert lengths[3:] == [1] * 37
+    # Learning costs online only, a length it never tried is costed like a longer one it did,
+    # and the controller stays at a length that wastes time.
+    uninformed = CostAwareController(initial=4, maximum=16)
+    blind = run(uninformed, cost, lambda depth: depth == 0, steps=40)
+    assert sum(map(cost, lengths)) < 0.7 * sum(map(cost, blind))
+
+
+def test_online_timings_are_not_overwritten_by_the_curve() -> None:
+    controller = CostAwareController(initial=4, maximum=8)
+    controller.observe(verdict(4, 4), StepTimings(0.0, 0.5))
+    controller.use_costs({4: 0.1, 8: 0.2})
+    assert controller.verify_seconds[4] == pytest.approx(0.5)
+    assert controller.verify_seconds[8] == pytest.approx(0.2)

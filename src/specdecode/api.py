@@ -22,6 +22,7 @@ from specdecode.engine import Engine, GenerationStats, StepOutput
 from specdecode.errors import SpecDecodeError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+BACKENDS = ("torch", "hf", "llamacpp", "llamacpp-stock")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -77,7 +78,29 @@ def _load_backend(
         else:
             model = HFBackend.from_pretrained(str(name_or_path), dtype=dtype, device=device)
         return model, tokenizer
-    raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: torch, hf")
+    if backend in ("llamacpp", "llamacpp-stock"):
+        from specdecode.backends.llamacpp import LlamaCppBackend, import_llama_cpp
+
+        if quantize is not None:
+            raise SpecDecodeError(
+                "the llamacpp backend runs GGUF files as they are quantized: "
+                "use --draft-quantize none"
+            )
+        import_llama_cpp()  # one line on how to install it, before installing a model
+        gguf_path = resolve_gguf(name_or_path)
+        if gguf_path is None:
+            raise SpecDecodeError(
+                f"the llamacpp backend needs a GGUF file; {name_or_path!r} is a Hugging Face "
+                "directory: use --backend torch or hf"
+            )
+        model = LlamaCppBackend(
+            gguf_path,
+            threads=torch.get_num_threads(),
+            max_context=max_context or 4096,
+            exact=backend == "llamacpp",
+        )
+        return model, load_tokenizer(name_or_path)
+    raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
 class SpecDecoder:
@@ -134,8 +157,11 @@ class SpecDecoder:
         if draft_model is not None:
             if backend != "torch":
                 draft_quantize = None
+            # A draft's numerics never reach the output: on llama.cpp it keeps the stock kernels,
+            # which decode one token faster than the batch-invariant ones the target needs.
+            draft_backend = "llamacpp-stock" if backend == "llamacpp" else backend
             draft, _ = _load_backend(
-                draft_model, backend, torch_dtype, device, max_context, draft_quantize
+                draft_model, draft_backend, torch_dtype, device, max_context, draft_quantize
             )
         return cls(target, tokenizer, draft, name=str(model), target_dtype=torch_dtype)
 

@@ -68,9 +68,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer, to draft with")
     p.add_argument(
         "--backend",
-        choices=["torch", "hf"],
+        choices=["torch", "hf", "llamacpp", "llamacpp-stock"],
         default="torch",
-        help="torch: our compact transformer (default); hf: transformers, chains only",
+        help="torch: our compact transformer (default); hf: transformers, chains only; "
+        "llamacpp: the GGUF file as quantized, through llama.cpp, with batch-invariant kernels "
+        "(exact); llamacpp-stock: llama.cpp's default kernels, faster to verify but NOT "
+        "guaranteed token-identical to plain decoding. Both need pip install "
+        "'specdecode[llamacpp]' and ignore --dtype and --device",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -198,13 +202,20 @@ def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
     )
 
 
-def _warn_if_lossy(verifier: str | None) -> None:
+def _warn_if_lossy(verifier: str | None, backend: str = "torch") -> None:
     from specdecode.verify import VERIFIERS
 
     if verifier is not None and not VERIFIERS[verifier].lossless:
         print(
             f"warning: the {verifier!r} verifier is lossy: the output does not follow the "
             "model's own distribution",
+            file=sys.stderr,
+        )
+    if backend == "llamacpp-stock":
+        print(
+            "warning: llamacpp-stock verifies with llama.cpp's default kernels, which compute a "
+            "token differently in a batch: the output can differ from plain decoding on a "
+            "near-tie (use --backend llamacpp for exact output)",
             file=sys.stderr,
         )
 
@@ -223,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     spec = _spec_from_args(args)
     llm = _load_from_args(args, spec)
-    _warn_if_lossy(args.verifier)
+    _warn_if_lossy(args.verifier, args.backend)
     ids = llm.encode_prompt(prompt, chat=not args.no_chat, system=args.system)
     token_ids: list[int] = []
     text_parts: list[str] = []

@@ -190,6 +190,16 @@ class Engine:
         self.target = target
         self.tokenizer = tokenizer
         self.draft_model = draft_model
+        self._forward_costs: dict[int, float] | None = None
+
+    def forward_costs(self) -> dict[int, float] | None:
+        """The target's seconds per verification forward by draft length (measured once, then
+        cached on disk), or None where the backend's costs are learned online only."""
+        if self._forward_costs is None:
+            from specdecode.control.cost_curve import load_or_measure
+
+            self._forward_costs = load_or_measure(self.target)
+        return self._forward_costs
 
     def generate(
         self,
@@ -244,6 +254,10 @@ class Engine:
         controller = make_controller(
             spec.controller, spec.num_draft_tokens, spec.max_draft_tokens, spec.controller_options
         )
+        if controller.uses_costs:
+            costs = self.forward_costs()
+            if costs is not None:
+                controller.use_costs(costs)
         if shape is not None and controller.chains_only:
             raise SpecDecodeError(
                 f"the {controller.name!r} controller plans chains: use --controller heuristic or "

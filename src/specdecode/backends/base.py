@@ -36,6 +36,10 @@ class Backend(ABC):
 
     #: Whether `forward` honours an arbitrary `tree_mask` (False: chains only).
     supports_trees: bool = True
+    #: Whether a tree's leading nodes are committed by truncating after them. True for caches
+    #: indexed by position; False where tree nodes live apart from the committed sequence until
+    #: `keep` moves them (llama.cpp's sequence ids).
+    truncate_commits_prefix: bool = True
 
     def __init__(self, vocab_size: int, max_context: int) -> None:
         self.vocab_size = vocab_size
@@ -68,6 +72,12 @@ class Backend(ABC):
     @abstractmethod
     def keep(self, start: int, offsets: Sequence[int]) -> None:
         """Move cache rows `start + offsets[k]` to `start + k` and truncate after them."""
+
+    @property
+    def cost_key(self) -> str | None:
+        """A name for this model on this machine's configuration (file, backend, threads) under
+        which its measured forward costs may be cached; None: do not cache, learn online."""
+        return None
 
     # ---- the engine's target protocol ----------------------------------------------------------
 
@@ -127,7 +137,7 @@ class Backend(ABC):
         """Keep the root and the accepted `path` of the last tree; `next_token` is the new root."""
         start = self.num_cached - self._last_tree_size - 1
         offsets = [0] + [node + 1 for node in path]
-        if offsets != list(range(len(offsets))):
+        if offsets != list(range(len(offsets))) or not self.truncate_commits_prefix:
             self.keep(start, offsets)
         else:
             self.truncate(start + len(offsets))

@@ -49,6 +49,14 @@ def add_parser(sub, add_draft_quantize) -> None:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="default: 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, metavar="R", help="default: 1")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "hf", "llamacpp", "llamacpp-stock"],
+        default="torch",
+        help="model backend of the baseline and of every method that names none (default: "
+        "torch); a methods file may put single methods on another backend, which then gets its "
+        "own baseline none-BACKEND for the exactness check",
+    )
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--out", metavar="DIR", help="write results.jsonl, report.md and plots here")
@@ -125,13 +133,24 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None and args.resume and (out_dir / "results.jsonl").exists():
         done = read_records(out_dir / "results.jsonl")
 
-    llm = SpecDecoder.load(
-        args.model,
-        draft_model=args.draft_model if needing else None,
-        dtype=args.dtype,
-        threads=args.threads,
-        draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
-    )
+    def load(backend: str) -> SpecDecoder:
+        on_backend = [
+            m for m in methods if m.peer is None and (m.backend or args.backend) == backend
+        ]
+        return SpecDecoder.load(
+            args.model,
+            draft_model=args.draft_model if any(m.needs_draft_model for m in on_backend) else None,
+            backend=backend,
+            dtype=args.dtype,
+            threads=args.threads,
+            draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
+        )
+
+    llm = load(args.backend)
+    other_backends = {
+        backend: load(backend)
+        for backend in sorted({m.backend for m in methods if m.backend} - {args.backend})
+    }
     peers: dict = {}
     hf_kinds = {m.peer for m in methods if m.peer and m.peer.startswith("hf-")}
     if hf_kinds:
@@ -142,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         peers["llamacpp-ar"] = LlamaCppPeer(args.model, threads=torch.get_num_threads())
-    runner = Runner(llm, methods, sampling, peers)
+    runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
 
     names = {m.name for m in runner.methods}
     ids = {p.id for p in prompts}
@@ -169,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     bar.close()
+    precision = "GGUF as quantized" if args.backend == "llamacpp" else args.dtype
     settings = (
-        f"Target `{args.model}` ({args.dtype})"
+        f"Target `{args.model}` ({args.backend} backend, {precision})"
         + (f", draft `{args.draft_model}`" if needing else "")
         + f"; suite `{args.suite}`, {len(prompts)} prompts x {args.repeats} repeats; "
         f"temperature {args.temperature}, {args.max_new_tokens} new tokens."

@@ -12,6 +12,7 @@ with what a user would otherwise run.
     drafter = "prompt-lookup"        # or peer = "hf-ar" for a peer baseline
     controller = "fixed"
     num_draft_tokens = [4, 8, 12]    # a list makes a sweep: pld-k8-k4, pld-k8-k8, ...
+    backend = "llamacpp"             # optional; default: the run's --backend
     [method.drafter_options]
     max_ngram = 4
 """
@@ -48,6 +49,7 @@ class Method:
     peer: str | None = None  # a key of PEERS
     description: str = ""
     sweep: str | None = None  # methods of one sweep share this name and differ in draft budget
+    backend: str | None = None  # the model backend; None: the run's --backend
 
     @property
     def needs_draft_model(self) -> bool:
@@ -215,7 +217,14 @@ def load_methods_file(path: Path) -> list[Method]:
 
 
 def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
+    from specdecode.api import BACKENDS
+
     name, description = entry["name"], str(entry.get("description", ""))
+    backend = entry.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        raise SpecDecodeError(
+            f"{where}: unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
+        )
     if "peer" in entry:
         extra = set(entry) - {"name", "peer", "description"}
         if extra:
@@ -223,10 +232,10 @@ def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
         if entry["peer"] not in PEERS:
             raise SpecDecodeError(f"{where}: unknown peer; choose one of: {', '.join(PEERS)}")
         return [Method(name, peer=entry["peer"], description=description)]
-    unknown = set(entry) - _SPEC_KEYS - {"name", "description"}
+    unknown = set(entry) - _SPEC_KEYS - {"name", "description", "backend"}
     if unknown:
         raise SpecDecodeError(
-            f"{where}: unknown keys {sorted(unknown)}; allowed: peer, "
+            f"{where}: unknown keys {sorted(unknown)}; allowed: peer, backend, "
             + ", ".join(sorted(_SPEC_KEYS))
         )
     if "drafter" not in entry:
@@ -256,7 +265,7 @@ def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
             raise SpecDecodeError(f"{where}: {exc}") from None
         except SpecDecodeError as exc:
             raise SpecDecodeError(f"{where}: {exc}") from None
-        method = Method(name, spec, description=description)
+        method = Method(name, spec, description=description, backend=backend)
         methods.append(replace(method, name=f"{name}-k{budget}", sweep=name) if sweep else method)
     return methods
 

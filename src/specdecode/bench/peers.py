@@ -126,14 +126,16 @@ class LlamaCppPeer:
         hint = missing_package("llamacpp-ar")
         if hint:
             raise SpecDecodeError(f"the llamacpp-ar peer needs llama-cpp-python: {hint}")
-        from llama_cpp import Llama
-
+        from specdecode.backends.llamacpp import import_llama_cpp
         from specdecode.models import resolve_gguf
+
+        # Through specdecode's import, as the llamacpp backend: one kernel setup per process.
+        llama_cpp = import_llama_cpp()
 
         path = resolve_gguf(model_name)
         if path is None:
             raise SpecDecodeError(f"llamacpp-ar needs a GGUF model; {model_name!r} is not one")
-        self.llm = Llama(
+        self.llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=context, n_threads=threads, n_batch=512, verbose=False
         )
 

@@ -7,11 +7,13 @@ Exactness mismatches come first and loudly: under greedy decoding any of them is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -87,6 +89,8 @@ def machine_description() -> str:
         versions.append(f"transformers {transformers.__version__}")
     except ImportError:
         pass
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        versions.append(f"llama-cpp-python {metadata.version('llama_cpp_python')}")
     from specdecode import __version__
 
     versions.append(f"specdecode {__version__}")
@@ -111,6 +115,15 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
         "through the same engine) on the same prompt, run interleaved. tokens/forward: tokens "
         "emitted per target forward pass. Seconds include prompt prefill.",
         "",
+    ]
+    backends = sorted({r.backend for r in records if r.backend})
+    if len(backends) > 1:
+        lines += [
+            f"Backends: {', '.join(backends)}. Exactness is token identity with plain decoding "
+            "on the method's own backend (`none-BACKEND`); speed-ups are all relative to `none`.",
+            "",
+        ]
+    lines += [
         "## Overall",
         "",
         *_table(records, OVERALL, ratios),

@@ -5,6 +5,11 @@ every method, so slow drift of a shared machine hits all of them alike and cance
 One short untimed warm-up generation per method comes first. Greedy outputs of our methods are
 compared token for token with the baseline's: a mismatch is a bug, and the report shows it first.
 
+Methods may run on another model backend than the run's (a methods file's `backend = ...`). Each
+such backend gets its own plain-decoding baseline, `none-BACKEND`, because losslessness is token
+identity with plain decoding *on the same backend* (two backends' numerics differ); speed-ups are
+still reported against the run's baseline, `none`.
+
 Records go to a sink as soon as they exist (the CLI appends them to `results.jsonl`), so an
 interrupted run keeps what it measured, and `done` lets a resumed run skip it.
 """
@@ -21,7 +26,7 @@ from specdecode.bench.memory import PeakMemory
 from specdecode.bench.methods import BASELINE, Method
 from specdecode.bench.peers import Peer
 from specdecode.bench.suites import Prompt
-from specdecode.config import SamplingParams
+from specdecode.config import SamplingParams, SpecConfig
 from specdecode.errors import SpecDecodeError
 
 WARM_UP_TOKENS = 16
@@ -48,6 +53,7 @@ class Record:
     draft_budget: int | None = None  # the method's (initial) draft length
     sweep: str | None = None  # the sweep this method belongs to (methods files)
     exact: bool | None = None  # greedy output equals the baseline's token for token
+    backend: str | None = None  # the model backend of our methods; None for peers
     token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -78,6 +84,16 @@ def append_record(record: Record, path: Path) -> None:
         f.flush()
 
 
+def backend_baseline(backend: str) -> Method:
+    """Plain decoding on `backend`: the reference for exactness of the methods run on it."""
+    return Method(
+        f"none-{backend}",
+        SpecConfig(drafter="none"),
+        description=f"plain autoregressive decoding on the {backend} backend",
+        backend=backend,
+    )
+
+
 class Runner:
     def __init__(
         self,
@@ -85,14 +101,34 @@ class Runner:
         methods: Sequence[Method],
         sampling: SamplingParams,
         peers: dict[str, Peer] | None = None,
+        backend: str = "torch",
+        other_backends: dict[str, SpecDecoder] | None = None,
     ) -> None:
+        """`llm` runs the baseline and every method on `backend`; `other_backends` holds the
+        models for methods that name another backend."""
         self.llm = llm
-        self.methods = [BASELINE] + [m for m in methods if m.name != BASELINE.name]
+        self.backend = backend
+        self.decoders = {**(other_backends or {}), backend: llm}
+        ours = [m for m in methods if m.name != BASELINE.name]
+        others = sorted({m.backend for m in ours if m.backend not in (None, backend)})
+        self.baselines = {BASELINE.name: backend} | {
+            backend_baseline(other).name: other for other in others
+        }
+        extra_baselines = [backend_baseline(other) for other in others]
+        ours = [m for m in ours if m.name not in self.baselines]
+        self.methods = [BASELINE, *extra_baselines, *ours]
         self.sampling = sampling
         self.peers = peers or {}
         for method in self.methods:
             if method.peer is not None and method.peer not in self.peers:
                 raise SpecDecodeError(f"no runner for the peer baseline {method.peer!r}")
+            if method.peer is None and self.backend_of(method) not in self.decoders:
+                raise SpecDecodeError(f"no model loaded for the {method.backend} backend")
+
+    def backend_of(self, method: Method) -> str | None:
+        if method.peer is not None:
+            return None
+        return method.backend or self.backend
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.llm.encode_chat(prompt.chat())
@@ -105,7 +141,9 @@ class Runner:
                 method.peer, prompt_ids, sampling, self.llm.tokenizer.eos_token_ids
             )
             return out.token_ids, out.seconds, {}
-        result = self.llm.generate(prompt_ids, sampling, method.spec)
+        backend = self.backend_of(method)
+        assert backend is not None
+        result = self.decoders[backend].generate(prompt_ids, sampling, method.spec)
         return result.token_ids, result.stats.seconds, result.stats.to_dict()
 
     def warm_up(self, prompt_ids: list[int]) -> None:
@@ -130,7 +168,11 @@ class Runner:
         """Run everything not in `done`; returns the old records and the new, in run order."""
         records = list(done)
         finished = {r.key for r in records}
-        baselines = {(r.prompt_id, r.repeat): r.token_ids for r in records if r.method == "none"}
+        baselines = {
+            (self.baselines[r.method], r.prompt_id, r.repeat): r.token_ids
+            for r in records
+            if r.method in self.baselines
+        }
         todo = [
             (prompt, repeat)
             for prompt in _categories_in_turn(prompts)
@@ -146,8 +188,9 @@ class Runner:
                 if (method.name, prompt.id, repeat) in finished:
                     continue
                 record = self._measure(method, prompt, repeat, ids, baselines)
-                if method is BASELINE:
-                    baselines[(prompt.id, repeat)] = record.token_ids
+                if method.name in self.baselines:
+                    key = (self.baselines[method.name], prompt.id, repeat)
+                    baselines[key] = record.token_ids
                 records.append(record)
                 if sink is not None:
                     sink(record)
@@ -159,13 +202,14 @@ class Runner:
         prompt: Prompt,
         repeat: int,
         ids: list[int],
-        baselines: dict[tuple[str, int], list[int]],
+        baselines: dict[tuple[str, str, int], list[int]],
     ) -> Record:
         with PeakMemory() as peak:
             token_ids, seconds, stats = self.run_one(method, ids, self.sampling)
         exact = None
-        baseline = baselines.get((prompt.id, repeat))
-        if self.sampling.greedy and method.peer is None and baseline is not None:
+        backend = self.backend_of(method)
+        baseline = baselines.get((backend, prompt.id, repeat)) if backend else None
+        if self.sampling.greedy and baseline is not None:
             exact = token_ids == baseline
         timed = [stats.get(k) for k in ("prefill_seconds", "drafting_seconds", "verifying_seconds")]
         other = seconds - sum(timed) if all(t is not None for t in timed) else None
@@ -186,9 +230,10 @@ class Runner:
             drafting_seconds=timed[1],
             verifying_seconds=timed[2],
             other_seconds=other,
-            draft_budget=method.budget if method is not BASELINE else None,
+            draft_budget=method.budget if method.name not in self.baselines else None,
             sweep=method.sweep,
             exact=exact,
+            backend=backend,
             token_ids=token_ids,
         )
 

@@ -22,6 +22,8 @@ class Controller(ABC):
     name: ClassVar[str]
     #: Whether the controller's model of a step assumes a chain (one node per drafted token).
     chains_only: ClassVar[bool] = False
+    #: Whether the controller plans from the target's measured forward costs (`use_costs`).
+    uses_costs: ClassVar[bool] = False
 
     @classmethod
     def create(cls, initial: int, maximum: int, options: dict[str, Any]) -> Controller:
@@ -36,3 +38,6 @@ class Controller(ABC):
 
     def reset(self) -> None:
         """Start a new sequence."""
+
+    def use_costs(self, verify_seconds: dict[int, float]) -> None:
+        """Seconds of a target forward that verifies k drafts, measured on this machine."""

@@ -10,7 +10,9 @@ draft length pays (a slow drafter, a hard prompt, a backend whose multi-token fo
 expensive), speculation turns itself off, and every `probe_every` such steps one short draft
 checks whether it pays again.
 
-Unmeasured lengths are treated optimistically (the cost of the nearest shorter measured length,
+The engine hands it the target's cost curve, measured once per model, backend and thread count
+(`control/cost_curve.py`), so it plans from the first step. Lengths still unmeasured are treated
+optimistically (the cost of the nearest shorter measured length,
 the acceptance of the deepest measured position), so the controller tries longer drafts until it
 has seen what they cost; and before settling on a length it measures the next shorter one once.
 Losslessness does not depend on any of this: the controller only sizes the draft.
@@ -27,6 +29,7 @@ from specdecode.verify.base import Verdict
 class CostAwareController(Controller):
     name = "cost-aware"
     chains_only = True  # its costs and acceptance are per chain length
+    uses_costs = True
 
     def __init__(
         self,
@@ -56,6 +59,12 @@ class CostAwareController(Controller):
         self.length = self.initial
         self.plain_steps = 0
         self.drafted_last = False
+
+    def use_costs(self, verify_seconds: dict[int, float]) -> None:
+        # A start-up measurement of the bare forward; the steps timed online (which include the
+        # verifier) refine it.
+        for length, seconds in verify_seconds.items():
+            self.verify_seconds.setdefault(length, seconds)
 
     # ---- the model of a step -------------------------------------------------------------------
 

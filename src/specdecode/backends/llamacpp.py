@@ -1,0 +1,362 @@
+"""The `llamacpp` backend: a GGUF model, quantized as shipped, through llama.cpp's low-level API.
+
+On a CPU, llama.cpp's quantized kernels decode several times faster than PyTorch in bfloat16, so
+this is the backend that makes speculation pay on CPUs. It implements the three primitives of
+`Backend` over llama.cpp's KV cache, which is addressed by (sequence id, position) rather than by
+row:
+
+- The committed chain lives in sequence 0 at positions 0..n-1.
+- Every slot beyond it (a tree node) gets its own sequence id, and each cache cell that slot may
+  attend to (the chain, and the slot's ancestors) is tagged with that id too. llama.cpp masks a
+  query token to the cells that carry its first sequence id and sit at a position no later than
+  its own, so tagging *is* the tree mask, and one `llama_decode` verifies a whole tree.
+- Tokens decoded in the same batch as their ancestors are listed under their descendants' ids as
+  well, which is how a batch holds a tree (llama.cpp requires every sequence to cover consecutive
+  positions, so node positions must be depths, as trees have them).
+- `keep()` tags the accepted path with sequence 0 and drops every node's id: cells left with no
+  id are free. Nothing is ever recomputed; rollback and compaction are bookkeeping.
+
+The context is created with a unified KV buffer (`kv_unified`), without which cells could not be
+shared between sequences.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdecode.backends.base import Backend
+from specdecode.errors import SpecDecodeError
+
+INSTALL_HINT = "pip install 'specdecode[llamacpp]' (builds llama.cpp from source, about 9 minutes)"
+
+#: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
+MAX_SEQUENCES = 256
+BATCH_SIZE = 512
+
+
+_TILED_SWITCH = "GGML_CPU_TILED_MM"
+_LOG_ERROR, _LOG_CONTINUED = 4, 5  # ggml_log_level
+_log_state = {"errors": False, "callback": None}
+
+
+def _log_errors_only(level: int, text: bytes, user_data) -> None:
+    # llama.cpp reports every tensor it loads; only its errors help a user.
+    if level != _LOG_CONTINUED:
+        _log_state["errors"] = level == _LOG_ERROR
+    if _log_state["errors"]:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def import_llama_cpp():
+    """The `llama_cpp` module (with llama.cpp's logging cut to errors), or one line saying how to
+    install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SpecDecodeError(
+            f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}"
+        ) from None
+    # llama.cpp reads this switch once per process, at its first matrix product: set before any
+    # use, so that every llama.cpp model in the process can run exact (LlamaCppBackend).
+    os.environ.setdefault(_TILED_SWITCH, "0")
+    if _log_state["callback"] is None:
+        # Kept referenced: llama.cpp calls it for the life of the process.
+        _log_state["callback"] = llama_cpp.llama_log_callback(_log_errors_only)
+        llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+    return llama_cpp
+
+
+@dataclass
+class _Slot:
+    """A cache slot beyond the committed chain: one tree node's cell."""
+
+    position: int
+    sequence: int  # the sequence id that this slot's query reads, tagged on all it may see
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model on llama.cpp with a tree-capable KV cache.
+
+    `exact=True` (the default) runs llama.cpp with kernels whose result for a token does not
+    depend on how many tokens share its forward, so that verifying k drafts in one batch computes,
+    bit for bit, what decoding them one at a time would; greedy speculation is then token-identical
+    to this backend's plain decoding. llama.cpp's stock CPU kernels are not batch-invariant:
+
+    - weights repacked for the CPU (`use_extra_bufts`) run a matrix-vector kernel below 4 rows and
+      a matrix-matrix kernel from 4 rows on, with another summation order;
+    - K-quant weights switch to a tiled matrix kernel from 8 rows on (`GGML_CPU_TILED_MM`);
+    - flash attention over an F16/F32 cache splits the KV range across threads for a single query
+      once the cache holds 512 cells, and tiles queries from 64 on; without flash attention, the
+      attention products go through llamafile's tinyBLAS from 2 rows on.
+
+    Exact mode therefore keeps weights unrepacked, runs without the tiled matrix kernel, and stores
+    the KV cache as Q8_0 with flash attention on, which takes the per-query reference path for
+    every batch size. The tiled kernel's switch is read once per process, so specdecode turns it
+    off for every llama.cpp model it loads (`import_llama_cpp`). Exactness costs speed on wide
+    forwards (measured on this machine: see README). `exact=False` keeps llama.cpp's other
+    defaults: faster verification, but a near-tie can resolve differently from plain decoding.
+    """
+
+    truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        max_context: int = 4096,
+        exact: bool = True,
+    ) -> None:
+        lib = import_llama_cpp()
+        self._lib = lib
+        path = Path(path)
+        if not path.is_file():
+            raise SpecDecodeError(f"no GGUF file at {path}: give a registry name or a .gguf path")
+        if max_context < 16:
+            raise SpecDecodeError(f"the context must hold at least 16 tokens, got {max_context}")
+        threads = threads or torch.get_num_threads()
+        if threads < 1:
+            raise SpecDecodeError(f"threads must be at least 1, got {threads}")
+        if exact and os.environ.get(_TILED_SWITCH) != "0":
+            raise SpecDecodeError(
+                f"{_TILED_SWITCH}={os.environ.get(_TILED_SWITCH)} turns on a kernel that breaks "
+                "the llamacpp backend's exactness: unset it"
+            )
+        lib.llama_backend_init()
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = not exact
+        model = lib.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise SpecDecodeError(
+                f"llama.cpp could not load {path}: is it a GGUF file of an architecture this "
+                "llama.cpp supports? (run with a registry model, or update llama-cpp-python)"
+            )
+        self._model = model
+        context_params = lib.llama_context_default_params()
+        context_params.n_ctx = max_context
+        # llama.cpp sizes its output buffers for the largest batch and every sequence at once,
+        # and asserts that they fit in the context.
+        sequences = min(MAX_SEQUENCES, max_context)
+        context_params.n_batch = min(BATCH_SIZE, max_context)
+        context_params.n_ubatch = min(BATCH_SIZE, max_context)
+        context_params.n_seq_max = sequences
+        context_params.kv_unified = True  # cells shared between sequences: how trees are held
+        context_params.n_threads = threads
+        context_params.n_threads_batch = threads
+        if exact:
+            context_params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            context_params.type_k = lib.GGML_TYPE_Q8_0
+            context_params.type_v = lib.GGML_TYPE_Q8_0
+        context = lib.llama_init_from_model(model, context_params)
+        if not context:
+            lib.llama_model_free(model)
+            raise SpecDecodeError(
+                f"llama.cpp could not create a context of {max_context} tokens: lower --max-context"
+            )
+        self._context = context
+        self._memory = lib.llama_get_memory(context)
+        vocab = lib.llama_model_get_vocab(model)
+        super().__init__(lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context))
+        self.path = path
+        self.threads = threads
+        self.exact = exact
+        self._batch_size = min(BATCH_SIZE, max_context)
+        self._batch = lib.llama_batch_init(self._batch_size, 0, sequences)
+        self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
+        self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
+        self._free_sequences = list(range(sequences - 1, 0, -1))
+        self._max_tree_nodes = sequences - 1
+
+    def __del__(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_context", None):
+            lib.llama_free(self._context)
+            self._context = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    @property
+    def cost_key(self) -> str:
+        stat = self.path.stat()
+        ident = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self._lib.__version__}"
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        return f"llamacpp-{self.path.stem}-{digest}-{self.threads}threads"
+
+    # ---- the Backend primitives ----------------------------------------------------------------
+
+    @property
+    def num_cached(self) -> int:
+        return self._chain_length + len(self._slots)
+
+    def forward(self, token_ids, positions=None, tree_mask=None, return_logits=True):
+        count = int(token_ids.shape[0])
+        if count == 0:
+            return torch.empty(0, self.vocab_size) if return_logits else None
+        if count > self._batch_size:
+            raise SpecDecodeError(
+                f"the llamacpp backend decodes at most {self._batch_size} tokens at once, "
+                f"got {count}"
+            )
+        if self.num_cached + count > self.max_context:
+            raise SpecDecodeError(
+                f"the sequence would exceed the context of {self.max_context} tokens: "
+                "lower --max-new-tokens or shorten the prompt"
+            )
+        if positions is None:
+            positions = self.num_cached + torch.arange(count)
+        if tree_mask is None and not self._slots:
+            self._decode_chain(token_ids.tolist(), positions.tolist(), return_logits)
+        else:
+            if tree_mask is None:  # causal after the tree slots: everything before is visible
+                tree_mask = torch.ones(count, count + len(self._slots), dtype=torch.bool).tril(
+                    len(self._slots)
+                )
+            self._decode_tree(token_ids.tolist(), positions.tolist(), tree_mask, return_logits)
+        return self._read_logits(count) if return_logits else None
+
+    def truncate(self, length: int) -> None:
+        length = max(0, length)
+        if length >= self.num_cached:
+            return
+        kept_slots = max(0, length - self._chain_length)
+        for slot in self._slots[kept_slots:]:
+            self._release(slot)
+        del self._slots[kept_slots:]
+        if length < self._chain_length:
+            self._lib.llama_memory_seq_rm(self._memory, 0, length, -1)
+            self._chain_length = length
+
+    def keep(self, start: int, offsets: Sequence[int]) -> None:
+        rows = [start + offset for offset in offsets]
+        chained = [row for row in rows if row < self._chain_length]
+        if chained != list(range(start, start + len(chained))):
+            raise SpecDecodeError(
+                "the llamacpp backend keeps only a path after the committed chain"
+            )
+        path = [self._slots[row - self._chain_length] for row in rows[len(chained) :]]
+        end = start + len(chained)
+        if end < self._chain_length:
+            self.truncate(end)
+        for slot in path:
+            if slot.position != self._chain_length:
+                raise SpecDecodeError(
+                    "the llamacpp backend keeps only a root-to-node path of the last tree"
+                )
+            # Tagging the node's cell with sequence 0 appends it to the committed chain.
+            self._lib.llama_memory_seq_cp(
+                self._memory, slot.sequence, 0, slot.position, slot.position + 1
+            )
+            self._chain_length += 1
+        for slot in self._slots:
+            self._release(slot)
+        self._slots = []
+
+    # ---- llama.cpp plumbing --------------------------------------------------------------------
+
+    def _release(self, slot: _Slot) -> None:
+        # Untags every cell the slot could see; a cell with no sequence left is freed.
+        self._lib.llama_memory_seq_rm(self._memory, slot.sequence, -1, -1)
+        self._free_sequences.append(slot.sequence)
+
+    def _decode_chain(self, tokens: list[int], positions: list[int], want_logits: bool) -> None:
+        if positions != list(range(self._chain_length, self._chain_length + len(tokens))):
+            raise SpecDecodeError("a chain must continue the committed positions")
+        self._fill_batch(tokens, positions, [[0]] * len(tokens), want_logits)
+        self._decode()
+        self._chain_length += len(tokens)
+
+    def _decode_tree(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tree_mask: torch.Tensor,  # [T, S] bool: the last S - T cached slots, then the new tokens
+        want_logits: bool,
+    ) -> None:
+        count = len(tokens)
+        cached_columns = tree_mask.shape[1] - count
+        if cached_columns < 0 or cached_columns > len(self._slots):
+            raise SpecDecodeError("the tree mask covers more cached slots than are tree nodes")
+        if len(self._free_sequences) < count:
+            raise SpecDecodeError(
+                f"the llamacpp backend holds at most {self._max_tree_nodes} tree nodes at once"
+            )
+        first_column_slot = len(self._slots) - cached_columns
+        new_slots = [_Slot(pos, self._free_sequences.pop()) for pos in positions]
+        visible = tree_mask.tolist()
+        members: list[list[int]] = [[slot.sequence] for slot in new_slots]
+        for row, slot in enumerate(new_slots):
+            # A query sees the committed chain, every slot left of the mask's columns, and the
+            # slots the mask allows.
+            self._lib.llama_memory_seq_cp(self._memory, 0, slot.sequence, -1, -1)
+            seen = self._slots[:first_column_slot] + [
+                self._slots[first_column_slot + column]
+                for column in range(cached_columns)
+                if visible[row][column]
+            ]
+            for other in seen:
+                if other.position >= slot.position:
+                    raise SpecDecodeError("a tree node must sit deeper than every node it sees")
+                self._lib.llama_memory_seq_cp(
+                    self._memory, other.sequence, slot.sequence, other.position, other.position + 1
+                )
+            for column in range(row):
+                if visible[row][cached_columns + column]:
+                    if positions[column] >= slot.position:
+                        raise SpecDecodeError("a tree node must sit deeper than every node it sees")
+                    members[column].append(slot.sequence)
+        self._fill_batch(tokens, positions, members, want_logits)
+        self._slots.extend(new_slots)
+        try:
+            self._decode()
+        except SpecDecodeError:
+            self.truncate(self.num_cached - count)
+            raise
+
+    def _fill_batch(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        sequences: list[list[int]],
+        want_logits: bool,
+    ) -> None:
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (token, position, ids) in enumerate(zip(tokens, positions, sequences, strict=True)):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = len(ids)
+            for k, sequence in enumerate(ids):
+                batch.seq_id[i][k] = sequence
+            batch.logits[i] = want_logits
+        if not want_logits:  # llama.cpp wants at least one output row; the last is cheapest
+            batch.logits[len(tokens) - 1] = True
+
+    def _decode(self) -> None:
+        status = self._lib.llama_decode(self._context, self._batch)
+        if status != 0:
+            raise SpecDecodeError(
+                f"llama.cpp failed to decode a batch (status {status}): the KV cache may be full; "
+                "lower --max-new-tokens or raise --max-context"
+            )
+
+    def _read_logits(self, count: int) -> torch.Tensor:  # [count, V] float32
+        pointer = self._lib.llama_get_logits(self._context)
+        array = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(count, self.vocab_size)
+        )
+        return torch.from_numpy(array.copy())

@@ -1,0 +1,76 @@
+"""What one target forward costs on this machine, as a function of the draft length it verifies.
+
+The cost-aware controller needs `seconds(k)` for a verification forward over the root and `k`
+drafts. It could learn every point online, but it would then spend the start of every generation
+trying lengths that do not pay. Instead the curve is measured once per backend, model and thread
+count: a short synthetic context is prefilled and a forward of `k + 1` tokens is timed for a few
+draft lengths (the fastest of a few runs: a shared machine only ever adds time). The curve is
+cached on disk under a key the backend gives (`Backend.cost_key`), so later processes start from
+it at once; the controller keeps refining it from the steps it times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from specdecode.backends.base import Backend
+
+#: Draft lengths measured; the controller interpolates between them (it costs a length at the
+#: price of the nearest measured length at or below it).
+MEASURED_LENGTHS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+_CONTEXT_TOKENS = 128
+_RUNS = 3
+
+
+def cache_dir() -> Path:
+    from specdecode.models.install import cache_root
+
+    return cache_root() / "costs"
+
+
+def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> dict[int, float]:
+    """Seconds of one forward over `k + 1` new tokens after a short context, for each `k`."""
+    # Token ids are arbitrary: the cost of a forward does not depend on which tokens it reads.
+    context = [(17 * i) % backend.vocab_size for i in range(_CONTEXT_TOKENS)]
+    seconds: dict[int, float] = {}
+    with torch.inference_mode():
+        backend.reset()
+        backend.extend(context)
+        for length in lengths:
+            ids = torch.tensor(context[: length + 1], dtype=torch.long)
+            best = float("inf")
+            for _ in range(_RUNS):
+                start = time.perf_counter()
+                backend.forward(ids)
+                best = min(best, time.perf_counter() - start)
+                backend.truncate(_CONTEXT_TOKENS)
+            seconds[length] = best
+        backend.reset()
+    return seconds
+
+
+def load_or_measure(backend: Backend) -> dict[int, float] | None:
+    """The backend's cost curve from the disk cache, else measured now (and cached); None when
+    the backend gives no cache key (its costs are then learned online only)."""
+    key = backend.cost_key
+    if key is None:
+        return None
+    path = cache_dir() / f"{key}.json"
+    try:
+        raw = json.loads(path.read_text())
+        return {int(length): float(value) for length, value in raw["seconds"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # not measured yet, or a damaged file: measure again
+    seconds = measure(backend)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "seconds": seconds}, indent=1))
+        tmp.replace(path)  # atomic: a killed process never leaves half a file
+    except OSError:
+        pass  # an unwritable cache costs a re-measurement next time, nothing else
+    return seconds

@@ -1,0 +1,181 @@
+"""The llamacpp backend on the registry's real GGUF files.
+
+- Tree attention through sequence ids: the logits at every node of one tree forward are those of
+  running the node's root-to-node path as a chain, and a commit keeps exactly the accepted path.
+- Greedy losslessness: every drafter and tree shape gives the token ids of `--drafter none` on the
+  same backend.
+- Sampling: a sampling verifier passes `certify` on this backend.
+- Bad input: a file llama.cpp cannot load, a missing llama-cpp-python, a prompt longer than the
+  context: one clear error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from specdecode import SamplingParams, SpecConfig, SpecDecoder
+from specdecode.backends.llamacpp import LlamaCppBackend
+from specdecode.certify import CertifyConfig, certify
+from specdecode.cli import CERTIFY_PROMPT
+from specdecode.errors import SpecDecodeError
+from specdecode.models import resolve_gguf
+from specdecode.tree import DraftTree
+
+pytestmark = pytest.mark.slow
+
+SMALL = "qwen2.5-coder-0.5b-instruct"
+EDIT_PROMPT = (
+    "Rename the variable `total` to `running_sum` and return the full code.\n\n```python\n"
+    "def mean(values):\n"
+    "    total = 0\n"
+    "    for value in values:\n"
+    "        total += value\n"
+    "    return total / len(values)\n```"
+)
+QUESTION_PROMPT = "Write a Python function that checks if a number is prime."
+
+
+@pytest.fixture(scope="module")
+def small() -> SpecDecoder:
+    return SpecDecoder.load(SMALL, backend="llamacpp")
+
+
+@pytest.fixture(scope="module")
+def pair(small: SpecDecoder) -> SpecDecoder:
+    # The 0.5B drafts for itself through a second context: same weights, separate cache.
+    draft = LlamaCppBackend(resolve_gguf(SMALL), max_context=4096)
+    return SpecDecoder(small.target, small.tokenizer, draft_model=draft)
+
+
+def _path_logits(backend: LlamaCppBackend, prompt: list[int], path: list[int]) -> torch.Tensor:
+    backend.reset()
+    backend.extend(prompt[:-1])
+    logits = backend.forward(torch.tensor(prompt[-1:] + path))
+    assert logits is not None
+    return logits[-1]
+
+
+def test_exact_kernels_compute_a_token_the_same_in_any_batch(small: SpecDecoder) -> None:
+    """Bit for bit, at a context past 512 cells (where llama.cpp's stock flash attention switches
+    to a split-KV kernel for single tokens) and at batch sizes across every stock kernel switch
+    (2, 4 and 8 rows)."""
+    backend = small.target
+    context = [1000 + (7 * i) % 5000 for i in range(600)]
+    drafts = [3000 + i for i in range(9)]
+    backend.reset()
+    backend.extend(context)
+    one_at_a_time = []
+    for token in drafts:
+        logits = backend.forward(torch.tensor([token]))
+        assert logits is not None
+        one_at_a_time.append(logits[0])
+    expected = torch.stack(one_at_a_time)
+    for count in (2, 3, 4, 8, 9):
+        backend.truncate(len(context))
+        batched = backend.forward(torch.tensor(drafts[:count]))
+        assert batched is not None
+        assert torch.equal(batched, expected[:count]), f"{count} tokens in one batch"
+
+
+def test_tree_forward_matches_each_path_and_commit_keeps_the_path(small: SpecDecoder) -> None:
+    backend = small.target
+    prompt = small.encode_prompt(QUESTION_PROMPT)
+    #        root
+    #       /    \
+    #     n0      n1
+    #    /  \      \
+    #  n2    n3     n4
+    #  |
+    #  n5
+    tokens = small.tokenizer.encode(" def is prime number check for all values")[:6]
+    parents = [-1, -1, 0, 0, 1, 2]
+    tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
+    backend.prefill(prompt)
+    tree_logits = backend.forward_tree(tree)  # [7, V]
+    paths: list[list[int]] = [[]]
+    for node, parent in enumerate(parents):
+        paths.append((paths[parent + 1] if parent >= 0 else []) + [tokens[node]])
+    for row, path in enumerate(paths):
+        expected = _path_logits(backend, prompt, path)
+        assert torch.equal(tree_logits[row], expected), f"node {row - 1}"
+
+    # Accept n0 -> n2 -> n5 with a bonus token: the cache then holds exactly that chain.
+    backend.prefill(prompt)
+    backend.forward_tree(tree)
+    bonus = int(tree_logits[6].argmax())
+    backend.commit([0, 2, 5], bonus)
+    after_commit = backend.forward(torch.tensor([bonus]))
+    assert after_commit is not None
+    assert backend.num_cached == len(prompt) + 4
+    expected = _path_logits(backend, prompt, [tokens[0], tokens[2], tokens[5], bonus])
+    assert torch.equal(after_commit[-1], expected)
+
+
+@pytest.mark.parametrize("prompt", [EDIT_PROMPT, QUESTION_PROMPT])
+def test_prompt_lookup_greedy_is_exact(small: SpecDecoder, prompt: str) -> None:
+    sampling = SamplingParams(max_new_tokens=64)
+    plain = small.generate(prompt, sampling, SpecConfig(drafter="none"))
+    for controller in ("heuristic", "cost-aware"):
+        fast = small.generate(
+            prompt, sampling, SpecConfig(drafter="prompt-lookup", controller=controller)
+        )
+        assert fast.token_ids == plain.token_ids, controller
+    if prompt is EDIT_PROMPT:  # the answer repeats the prompt: speculation must have happened
+        assert fast.stats.target_forwards < plain.stats.target_forwards
+
+
+@pytest.mark.parametrize(
+    "tree", ["chain", "static", "dynamic", "without-replacement", "iid", "delayed"]
+)
+def test_draft_model_greedy_is_exact_for_every_tree(pair: SpecDecoder, tree: str) -> None:
+    sampling = SamplingParams(max_new_tokens=40)
+    spec = SpecConfig(drafter="draft-model", tree=tree, num_draft_tokens=4, controller="fixed")
+    for prompt in (EDIT_PROMPT, QUESTION_PROMPT):
+        plain = pair.generate(prompt, sampling, SpecConfig(drafter="none"))
+        fast = pair.generate(prompt, sampling, spec)
+        assert fast.token_ids == plain.token_ids, prompt
+        # The draft is the target's own weights: nearly everything is accepted.
+        assert fast.stats.mean_accepted_tokens > 2.5
+
+
+@pytest.mark.parametrize(
+    ("drafter", "tree", "verifier"),
+    [
+        ("prompt-lookup", "chain", "rejection"),
+        ("draft-model", "iid", "spectr"),
+        ("draft-model", "without-replacement", "traversal"),
+    ],
+)
+def test_sampling_verifiers_pass_certify(
+    pair: SpecDecoder, drafter: str, tree: str, verifier: str
+) -> None:
+    spec = SpecConfig(
+        drafter=drafter, tree=tree, verifier=verifier, num_draft_tokens=3, controller="fixed"
+    )
+    prompt = pair.encode_prompt(CERTIFY_PROMPT, chat=False)
+    sampling = SamplingParams(temperature=1.0)
+    report = certify(pair.engine, prompt, sampling, spec, CertifyConfig(samples=200, seed=7))
+    assert report.verdict == "PASS", report.summary()
+
+
+def test_a_file_llama_cpp_cannot_load_is_one_clear_error(tmp_path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(SpecDecodeError, match="could not load"):
+        LlamaCppBackend(bogus)
+
+
+def test_missing_llama_cpp_says_how_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    with pytest.raises(SpecDecodeError, match=r"pip install 'specdecode\[llamacpp\]'"):
+        SpecDecoder.load(SMALL, backend="llamacpp")
+
+
+def test_prompt_longer_than_the_context_is_refused() -> None:
+    backend = LlamaCppBackend(resolve_gguf(SMALL), max_context=32)
+    assert backend.max_context >= 32  # llama.cpp rounds the context up (to 256 cells here)
+    with pytest.raises(SpecDecodeError, match="shorten the prompt"):
+        backend.prefill([100 + i % 50 for i in range(backend.max_context + 10)])
