@@ -76,6 +76,28 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
     assert (out / "speedup.png").stat().st_size > 0 and (out / "accepted.png").exists()
 
 
+def test_every_run_prefills_its_own_prompt(monkeypatch) -> None:
+    """The backend keeps a prompt cached for the next generation of the same prompt; in the
+    benchmark that would hand every method after the baseline a free prefill."""
+    from specdecode import SpecDecoder
+    from specdecode.bench.runner import Runner
+    from specdecode.config import SamplingParams
+
+    llm = SpecDecoder.load(TINY)
+    prompt = load_suite("quick", ["code-editing"])[0]
+    runner = Runner(llm, parse_methods("prompt-lookup,prompt-lookup-k10"), SamplingParams())
+    prompt_ids = runner.encode(prompt)
+    prefilled: list[int] = []
+    real_extend = llm.target.extend
+    monkeypatch.setattr(
+        llm.target, "extend", lambda tokens: prefilled.append(len(tokens)) or real_extend(tokens)
+    )
+    monkeypatch.setattr(runner, "warm_up", lambda ids: None)  # only the measured runs
+    records = runner.run([prompt])
+    assert len(records) == 3
+    assert prefilled == [len(prompt_ids) - 1] * 3  # the whole prompt but its last token, each
+
+
 def test_speedups_are_ratios_of_runs_on_the_same_prompt_and_repeat() -> None:
     def record(method: str, prompt: str, repeat: int, tps: float) -> Record:
         return Record(method, prompt, "c", repeat, 10, 10 / tps, tps, 1.0)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -179,3 +180,15 @@ def test_prompt_longer_than_the_context_is_refused() -> None:
     assert backend.max_context >= 32  # llama.cpp rounds the context up (to 256 cells here)
     with pytest.raises(SpecDecodeError, match="shorten the prompt"):
         backend.prefill([100 + i % 50 for i in range(backend.max_context + 10)])
+
+
+def test_cli_generates_on_the_llamacpp_backend(capsys) -> None:
+    from specdecode.cli import main
+
+    argv = ["generate", QUESTION_PROMPT, "--backend", "llamacpp", "--max-new-tokens", "12"]
+    assert main([*argv, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 12 and out["text"]
+    # The stock kernels run too, with a warning that they are not guaranteed exact.
+    assert main([*argv, "--backend", "llamacpp-stock"]) == 0
+    assert "use --backend llamacpp for exact output" in capsys.readouterr().err

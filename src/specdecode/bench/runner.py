@@ -143,7 +143,11 @@ class Runner:
             return out.token_ids, out.seconds, {}
         backend = self.backend_of(method)
         assert backend is not None
-        result = self.decoders[backend].generate(prompt_ids, sampling, method.spec)
+        decoder = self.decoders[backend]
+        # Every run pays for its own prefill: the backend would otherwise find the prompt that
+        # the previous method left in its cache and skip it.
+        decoder.target.reset()
+        result = decoder.generate(prompt_ids, sampling, method.spec)
         return result.token_ids, result.stats.seconds, result.stats.to_dict()
 
     def warm_up(self, prompt_ids: list[int]) -> None:
