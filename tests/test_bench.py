@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from specdecode.api import BACKENDS
 from specdecode.bench import runner as runner_module
-from specdecode.bench.methods import BUILTIN, SETS, parse_methods
+from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
 from specdecode.bench.report import speedups
 from specdecode.bench.runner import Record, read_records
 from specdecode.bench.suites import load_suite
@@ -322,7 +323,11 @@ def test_committed_methods_files_parse_and_name_known_parts(path: Path) -> None:
     methods = parse_methods(str(path))
     assert methods
     for method in methods:
+        if method.peer is not None:
+            assert method.peer in PEERS
+            continue
         assert method.spec is not None
+        assert method.backend is None or method.backend in BACKENDS
         assert method.spec.drafter in DRAFTERS
         assert method.spec.tree == CHAIN or method.spec.tree in TREE_SHAPES
         assert method.spec.verifier is None or method.spec.verifier in VERIFIERS
