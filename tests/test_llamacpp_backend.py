@@ -192,3 +192,21 @@ def test_cli_generates_on_the_llamacpp_backend(capsys) -> None:
     # The stock kernels run too, with a warning that they are not guaranteed exact.
     assert main([*argv, "--backend", "llamacpp-stock"]) == 0
     assert "use --backend llamacpp for exact output" in capsys.readouterr().err
+
+
+def test_a_refused_tree_leaves_the_cache_as_it_was(small: SpecDecoder) -> None:
+    backend = small.target
+    prompt = small.encode_prompt(QUESTION_PROMPT)
+    backend.prefill(prompt)
+    cached = backend.num_cached
+    before = backend.forward(torch.tensor(prompt[-1:]))
+    backend.truncate(cached)
+    free_ids = len(backend._free_sequences)
+    # Two nodes at the same depth where the second sees the first: not a tree.
+    bad_mask = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(SpecDecodeError, match="deeper"):
+        backend.forward(torch.tensor([5, 6]), torch.tensor([cached, cached]), bad_mask)
+    assert backend.num_cached == cached
+    assert len(backend._free_sequences) == free_ids  # no sequence id leaked
+    after = backend.forward(torch.tensor(prompt[-1:]))
+    assert before is not None and after is not None and torch.equal(before, after)

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from specdecode.api import DEFAULT_MODEL, SpecDecoder
+from specdecode.api import BACKENDS, DEFAULT_MODEL, SpecDecoder
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.errors import SpecDecodeError
 
@@ -68,7 +68,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer, to draft with")
     p.add_argument(
         "--backend",
-        choices=["torch", "hf", "llamacpp", "llamacpp-stock"],
+        choices=BACKENDS,
         default="torch",
         help="torch: our compact transformer (default); hf: transformers, chains only; "
         "llamacpp: the GGUF file as quantized, through llama.cpp, with batch-invariant kernels "

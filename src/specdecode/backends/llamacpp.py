@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +43,17 @@ BATCH_SIZE = 512
 
 
 _TILED_SWITCH = "GGML_CPU_TILED_MM"
-_LOG_ERROR, _LOG_CONTINUED = 4, 5  # ggml_log_level
-_log_state = {"errors": False, "callback": None}
+_log_callback = None  # kept referenced: llama.cpp calls it for the life of the process
 
 
-def _log_errors_only(level: int, text: bytes, user_data) -> None:
-    # llama.cpp reports every tensor it loads; only its errors help a user.
-    if level != _LOG_CONTINUED:
-        _log_state["errors"] = level == _LOG_ERROR
-    if _log_state["errors"]:
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+def _silent(level: int, text: bytes, user_data) -> None:
+    # llama.cpp logs every tensor it loads, and its errors come back as return codes that this
+    # backend turns into one-line messages saying what to do.
+    return None
 
 
 def import_llama_cpp():
-    """The `llama_cpp` module (with llama.cpp's logging cut to errors), or one line saying how to
+    """The `llama_cpp` module (with llama.cpp's own logging off), or one line saying how to
     install it."""
     try:
         import llama_cpp
@@ -68,10 +64,10 @@ def import_llama_cpp():
     # llama.cpp reads this switch once per process, at its first matrix product: set before any
     # use, so that every llama.cpp model in the process can run exact (LlamaCppBackend).
     os.environ.setdefault(_TILED_SWITCH, "0")
-    if _log_state["callback"] is None:
-        # Kept referenced: llama.cpp calls it for the life of the process.
-        _log_state["callback"] = llama_cpp.llama_log_callback(_log_errors_only)
-        llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+    global _log_callback
+    if _log_callback is None:
+        _log_callback = llama_cpp.llama_log_callback(_silent)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     return llama_cpp
 
 
@@ -297,14 +293,42 @@ class LlamaCppBackend(Backend):
             )
         first_column_slot = len(self._slots) - cached_columns
         new_slots = [_Slot(pos, self._free_sequences.pop()) for pos in positions]
+        cached_slots = list(self._slots)
+        # Registered before tagging, so that any failure below releases every tag and id.
+        self._slots.extend(new_slots)
+        try:
+            self._tag_and_decode(
+                tokens,
+                positions,
+                tree_mask,
+                cached_slots,
+                first_column_slot,
+                new_slots,
+                want_logits,
+            )
+        except SpecDecodeError:
+            self.truncate(self.num_cached - count)
+            raise
+
+    def _tag_and_decode(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tree_mask: torch.Tensor,  # [T, S] bool
+        cached_slots: list[_Slot],
+        first_column_slot: int,
+        new_slots: list[_Slot],
+        want_logits: bool,
+    ) -> None:
+        cached_columns = len(cached_slots) - first_column_slot
         visible = tree_mask.tolist()
         members: list[list[int]] = [[slot.sequence] for slot in new_slots]
         for row, slot in enumerate(new_slots):
             # A query sees the committed chain, every slot left of the mask's columns, and the
             # slots the mask allows.
             self._lib.llama_memory_seq_cp(self._memory, 0, slot.sequence, -1, -1)
-            seen = self._slots[:first_column_slot] + [
-                self._slots[first_column_slot + column]
+            seen = cached_slots[:first_column_slot] + [
+                cached_slots[first_column_slot + column]
                 for column in range(cached_columns)
                 if visible[row][column]
             ]
@@ -320,12 +344,7 @@ class LlamaCppBackend(Backend):
                         raise SpecDecodeError("a tree node must sit deeper than every node it sees")
                     members[column].append(slot.sequence)
         self._fill_batch(tokens, positions, members, want_logits)
-        self._slots.extend(new_slots)
-        try:
-            self._decode()
-        except SpecDecodeError:
-            self.truncate(self.num_cached - count)
-            raise
+        self._decode()
 
     def _fill_batch(
         self,

@@ -11,7 +11,7 @@ from specdecode.errors import SpecDecodeError
 
 
 def add_parser(sub, add_draft_quantize) -> None:
-    from specdecode.api import DEFAULT_MODEL
+    from specdecode.api import BACKENDS, DEFAULT_MODEL
     from specdecode.bench.methods import BUILTIN, PEERS, SETS
     from specdecode.bench.suites import SUITES
 
@@ -51,7 +51,7 @@ def add_parser(sub, add_draft_quantize) -> None:
     p.add_argument("--repeats", type=int, default=1, metavar="R", help="default: 1")
     p.add_argument(
         "--backend",
-        choices=["torch", "hf", "llamacpp", "llamacpp-stock"],
+        choices=BACKENDS,
         default="torch",
         help="model backend of the baseline and of every method that names none (default: "
         "torch); a methods file may put single methods on another backend, which then gets its "
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     bar.close()
-    precision = "GGUF as quantized" if args.backend == "llamacpp" else args.dtype
+    precision = "GGUF as quantized" if args.backend.startswith("llamacpp") else args.dtype
     settings = (
         f"Target `{args.model}` ({args.backend} backend, {precision})"
         + (f", draft `{args.draft_model}`" if needing else "")
