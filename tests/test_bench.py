@@ -116,6 +116,17 @@ def test_speedups_are_ratios_of_runs_on_the_same_prompt_and_repeat() -> None:
     assert ratios[("overall", "x")] == ratios[("c", "x")]
 
 
+def test_decode_speedups_leave_the_prefill_out() -> None:
+    def record(method: str, seconds: float, prefill: float | None) -> Record:
+        return Record(method, "a", "c", 0, 10, seconds, 10 / seconds, 1.0, prefill_seconds=prefill)
+
+    # Both spend 4 s on the prompt; after it, x decodes its 10 tokens in 1 s to none's 4 s.
+    records = [record("none", 8.0, 4.0), record("x", 5.0, 4.0), record("peer", 6.0, None)]
+    assert speedups(records)[("c", "x")] == [8.0 / 5.0]
+    assert speedups(records, decode_only=True)[("c", "x")] == [4.0]
+    assert ("c", "peer") not in speedups(records, decode_only=True)  # no prefill measured
+
+
 class AcceptEverything(Verifier):
     """Deliberately wrong: keeps every draft whatever the target says."""
 

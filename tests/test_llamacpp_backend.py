@@ -61,11 +61,12 @@ def _path_logits(backend: LlamaCppBackend, prompt: list[int], path: list[int]) -
 
 def test_exact_kernels_compute_a_token_the_same_in_any_batch(small: SpecDecoder) -> None:
     """Bit for bit, at a context past 512 cells (where llama.cpp's stock flash attention switches
-    to a split-KV kernel for single tokens) and at batch sizes across every stock kernel switch
-    (2, 4 and 8 rows)."""
+    to a split-KV kernel for single tokens), at batch sizes across every stock kernel switch (the
+    repacked weights' groups of 4 rows, the tiled kernel's 8), and past the 64 queries from which
+    flash attention tiles (exact mode verifies in pieces below it)."""
     backend = small.target
     context = [1000 + (7 * i) % 5000 for i in range(600)]
-    drafts = [3000 + i for i in range(9)]
+    drafts = [3000 + i for i in range(70)]
     backend.reset()
     backend.extend(context)
     one_at_a_time = []
@@ -74,11 +75,30 @@ def test_exact_kernels_compute_a_token_the_same_in_any_batch(small: SpecDecoder)
         assert logits is not None
         one_at_a_time.append(logits[0])
     expected = torch.stack(one_at_a_time)
-    for count in (2, 3, 4, 8, 9):
+    for count in (2, 3, 4, 5, 8, 9, 70):
         backend.truncate(len(context))
         batched = backend.forward(torch.tensor(drafts[:count]))
         assert batched is not None
         assert torch.equal(batched, expected[:count]), f"{count} tokens in one batch"
+
+
+def test_a_tree_wider_than_a_piece_matches_its_paths(small: SpecDecoder) -> None:
+    """A 70-node tree goes through flash attention in two pieces, the second seeing the first
+    as cached nodes: every node's logits still equal its path's, run as a chain."""
+    backend = small.target
+    prompt = small.encode_prompt(QUESTION_PROMPT)
+    # a chain of 10 under the root, and 60 leaves hanging off its nodes in turn
+    parents = list(range(-1, 9)) + [i % 10 for i in range(60)]
+    tokens = [2000 + 3 * i for i in range(len(parents))]
+    tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
+    backend.prefill(prompt)
+    tree_logits = backend.forward_tree(tree)
+    for node in (0, 9, 10, 45, 69):
+        path = [node]
+        while parents[path[0]] >= 0:
+            path.insert(0, parents[path[0]])
+        expected = _path_logits(backend, prompt, [tokens[i] for i in path])
+        assert torch.equal(tree_logits[node + 1], expected), f"node {node}"
 
 
 def test_tree_forward_matches_each_path_and_commit_keeps_the_path(small: SpecDecoder) -> None:

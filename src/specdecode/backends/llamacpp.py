@@ -40,6 +40,12 @@ INSTALL_HINT = "pip install 'specdecode[llamacpp]' (builds llama.cpp from source
 #: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
 MAX_SEQUENCES = 256
 BATCH_SIZE = 512
+#: Exact mode pads every batch to a multiple of this many rows: the repacked weights' matrix-matrix
+#: kernel takes rows in groups of 4 and leaves the rest to a matrix-vector kernel.
+GEMM_ROWS = 4
+#: ... and runs a forward that returns logits in pieces of at most this many rows: flash attention
+#: tiles 64 queries or more (GGML_FA_TILE_Q) with another summation order.
+EXACT_LOGIT_ROWS = 60
 
 
 _TILED_SWITCH = "GGML_CPU_TILED_MM"
@@ -82,24 +88,33 @@ class _Slot:
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp with a tree-capable KV cache.
 
-    `exact=True` (the default) runs llama.cpp with kernels whose result for a token does not
-    depend on how many tokens share its forward, so that verifying k drafts in one batch computes,
-    bit for bit, what decoding them one at a time would; greedy speculation is then token-identical
-    to this backend's plain decoding. llama.cpp's stock CPU kernels are not batch-invariant:
+    `exact=True` (the default) runs llama.cpp so that the result for a token does not depend on
+    how many tokens share its forward: verifying k drafts in one batch computes, bit for bit, what
+    decoding them one at a time would, and greedy speculation is token-identical to this backend's
+    plain decoding. llama.cpp's stock CPU kernels are not batch-invariant:
 
-    - weights repacked for the CPU (`use_extra_bufts`) run a matrix-vector kernel below 4 rows and
-      a matrix-matrix kernel from 4 rows on, with another summation order;
-    - K-quant weights switch to a tiled matrix kernel from 8 rows on (`GGML_CPU_TILED_MM`);
+    - weights repacked for the CPU (`use_extra_bufts`) run a matrix-vector kernel for the last
+      `rows % 4` rows of a product and a matrix-matrix kernel, with another summation order, for
+      the groups of 4 before them;
+    - unrepacked K-quant weights switch to a tiled kernel from 8 rows on (`GGML_CPU_TILED_MM`);
     - flash attention over an F16/F32 cache splits the KV range across threads for a single query
       once the cache holds 512 cells, and tiles queries from 64 on; without flash attention, the
       attention products go through llamafile's tinyBLAS from 2 rows on.
 
-    Exact mode therefore keeps weights unrepacked, runs without the tiled matrix kernel, and stores
-    the KV cache as Q8_0 with flash attention on, which takes the per-query reference path for
-    every batch size. The tiled kernel's switch is read once per process, so specdecode turns it
-    off for every llama.cpp model it loads (`import_llama_cpp`). Exactness costs speed on wide
-    forwards (measured on this machine: see README). `exact=False` keeps llama.cpp's other
-    defaults: faster verification, but a near-tie can resolve differently from plain decoding.
+    Exact mode therefore pads every batch with scratch tokens to a multiple of 4 rows (outputs
+    too), so that every row takes the matrix-matrix kernel, which a single query also rules out
+    the split-KV path; runs without the tiled kernel; and turns flash attention on, decoding any
+    forward that returns logits in pieces of at most 60 rows, below the query tiling. The scratch
+    tokens sit in a sequence of their own that nothing attends to, and their cells are freed after
+    the forward. Only the prompt's prefill, which returns no logits, runs wider: plain and
+    speculative decoding share it, so both start from the same cache.
+
+    The price: a forward of 1 to 3 tokens costs what one of 4 does (the controller's cost curve
+    sees it and drafts at least 3 tokens when it can), while prefill and wide verification run at
+    stock speed. The tiled kernel's switch is read once per process, so specdecode turns it off
+    for every llama.cpp model it loads (`import_llama_cpp`). `exact=False` keeps llama.cpp's
+    defaults: a single token decodes faster, but a near-tie can resolve differently in a batch
+    than alone.
     """
 
     truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
@@ -129,7 +144,6 @@ class LlamaCppBackend(Backend):
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        model_params.use_extra_bufts = not exact
         model = lib.llama_model_load_from_file(str(path).encode(), model_params)
         if not model:
             raise SpecDecodeError(
@@ -150,8 +164,6 @@ class LlamaCppBackend(Backend):
         context_params.n_threads_batch = threads
         if exact:
             context_params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            context_params.type_k = lib.GGML_TYPE_Q8_0
-            context_params.type_v = lib.GGML_TYPE_Q8_0
         context = lib.llama_init_from_model(model, context_params)
         if not context:
             lib.llama_model_free(model)
@@ -161,16 +173,25 @@ class LlamaCppBackend(Backend):
         self._context = context
         self._memory = lib.llama_get_memory(context)
         vocab = lib.llama_model_get_vocab(model)
-        super().__init__(lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context))
+        # Exact mode keeps room for the scratch rows that pad a batch.
+        self._padding_rows = GEMM_ROWS - 1 if exact else 0
+        super().__init__(
+            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - self._padding_rows
+        )
         self.path = path
         self.threads = threads
         self.exact = exact
-        self._batch_size = min(BATCH_SIZE, max_context)
-        self._batch = lib.llama_batch_init(self._batch_size, 0, sequences)
+        batch_rows = min(BATCH_SIZE, max_context)
+        self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
+        # the most tokens a forward takes, so that the padded batch still fits
+        self._batch_size = batch_rows - batch_rows % GEMM_ROWS if exact else batch_rows
         self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
         self._free_sequences = list(range(sequences - 1, 0, -1))
-        self._max_tree_nodes = sequences - 1
+        # The scratch rows' own sequence: no query reads it, so they touch no real token.
+        self._scratch_sequence = self._free_sequences.pop(0) if exact else None
+        self._max_tree_nodes = len(self._free_sequences)
+        self._state_buffer: ctypes.Array | None = None  # reused by _compact
 
     def __del__(self) -> None:
         lib = getattr(self, "_lib", None)
@@ -191,7 +212,8 @@ class LlamaCppBackend(Backend):
         stat = self.path.stat()
         ident = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self._lib.__version__}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        return f"llamacpp-{self.path.stem}-{digest}-{self.threads}threads"
+        kernels = "exact" if self.exact else "stock"
+        return f"llamacpp-{kernels}-{self.path.stem}-{digest}-{self.threads}threads"
 
     # ---- the Backend primitives ----------------------------------------------------------------
 
@@ -215,15 +237,41 @@ class LlamaCppBackend(Backend):
             )
         if positions is None:
             positions = self.num_cached + torch.arange(count)
-        if tree_mask is None and not self._slots:
-            self._decode_chain(token_ids.tolist(), positions.tolist(), return_logits)
-        else:
-            if tree_mask is None:  # causal after the tree slots: everything before is visible
-                tree_mask = torch.ones(count, count + len(self._slots), dtype=torch.bool).tril(
-                    len(self._slots)
-                )
-            self._decode_tree(token_ids.tolist(), positions.tolist(), tree_mask, return_logits)
-        return self._read_logits(count) if return_logits else None
+        if tree_mask is None and self._slots:  # causal after the tree slots: all before is seen
+            tree_mask = torch.ones(count, count + len(self._slots), dtype=torch.bool).tril(
+                len(self._slots)
+            )
+        tokens, positions = token_ids.tolist(), positions.tolist()
+        # Rows that want logits go in pieces narrow enough for the per-query attention path.
+        piece = EXACT_LOGIT_ROWS if self.exact and return_logits else count
+        cached_before = self.num_cached
+        logits = []
+        try:
+            for start in range(0, count, piece):
+                end = min(start + piece, count)
+                if tree_mask is None:
+                    self._decode_chain(tokens[start:end], positions[start:end], return_logits)
+                else:
+                    # the earlier pieces are cached slots now, seen through the mask's columns
+                    columns = tree_mask.shape[1] - count + end
+                    self._decode_tree(
+                        tokens[start:end],
+                        positions[start:end],
+                        tree_mask[start:end, :columns],
+                        return_logits,
+                    )
+                if return_logits:
+                    logits.append(self._read_logits(end - start))
+        except SpecDecodeError:
+            self.truncate(cached_before)
+            raise
+        return torch.cat(logits) if return_logits else None
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        # chunks no larger than a batch, which a small context makes smaller than the base's
+        ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        for start in range(0, ids.shape[0], self._batch_size):
+            self.forward(ids[start : start + self._batch_size], return_logits=False)
 
     def truncate(self, length: int) -> None:
         length = max(0, length)
@@ -258,11 +306,33 @@ class LlamaCppBackend(Backend):
                 self._memory, slot.sequence, 0, slot.position, slot.position + 1
             )
             self._chain_length += 1
+        last_kept = max((self._slots.index(slot) for slot in path), default=-1)
+        holes = len(path) < last_kept + 1  # a dropped node sat among the kept ones
         for slot in self._slots:
             self._release(slot)
         self._slots = []
+        if holes and self.exact:
+            self._compact()
 
     # ---- llama.cpp plumbing --------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        """Rewrite the committed chain into consecutive cells, in position order.
+
+        Attention sums a query's cells in cache order, so exactness needs the committed cells in
+        position order, as plain decoding leaves them. llama.cpp fills the holes that dropped tree
+        nodes leave with the next tokens, which would put those before later path cells. Saving
+        sequence 0 and loading it back into an emptied cache places it contiguously, bytes
+        unchanged."""
+        lib, context = self._lib, self._context
+        size = lib.llama_state_seq_get_size(context, 0)
+        if self._state_buffer is None or len(self._state_buffer) < size:
+            self._state_buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(context, self._state_buffer, size, 0)
+        lib.llama_memory_seq_rm(self._memory, 0, -1, -1)
+        if lib.llama_state_seq_set_data(context, self._state_buffer, written, 0) != written:
+            self._chain_length = 0
+            raise SpecDecodeError("llama.cpp could not compact its KV cache: start over")
 
     def _release(self, slot: _Slot) -> None:
         # Untags every cell the slot could see; a cell with no sequence left is freed.
@@ -353,20 +423,32 @@ class LlamaCppBackend(Backend):
         sequences: list[list[int]],
         want_logits: bool,
     ) -> None:
+        padding = -len(tokens) % GEMM_ROWS if self.exact else 0
+        rows = len(tokens) + padding
         batch = self._batch
-        batch.n_tokens = len(tokens)
+        batch.n_tokens = rows
         for i, (token, position, ids) in enumerate(zip(tokens, positions, sequences, strict=True)):
             batch.token[i] = token
             batch.pos[i] = position
             batch.n_seq_id[i] = len(ids)
             for k, sequence in enumerate(ids):
                 batch.seq_id[i][k] = sequence
-            batch.logits[i] = want_logits
-        if not want_logits:  # llama.cpp wants at least one output row; the last is cheapest
-            batch.logits[len(tokens) - 1] = True
+        for i in range(padding):
+            row = len(tokens) + i
+            batch.token[row] = 0
+            batch.pos[row] = i  # a sequence's positions must be consecutive, from 0 when empty
+            batch.n_seq_id[row] = 1
+            batch.seq_id[row][0] = self._scratch_sequence
+        # The output rows go through the vocabulary projection as one product: in exact mode
+        # their count is padded too. llama.cpp wants at least one output row.
+        least_outputs = GEMM_ROWS if self.exact else 1
+        for i in range(rows):
+            batch.logits[i] = want_logits or i >= rows - least_outputs
 
     def _decode(self) -> None:
         status = self._lib.llama_decode(self._context, self._batch)
+        if self.exact:
+            self._lib.llama_memory_seq_rm(self._memory, self._scratch_sequence, -1, -1)
         if status != 0:
             raise SpecDecodeError(
                 f"llama.cpp failed to decode a batch (status {status}): the KV cache may be full; "

@@ -30,6 +30,7 @@ INSTALL_HINTS = {
 class PeerOutput:
     token_ids: list[int]
     seconds: float
+    prefill_seconds: float | None = None  # until the first token: the prompt's evaluation
 
 
 class Peer(Protocol):
@@ -148,6 +149,7 @@ class LlamaCppPeer:
     ) -> PeerOutput:
         self.llm.reset()
         tokens: list[int] = []
+        first_token_at: float | None = None
         start = time.perf_counter()
         for token in self.llm.generate(
             prompt_ids,
@@ -156,9 +158,12 @@ class LlamaCppPeer:
             top_p=sampling.top_p,
             reset=True,
         ):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
             if token in eos_token_ids:
                 break
             tokens.append(token)
             if len(tokens) >= sampling.max_new_tokens:
                 break
-        return PeerOutput(tokens, time.perf_counter() - start)
+        prefill = None if first_token_at is None else first_token_at - start
+        return PeerOutput(tokens, time.perf_counter() - start, prefill)

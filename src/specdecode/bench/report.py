@@ -28,28 +28,38 @@ def geometric_mean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def speedups(records: Sequence[Record]) -> dict[tuple[str, str], list[float]]:
-    """Per (category, method), and per ("overall", method): ratios to the baseline's tokens/s."""
-    baseline = {
-        (r.prompt_id, r.repeat): r.tokens_per_second for r in records if r.method == BASELINE.name
-    }
+def speedups(
+    records: Sequence[Record], decode_only: bool = False
+) -> dict[tuple[str, str], list[float]]:
+    """Per (category, method), and per ("overall", method): ratios to the baseline's tokens/s
+    (with `decode_only`, of tokens/s after the prefill)."""
+
+    def rate(record: Record) -> float | None:
+        return record.decode_tokens_per_second if decode_only else record.tokens_per_second
+
+    baseline = {(r.prompt_id, r.repeat): rate(r) for r in records if r.method == BASELINE.name}
     ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in records:
-        base = baseline.get((r.prompt_id, r.repeat))
-        if base and r.tokens_per_second > 0:
-            ratios[(r.category, r.method)].append(r.tokens_per_second / base)
-            ratios[(OVERALL, r.method)].append(r.tokens_per_second / base)
+        base, own = baseline.get((r.prompt_id, r.repeat)), rate(r)
+        if base and own:
+            ratios[(r.category, r.method)].append(own / base)
+            ratios[(OVERALL, r.method)].append(own / base)
     return ratios
+
+
+def _ratio(values: Sequence[float]) -> str:
+    return f"{geometric_mean(values):.2f}x" if values else "-"
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _table(records: Sequence[Record], category: str, ratios) -> list[str]:
+def _table(records: Sequence[Record], category: str, ratios, decode_ratios) -> list[str]:
     lines = [
-        "| method | speed-up | tokens/s | tokens/forward | drafted accepted | peak MB | exact |",
-        "|---|---|---|---|---|---|---|",
+        "| method | speed-up | decode speed-up | tokens/s | tokens/forward | drafted accepted "
+        "| peak MB | exact |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r.method for r in records):
         rows = [r for r in records if r.method == method and category in (OVERALL, r.category)]
@@ -63,6 +73,7 @@ def _table(records: Sequence[Record], category: str, ratios) -> list[str]:
         cells = [
             f"`{method}`",
             f"{geometric_mean(ratios.get((category, method), [])):.2f}x",
+            _ratio(decode_ratios.get((category, method), [])),
             f"{tps:.2f}",
             "-" if per_forward is None else f"{per_forward:.2f}",
             "-" if first_rate is None else f"{first_rate:.0%} of first drafts",
@@ -108,12 +119,15 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
         lines += [f"- **{r.method}** on `{r.prompt_id}` (repeat {r.repeat})" for r in mismatches]
         lines.append("")
     ratios = speedups(records)
+    decode_ratios = speedups(records, decode_only=True)
     if settings:
         lines += [settings, ""]
     lines += [
         "Speed-up: geometric mean over prompts of tokens/s relative to `none` (plain decoding "
         "through the same engine) on the same prompt, run interleaved. tokens/forward: tokens "
-        "emitted per target forward pass. Seconds include prompt prefill.",
+        "emitted per target forward pass. Seconds include prompt prefill; decode speed-up is the "
+        "same ratio over the seconds after it (a peer's prefill: until its first token), as "
+        "llama.cpp reports prompt and generation speeds apart.",
         "",
     ]
     backends = sorted({r.backend for r in records if r.backend})
@@ -126,11 +140,11 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
     lines += [
         "## Overall",
         "",
-        *_table(records, OVERALL, ratios),
+        *_table(records, OVERALL, ratios, decode_ratios),
         "",
     ]
     for category in dict.fromkeys(r.category for r in records):
-        lines += [f"## {category}", "", *_table(records, category, ratios), ""]
+        lines += [f"## {category}", "", *_table(records, category, ratios, decode_ratios), ""]
     lines += [f"Machine: {machine_description()}.", "", f"Command: `{command}`", ""]
     return "\n".join(lines)
 

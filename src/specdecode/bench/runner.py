@@ -57,6 +57,13 @@ class Record:
     token_ids: list[int] = field(default_factory=list)
 
     @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens/s after the prompt's prefill, as llama.cpp reports its evaluation speed."""
+        if self.prefill_seconds is None or self.seconds <= self.prefill_seconds:
+            return None
+        return self.new_tokens / (self.seconds - self.prefill_seconds)
+
+    @property
     def key(self) -> tuple[str, str, int]:
         return (self.method, self.prompt_id, self.repeat)
 
@@ -140,7 +147,7 @@ class Runner:
             out = self.peers[method.peer].generate(
                 method.peer, prompt_ids, sampling, self.llm.tokenizer.eos_token_ids
             )
-            return out.token_ids, out.seconds, {}
+            return out.token_ids, out.seconds, {"prefill_seconds": out.prefill_seconds}
         backend = self.backend_of(method)
         assert backend is not None
         decoder = self.decoders[backend]
