@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -268,6 +269,71 @@ def test_missing_peer_package_stops_or_is_skipped(tmp_path: Path, capsys, monkey
     captured = capsys.readouterr()
     assert code == 0 and "warning: skipping hf-ar" in captured.err
     assert "`hf-ar`" not in captured.out and "`prompt-lookup`" in captured.out
+
+
+FAKE_LLAMA_SERVER = """#!{python}
+# Stands in for llama-server: answers /health, and /completion with the prompt's last 3 tokens,
+# then an end-of-sequence token; logs its arguments and each request body.
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+log = open({log!r}, "a")
+log.write(json.dumps({{"argv": sys.argv[1:]}}) + "\\n"); log.flush()
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data)))
+        self.end_headers(); self.wfile.write(data)
+    def do_GET(self):
+        self.reply({{"status": "ok"}})
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        log.write(json.dumps({{"request": request}}) + "\\n"); log.flush()
+        tokens = request["prompt"][-3:] + [{eos}]
+        self.reply({{"tokens": tokens, "timings": {{"prompt_ms": 250.0}}}})
+HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_llama_server_peer_speaks_the_servers_protocol(tmp_path: Path, monkeypatch) -> None:
+    """The llamacpp-server peers against a stand-in server: the binary gets the model, the port
+    and the n-gram flags; each prompt goes as token ids, greedy, without prompt caching; the
+    reply is cut at EOS and its prompt time is the prefill."""
+    from specdecode.bench.peers import LlamaServerPeer
+    from specdecode.config import SamplingParams
+
+    log = tmp_path / "server.log"
+    eos = 151645
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable, log=str(log), eos=eos))
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPECDECODE_LLAMA_SERVER", str(fake))
+    peer = LlamaServerPeer("llamacpp-server-ngram", TINY, threads=2)
+    try:
+        out = peer.generate(
+            "llamacpp-server-ngram", [5, 6, 7, 8], SamplingParams(max_new_tokens=9), {eos}
+        )
+    finally:
+        peer.close()
+    assert out.token_ids == [6, 7, 8] and out.prefill_seconds == 0.25
+    assert out.seconds > 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    argv, request = entries[0]["argv"], entries[1]["request"]
+    assert argv[argv.index("--spec-type") + 1] == "ngram-simple"
+    assert argv[argv.index("-m") + 1].endswith(".gguf") and argv[argv.index("-t") + 1] == "2"
+    assert request["prompt"] == [5, 6, 7, 8] and request["n_predict"] == 9
+    assert request["temperature"] == 0.0 and request["cache_prompt"] is False
+
+
+def test_a_missing_llama_server_stops_the_run_with_the_build_command(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("SPECDECODE_LLAMA_SERVER", str(tmp_path / "absent"))
+    code = main(["bench", *FAST, "--methods", "prompt-lookup,llamacpp-server-ngram"])
+    err = capsys.readouterr().err
+    assert code == 2 and "build_llama_server.sh" in err and "--skip-missing" in err
 
 
 def test_peak_memory_sees_an_allocation_that_is_gone_by_the_end() -> None:

@@ -96,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
     from specdecode.api import SpecDecoder
     from specdecode.bench.methods import parse_methods
-    from specdecode.bench.peers import HFPeer, LlamaCppPeer, missing_package
+    from specdecode.bench.peers import (
+        SERVER_FLAGS,
+        HFPeer,
+        LlamaCppPeer,
+        LlamaServerPeer,
+        missing_package,
+    )
     from specdecode.bench.report import plot, report
     from specdecode.bench.runner import Runner, append_record, read_records
     from specdecode.bench.suites import load_suite
@@ -161,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         peers["llamacpp-ar"] = LlamaCppPeer(args.model, threads=torch.get_num_threads())
+    for kind in sorted({m.peer for m in methods if m.peer in SERVER_FLAGS}):
+        import torch
+
+        peers[kind] = LlamaServerPeer(kind, args.model, threads=torch.get_num_threads())
     runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
 
     names = {m.name for m in runner.methods}

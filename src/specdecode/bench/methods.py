@@ -39,6 +39,8 @@ PEERS = {
     "hf-assisted": "transformers assisted generation with the draft model",
     "hf-prompt-lookup": "transformers prompt lookup decoding (10 tokens)",
     "llamacpp-ar": "llama-cpp-python plain decoding of the same GGUF file",
+    "llamacpp-server": "llama.cpp's llama-server, plain decoding of the same GGUF file",
+    "llamacpp-server-ngram": "llama.cpp's llama-server with its ngram-simple speculation",
 }
 
 

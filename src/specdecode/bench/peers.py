@@ -4,15 +4,27 @@
   (`hf-assisted`), or with prompt lookup (`hf-prompt-lookup`). transformers reads the GGUF file.
 - `LlamaCppPeer`: llama-cpp-python's plain decoding (`llamacpp-ar`) of the same GGUF file, as
   quantized as it is shipped (the optional extra `specdecode[llamacpp]`, built from source).
+- `LlamaServerPeer`: llama.cpp's own `llama-server` on the same GGUF file, decoding plainly
+  (`llamacpp-server`) or with its n-gram speculation (`llamacpp-server-ngram`, `ngram-simple`).
+  The binary is built by `benchmarks/build_llama_server.sh` from the llama.cpp sources that
+  llama-cpp-python vendors; it runs as a child process on a local port.
 
 Each is given the prompt as token ids and generates up to `max_new_tokens`, stopping at EOS.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import json
+import os
+import socket
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -43,8 +55,26 @@ class Peer(Protocol):
     ) -> PeerOutput: ...
 
 
+SERVER_HINT = "build llama-server with: bash benchmarks/build_llama_server.sh (about 10 minutes)"
+
+#: llama-server's flags per peer: plain decoding, and its n-gram speculation (defaults otherwise).
+SERVER_FLAGS = {
+    "llamacpp-server": [],
+    "llamacpp-server-ngram": ["--spec-type", "ngram-simple"],
+}
+
+
+def llama_server_path() -> Path:
+    from specdecode.models.install import cache_root
+
+    override = os.environ.get("SPECDECODE_LLAMA_SERVER")
+    return Path(override) if override else cache_root() / "bin" / "llama-server"
+
+
 def missing_package(kind: str) -> str | None:
     """The install hint when the package a peer needs is absent, else None."""
+    if kind in SERVER_FLAGS:
+        return None if llama_server_path().is_file() else SERVER_HINT
     family = "llamacpp" if kind.startswith("llamacpp") else "hf"
     modules = ["llama_cpp"] if family == "llamacpp" else ["transformers", "accelerate", "gguf"]
     if any(importlib.util.find_spec(module) is None for module in modules):
@@ -167,3 +197,85 @@ class LlamaCppPeer:
                 break
         prefill = None if first_token_at is None else first_token_at - start
         return PeerOutput(tokens, time.perf_counter() - start, prefill)
+
+
+class LlamaServerPeer:
+    """llama.cpp's `llama-server` as a child process, asked for one completion per prompt."""
+
+    def __init__(self, kind: str, model_name: str, threads: int, context: int = 4096) -> None:
+        from specdecode.models import resolve_gguf
+
+        binary = llama_server_path()
+        if not binary.is_file():
+            raise SpecDecodeError(f"the {kind} peer needs llama-server at {binary}: {SERVER_HINT}")
+        path = resolve_gguf(model_name)
+        if path is None:
+            raise SpecDecodeError(f"{kind} needs a GGUF model; {model_name!r} is not one")
+        with socket.socket() as probe:  # a free local port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        command = [
+            str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(threads), "-tb", str(threads), "-c", str(context), "-np", "1",
+            "--no-webui", *SERVER_FLAGS[kind],
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        atexit.register(self.close)
+        self._wait_until_ready(kind)
+
+    def _wait_until_ready(self, kind: str, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.process.stderr.read() if self.process.stderr else "")[-500:]
+                raise SpecDecodeError(f"llama-server for {kind} exited: {tail.strip()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise SpecDecodeError(f"llama-server for {kind} did not start within {timeout:.0f} s")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def generate(
+        self,
+        kind: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int],
+    ) -> PeerOutput:
+        request = {
+            "prompt": prompt_ids,
+            "n_predict": sampling.max_new_tokens,
+            "temperature": sampling.temperature,  # 0: greedy
+            "top_k": sampling.top_k or 0,
+            "top_p": sampling.top_p,
+            "min_p": 0.0,  # the server's default 0.05 would narrow sampling beyond ours
+            "seed": sampling.seed if sampling.seed is not None else -1,
+            "cache_prompt": False,  # every run evaluates its prompt, as ours do
+            "return_tokens": True,
+        }
+        body = json.dumps(request).encode()
+        start = time.perf_counter()
+        post = urllib.request.Request(
+            self.url + "/completion", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(post, timeout=3600) as response:
+            reply = json.load(response)
+        seconds = time.perf_counter() - start
+        tokens = _cut_at_eos([int(t) for t in reply.get("tokens", [])], eos_token_ids)
+        prompt_ms = reply.get("timings", {}).get("prompt_ms")
+        return PeerOutput(tokens, seconds, None if prompt_ms is None else prompt_ms / 1000)
