@@ -327,6 +327,22 @@ def test_llama_server_peer_speaks_the_servers_protocol(tmp_path: Path, monkeypat
     assert request["temperature"] == 0.0 and request["cache_prompt"] is False
 
 
+def test_a_llama_server_that_exits_gives_its_last_log_line(tmp_path: Path, monkeypatch) -> None:
+    from specdecode.bench.peers import LlamaServerPeer
+    from specdecode.errors import SpecDecodeError
+
+    fake = tmp_path / "llama-server"
+    fake.write_text(
+        "#!/bin/sh\necho 'loading model' >&2\necho 'error: unknown architecture' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPECDECODE_LLAMA_SERVER", str(fake))
+    with pytest.raises(SpecDecodeError) as error:
+        LlamaServerPeer("llamacpp-server", TINY, threads=2)
+    expected = "llama-server for llamacpp-server exited: error: unknown architecture"
+    assert str(error.value) == expected
+
+
 def test_a_missing_llama_server_stops_the_run_with_the_build_command(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:

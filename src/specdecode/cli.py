@@ -72,8 +72,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="torch",
         help="torch: our compact transformer (default); hf: transformers, chains only; "
         "llamacpp: the GGUF file as quantized, through llama.cpp, with batch-invariant kernels "
-        "(exact); llamacpp-stock: llama.cpp's default kernels, faster to verify but NOT "
-        "guaranteed token-identical to plain decoding. Both need pip install "
+        "(exact); llamacpp-stock: llama.cpp's default kernels, faster for single tokens but "
+        "NOT guaranteed token-identical to plain decoding. Both need pip install "
         "'specdecode[llamacpp]' and ignore --dtype and --device",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")

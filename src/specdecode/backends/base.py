@@ -40,6 +40,8 @@ class Backend(ABC):
     #: indexed by position; False where tree nodes live apart from the committed sequence until
     #: `keep` moves them (llama.cpp's sequence ids).
     truncate_commits_prefix: bool = True
+    #: tokens per forward when caching a prompt; a backend whose batches are smaller lowers it
+    prefill_chunk: int = PREFILL_CHUNK
 
     def __init__(self, vocab_size: int, max_context: int) -> None:
         self.vocab_size = vocab_size
@@ -111,8 +113,8 @@ class Backend(ABC):
     def extend(self, tokens: Sequence[int]) -> None:
         """Cache `tokens` after the current ones without computing logits (chunked)."""
         ids = torch.as_tensor(list(tokens), dtype=torch.long)
-        for start in range(0, ids.shape[0], PREFILL_CHUNK):
-            self.forward(ids[start : start + PREFILL_CHUNK], return_logits=False)
+        for start in range(0, ids.shape[0], self.prefill_chunk):
+            self.forward(ids[start : start + self.prefill_chunk], return_logits=False)
 
     def forward_tree(self, tree: DraftTree) -> torch.Tensor:  # [N+1, V]
         """Logits after the root (row 0) and after each node (row i+1), in one forward."""

@@ -110,9 +110,10 @@ class LlamaCppBackend(Backend):
     speculative decoding share it, so both start from the same cache.
 
     The price: a forward of 1 to 3 tokens costs what one of 4 does (the controller's cost curve
-    sees it and drafts at least 3 tokens when it can), while prefill and wide verification run at
-    stock speed. The tiled kernel's switch is read once per process, so specdecode turns it off
-    for every llama.cpp model it loads (`import_llama_cpp`). `exact=False` keeps llama.cpp's
+    sees it and drafts at least 3 tokens when it can); wide verification runs at about stock
+    speed, prefill somewhat slower (Q6_K weights lose the tiled kernel). The tiled kernel's
+    switch is read once per process, so specdecode turns it off for every llama.cpp model it
+    loads (`import_llama_cpp`). `exact=False` keeps llama.cpp's
     defaults: a single token decodes faster, but a near-tie can resolve differently in a batch
     than alone.
     """
@@ -185,6 +186,7 @@ class LlamaCppBackend(Backend):
         self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
         # the most tokens a forward takes, so that the padded batch still fits
         self._batch_size = batch_rows - batch_rows % GEMM_ROWS if exact else batch_rows
+        self.prefill_chunk = self._batch_size  # a small context makes batches smaller
         self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
         self._free_sequences = list(range(sequences - 1, 0, -1))
@@ -266,12 +268,6 @@ class LlamaCppBackend(Backend):
             self.truncate(cached_before)
             raise
         return torch.cat(logits) if return_logits else None
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        # chunks no larger than a batch, which a small context makes smaller than the base's
-        ids = torch.as_tensor(list(tokens), dtype=torch.long)
-        for start in range(0, ids.shape[0], self._batch_size):
-            self.forward(ids[start : start + self._batch_size], return_logits=False)
 
     def truncate(self, length: int) -> None:
         length = max(0, length)

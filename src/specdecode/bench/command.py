@@ -163,14 +163,13 @@ def run(args: argparse.Namespace) -> int:
         draft = args.draft_model if "hf-assisted" in hf_kinds else None
         hf = HFPeer(args.model, draft, llm.target_dtype)
         peers.update(dict.fromkeys(hf_kinds, hf))
+    import torch
+
+    threads = torch.get_num_threads()
     if any(m.peer == "llamacpp-ar" for m in methods):
-        import torch
-
-        peers["llamacpp-ar"] = LlamaCppPeer(args.model, threads=torch.get_num_threads())
+        peers["llamacpp-ar"] = LlamaCppPeer(args.model, threads=threads)
     for kind in sorted({m.peer for m in methods if m.peer in SERVER_FLAGS}):
-        import torch
-
-        peers[kind] = LlamaServerPeer(kind, args.model, threads=torch.get_num_threads())
+        peers[kind] = LlamaServerPeer(kind, args.model, threads=threads)
     runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
 
     names = {m.name for m in runner.methods}

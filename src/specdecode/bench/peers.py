@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -220,9 +221,9 @@ class LlamaServerPeer:
             "-t", str(threads), "-tb", str(threads), "-c", str(context), "-np", "1",
             "--no-webui", *SERVER_FLAGS[kind],
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        # Its log goes to a file: a pipe nobody drains would fill and stall the server.
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
         atexit.register(self.close)
         self._wait_until_ready(kind)
 
@@ -230,8 +231,10 @@ class LlamaServerPeer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = (self.process.stderr.read() if self.process.stderr else "")[-500:]
-                raise SpecDecodeError(f"llama-server for {kind} exited: {tail.strip()}")
+                self.log.seek(0)
+                lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+                last = lines[-1] if lines else f"exit status {self.process.returncode}"
+                raise SpecDecodeError(f"llama-server for {kind} exited: {last}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
                     if response.status == 200:
@@ -249,6 +252,7 @@ class LlamaServerPeer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        self.log.close()
 
     def generate(
         self,
