@@ -14,7 +14,7 @@ with what a user would otherwise run.
     num_draft_tokens = [4, 8, 12]    # a list makes a sweep: pld-k8-k4, pld-k8-k8, ...
     backend = "llamacpp"             # optional; default: the run's --backend
     [method.drafter_options]
-    max_ngram = 4
+    strong_ngram = 4
 """
 
 from __future__ import annotations

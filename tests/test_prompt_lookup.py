@@ -1,0 +1,89 @@
+"""Prompt lookup's match search and draft length (fast, no model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import Budget
+
+
+def brute_force_match(context: list[int], max_ngram: int) -> tuple[int, int | None]:
+    """(n, end) for the longest recurring suffix, scanning every length and start."""
+    best: tuple[int, int | None] = (0, None)
+    for n in range(1, min(max_ngram, len(context) - 1) + 1):
+        suffix = context[-n:]
+        starts = [s for s in range(len(context) - n) if context[s : s + n] == suffix]
+        if not starts:
+            break
+        best = (n, starts[-1] + n)
+    return best
+
+
+def drafted(drafter: PromptLookupDrafter, context: list[int], depth: int) -> list[int]:
+    return drafter.propose(context, Budget.chain(depth)).tokens.tolist()
+
+
+def test_longest_match_agrees_with_brute_force() -> None:
+    rng = random.Random(0)
+    drafter = PromptLookupDrafter(max_ngram=6)
+    for _ in range(2000):
+        vocab = rng.choice([2, 3, 5, 20])
+        context = [rng.randrange(vocab) for _ in range(rng.randint(2, 40))]
+        length, ends = drafter.longest_match(torch.tensor(context))
+        want_length, want_end = brute_force_match(context, 6)
+        assert length == want_length, context
+        if length:
+            assert int(ends[-1]) == want_end, context
+
+
+def test_a_long_match_drafts_the_budget_from_its_most_recent_occurrence() -> None:
+    passage = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    context = passage + [1, 2] + passage[:4]
+    assert drafted(PromptLookupDrafter(), context, 5) == passage[4:9]
+    # [10, 11, 12] occurred twice before: the later copy, followed by 2, wins.
+    context = passage + [1] + passage[:3] + [2] + passage[:3]
+    assert drafted(PromptLookupDrafter(), context, 4) == [2, 10, 11, 12]
+
+
+def test_a_copy_that_reaches_the_present_repeats_its_period() -> None:
+    context = [7, 8, 1, 2, 3, 1, 2, 3, 1, 2]  # period 3, the longest match ends 3 tokens back
+    assert drafted(PromptLookupDrafter(), context, 7) == [3, 1, 2, 3, 1, 2, 3]
+
+
+def test_a_weak_match_drafts_at_most_weak_draft_tokens() -> None:
+    context = [5, 6, 7, 8, 9, 10, 11, 12, 3, 5]  # only the last token recurs
+    assert drafted(PromptLookupDrafter(), context, 8) == [6, 7, 8]
+    assert drafted(PromptLookupDrafter(weak_draft=1), context, 8) == [6]
+    assert drafted(PromptLookupDrafter(weak_draft=0), context, 8) == []
+    # A 1-token match counts as strong when strong_ngram is 1.
+    assert drafted(PromptLookupDrafter(strong_ngram=1), context, 8) == [6, 7, 8, 9, 10, 11, 12, 3]
+    # The budget still caps a weak draft.
+    assert drafted(PromptLookupDrafter(), context, 2) == [6, 7]
+
+
+def test_min_ngram_and_a_new_token_draft_nothing() -> None:
+    assert drafted(PromptLookupDrafter(), [1, 2, 3, 4], 4) == []
+    context = [1, 2, 3, 9, 3]  # [3] recurs, [9, 3] does not
+    assert drafted(PromptLookupDrafter(min_ngram=2), context, 4) == []
+    assert drafted(PromptLookupDrafter(min_ngram=1), context, 4) == [9, 3, 9]
+
+
+def test_max_ngram_bounds_the_search() -> None:
+    context = [4, 1, 2, 3, 7, 8, 0, 1, 2, 3, 9, 5, 1, 2, 3]
+    # With max 2, the last two tokens [2, 3] match at both earlier places: the most recent wins.
+    length, ends = PromptLookupDrafter(max_ngram=2).longest_match(torch.tensor(context))
+    assert length == 2 and ends.tolist() == [4, 10]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"min_ngram": 0}, {"min_ngram": 4, "max_ngram": 3}, {"strong_ngram": 0}, {"weak_draft": -1}],
+)
+def test_bad_options_are_refused(options: dict) -> None:
+    with pytest.raises(SpecDecodeError):
+        PromptLookupDrafter(**options)
