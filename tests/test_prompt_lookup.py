@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,29 @@ def test_max_ngram_bounds_the_search() -> None:
 def test_bad_options_are_refused(options: dict) -> None:
     with pytest.raises(SpecDecodeError):
         PromptLookupDrafter(**options)
+
+
+def load_replay_script():
+    path = Path(__file__).parent.parent / "benchmarks" / "replay_prompt_lookup.py"
+    spec = importlib.util.spec_from_file_location("replay_prompt_lookup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
+    replay = load_replay_script()
+    curve = {1: 100.0, 4: 130.0, 8: 250.0}
+    assert replay.cost_ms(curve, 1) == 100.0
+    assert replay.cost_ms(curve, 6) == 190.0
+    assert replay.cost_ms(curve, 16) == 500.0  # past the end: proportional
+    passage = list(range(20, 40))
+    prompt = [1, *passage, 2, passage[0]]
+    output = passage[1:13]
+    plain = replay.replay(prompt, output, lambda context, future: [], curve)
+    assert plain == 12 * 100.0
+    # The oracle copies the 11 tokens that follow, plus the bonus: one 12-token forward.
+    assert replay.replay(prompt, output, replay.oracle, curve) == replay.cost_ms(curve, 12)
+    drafter = replay.drafter_policy(PromptLookupDrafter(), 6, 16)
+    # A 1-token match drafts 3 tokens, then the heuristic grows the draft: slower than the oracle.
+    assert replay.cost_ms(curve, 12) < replay.replay(prompt, output, drafter, curve) < plain
