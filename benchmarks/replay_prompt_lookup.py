@@ -4,8 +4,9 @@ Greedy decoding is deterministic, so the token ids that plain decoding wrote int
 `results.jsonl` (method `none`) are what every exact method emits too. Replaying a model-free
 drafter and a controller over them gives each step's draft and accepted length; a cost curve (ms
 for a forward of k tokens) turns the steps into decode time. Beside the drafter's configurations it
-prints the bound for any lookup drafter: an oracle that copies from whichever earlier occurrence of
-the last token will be accepted furthest, and drafts exactly that far.
+prints the bound for any drafter that copies earlier text: an oracle that may copy from any earlier
+occurrence of the last token, knows how far each copy will be accepted, and picks the cheapest
+sequence of steps.
 
 Drafting time and prefill are left out. Speed-ups are relative to plain decoding at `--plain-ms`
 per token (default: the curve's 1-token cost).
@@ -29,7 +30,7 @@ from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 from specdecode.models import load_tokenizer
 from specdecode.verify.base import Verdict
 
-#: (context so far) -> draft tokens; `future` is only for the oracle.
+#: (context so far, tokens still to come) -> draft; `future` only tells the controller its verdict.
 Policy = Callable[[list[int], Sequence[int]], list[int]]
 
 
@@ -59,16 +60,62 @@ def drafter_policy(drafter: PromptLookupDrafter, initial: int, maximum: int) -> 
     return propose
 
 
-def oracle(context: list[int], future: Sequence[int], maximum: int = 64) -> list[int]:
-    best: list[int] = []
-    for start, token in enumerate(context[:-1]):
-        if token != context[-1]:
-            continue
-        copy = context[start + 1 : start + 1 + maximum]
-        length = accepted_length(copy, future)
-        if length > len(best):
-            best = copy[:length]
-    return best
+def stop12_lookup(maximum: int) -> Policy:
+    """The prompt lookup this project shipped before match-sized drafts, for comparison: 3-, 2-
+    then 1-token suffixes, the whole budget, from the latest occurrence that can fill it."""
+    controller = HeuristicController(6, maximum)
+
+    def propose(context: list[int], future: Sequence[int]) -> list[int]:
+        want, length = controller.budget().max_depth, len(context)
+        draft: list[int] = []
+        for n in range(min(3, length - 1), 0, -1):
+            suffix = context[length - n :]
+            ends = [s + n for s in range(length - n) if context[s : s + n] == suffix]
+            if ends:
+                full = [end for end in ends if end + want <= length]
+                end = full[-1] if full else ends[-1]
+                draft = context[end : end + want]
+                break
+        accepted = accepted_length(draft, future)
+        bonus = accepted == len(draft)
+        controller.observe(Verdict(list(range(accepted)), [0] * (accepted + 1), len(draft), bonus))
+        return draft
+
+    return propose
+
+
+def oracle_ms(
+    prompt: list[int], output: list[int], curve: dict[int, float], maximum: int = 64
+) -> float:
+    """The least time any drafter that copies earlier text can take to decode `output`.
+
+    After t emitted tokens, a copy may start after any earlier occurrence of the last token and run
+    on into the text it is itself producing (as a periodic copy does); `reach[t]` is the longest
+    such copy that would be accepted. Any draft of up to that length is available, and the cheapest
+    sequence of steps is found by dynamic programming over t (greedily taking the longest copy is
+    not optimal when the cost curve is not linear)."""
+    text = prompt + output
+    total = len(output)
+    reach = []
+    for done in range(total):
+        position = len(prompt) + done  # index in `text` of the next token to emit
+        longest = 0
+        for start in range(position - 1):
+            if text[start] != text[position - 1]:
+                continue
+            length = 0
+            limit = min(maximum, total - done - 1)  # the last token comes as the bonus
+            while length < limit and text[start + 1 + length] == text[position + length]:
+                length += 1
+            longest = max(longest, length)
+        reach.append(longest)
+    best = [0.0] * (total + 1)  # best[t]: least ms to emit output[t:]
+    for done in range(total - 1, -1, -1):
+        best[done] = min(
+            cost_ms(curve, drafted + 1) + best[done + drafted + 1]
+            for drafted in range(reach[done] + 1)
+        )
+    return best[0]
 
 
 def accepted_length(draft: Sequence[int], future: Sequence[int]) -> int:
@@ -119,22 +166,23 @@ def main() -> None:
                 runs.append((record["category"], prompt, record["token_ids"]))
 
     policies: dict[str, Callable[[], Policy]] = {
-        "3-gram lookup, full drafts": lambda: drafter_policy(
-            PromptLookupDrafter(max_ngram=3, weak_draft=args.max_draft), 6, args.max_draft
-        ),
+        "prompt lookup before match-sized drafts": lambda: stop12_lookup(args.max_draft),
         "prompt-lookup (defaults)": lambda: drafter_policy(
             PromptLookupDrafter(), 6, args.max_draft
         ),
-        "oracle lookup (bound)": lambda: oracle,
     }
     categories = sorted({category for category, _, _ in runs})
     print("| policy | " + " | ".join(categories) + " | overall |")
     print("|---" * (len(categories) + 2) + "|")
-    for name, make in policies.items():
+    rows: dict[str, Callable[[list[int], list[int]], float]] = {
+        name: lambda prompt, output, make=make: replay(prompt, output, make(), curve)
+        for name, make in policies.items()
+    }
+    rows["oracle lookup (bound)"] = lambda prompt, output: oracle_ms(prompt, output, curve)
+    for name, milliseconds_for in rows.items():
         ratios = defaultdict(list)
         for category, prompt, output in runs:
-            milliseconds = replay(prompt, output, make(), curve)
-            ratios[category].append(len(output) * plain_ms / milliseconds)
+            ratios[category].append(len(output) * plain_ms / milliseconds_for(prompt, output))
         every = [ratio for values in ratios.values() for ratio in values]
         cells = [f"{geometric_mean(ratios[c]):.2f}x" for c in categories]
         print(f"| {name} | " + " | ".join(cells) + f" | {geometric_mean(every):.2f}x |")

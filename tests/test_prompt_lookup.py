@@ -78,13 +78,20 @@ def test_min_ngram_and_a_new_token_draft_nothing() -> None:
 def test_max_ngram_bounds_the_search() -> None:
     context = [4, 1, 2, 3, 7, 8, 0, 1, 2, 3, 9, 5, 1, 2, 3]
     # With max 2, the last two tokens [2, 3] match at both earlier places: the most recent wins.
-    length, ends = PromptLookupDrafter(max_ngram=2).longest_match(torch.tensor(context))
+    drafter = PromptLookupDrafter(max_ngram=2, strong_ngram=2)
+    length, ends = drafter.longest_match(torch.tensor(context))
     assert length == 2 and ends.tolist() == [4, 10]
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"min_ngram": 0}, {"min_ngram": 4, "max_ngram": 3}, {"strong_ngram": 0}, {"weak_draft": -1}],
+    [
+        {"min_ngram": 0},
+        {"min_ngram": 4, "max_ngram": 3},
+        {"strong_ngram": 0},
+        {"strong_ngram": 4, "max_ngram": 3},
+        {"weak_draft": -1},
+    ],
 )
 def test_bad_options_are_refused(options: dict) -> None:
     with pytest.raises(SpecDecodeError):
@@ -111,7 +118,30 @@ def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
     plain = replay.replay(prompt, output, lambda context, future: [], curve)
     assert plain == 12 * 100.0
     # The oracle copies the 11 tokens that follow, plus the bonus: one 12-token forward.
-    assert replay.replay(prompt, output, replay.oracle, curve) == replay.cost_ms(curve, 12)
+    assert replay.oracle_ms(prompt, output, curve) == replay.cost_ms(curve, 12)
     drafter = replay.drafter_policy(PromptLookupDrafter(), 6, 16)
     # A 1-token match drafts 3 tokens, then the heuristic grows the draft: slower than the oracle.
     assert replay.cost_ms(curve, 12) < replay.replay(prompt, output, drafter, curve) < plain
+
+
+def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> None:
+    replay = load_replay_script()
+    curve = {1: 150.0, 4: 195.0, 8: 290.0, 16: 440.0}
+    rng = random.Random(1)
+    cases = [([1, 2, 3], [5] * 6), ([0], [1, 1, 1, 0, 1, 1, 1, 0, 1, 0])]
+    for _ in range(300):
+        vocab = rng.choice([2, 3, 6])
+        cases.append(
+            (
+                [rng.randrange(vocab) for _ in range(rng.randint(1, 12))],
+                [rng.randrange(vocab) for _ in range(rng.randint(1, 14))],
+            )
+        )
+    for prompt, output in cases:
+        bound = replay.oracle_ms(prompt, output, curve)
+        for policy in (
+            replay.drafter_policy(PromptLookupDrafter(), 6, 16),
+            replay.stop12_lookup(16),
+            lambda context, future: [],
+        ):
+            assert bound <= replay.replay(prompt, output, policy, curve) + 1e-9, (prompt, output)
