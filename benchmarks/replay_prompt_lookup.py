@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from specdecode.bench.suites import load_suite
 from specdecode.control.heuristic import HeuristicController
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.errors import SpecDecodeError
 from specdecode.models import load_tokenizer
+from specdecode.tree import Budget
 from specdecode.verify.base import Verdict
 
 #: (context so far, tokens still to come) -> draft; `future` only tells the controller its verdict.
@@ -46,42 +49,39 @@ def cost_ms(curve: dict[int, float], tokens: int) -> float:
     return curve[sizes[-1]] * tokens / sizes[-1]
 
 
-def drafter_policy(drafter: PromptLookupDrafter, initial: int, maximum: int) -> Policy:
-    controller = HeuristicController(initial, maximum)
-
-    def propose(context: list[int], future: Sequence[int]) -> list[int]:
-        draft = drafter.propose(context, controller.budget()).tokens.tolist()
-        accepted = accepted_length(draft, future)
-        bonus = accepted == len(draft)
-        verdict = Verdict(list(range(accepted)), [0] * (accepted + 1), len(draft), bonus)
-        controller.observe(verdict)
-        return draft
-
-    return propose
-
-
-def stop12_lookup(maximum: int) -> Policy:
-    """The prompt lookup this project shipped before match-sized drafts, for comparison: 3-, 2-
-    then 1-token suffixes, the whole budget, from the latest occurrence that can fill it."""
+def controlled(draft: Callable[[list[int], int], list[int]], maximum: int) -> Policy:
+    """A policy from a drafter (context, length wanted) -> tokens, sized by the heuristic
+    controller, which hears each step's verdict."""
     controller = HeuristicController(6, maximum)
 
     def propose(context: list[int], future: Sequence[int]) -> list[int]:
-        want, length = controller.budget().max_depth, len(context)
-        draft: list[int] = []
-        for n in range(min(3, length - 1), 0, -1):
-            suffix = context[length - n :]
-            ends = [s + n for s in range(length - n) if context[s : s + n] == suffix]
-            if ends:
-                full = [end for end in ends if end + want <= length]
-                end = full[-1] if full else ends[-1]
-                draft = context[end : end + want]
-                break
-        accepted = accepted_length(draft, future)
-        bonus = accepted == len(draft)
-        controller.observe(Verdict(list(range(accepted)), [0] * (accepted + 1), len(draft), bonus))
-        return draft
+        tokens = draft(context, controller.budget().max_depth)
+        accepted = accepted_length(tokens, future)
+        bonus = accepted == len(tokens)
+        controller.observe(Verdict(list(range(accepted)), [0] * (accepted + 1), len(tokens), bonus))
+        return tokens
 
     return propose
+
+
+def drafter_policy(drafter: PromptLookupDrafter, maximum: int) -> Policy:
+    return controlled(
+        lambda context, want: drafter.propose(context, Budget.chain(want)).tokens.tolist(), maximum
+    )
+
+
+def stop12_lookup(context: list[int], want: int) -> list[int]:
+    """The prompt lookup this project shipped before match-sized drafts, for comparison: 3-, 2-
+    then 1-token suffixes, the whole budget, from the latest occurrence that can fill it."""
+    length = len(context)
+    for n in range(min(3, length - 1), 0, -1):
+        suffix = context[length - n :]
+        ends = [start + n for start in range(length - n) if context[start : start + n] == suffix]
+        if ends:
+            full = [end for end in ends if end + want <= length]
+            end = full[-1] if full else ends[-1]
+            return context[end : end + want]
+    return []
 
 
 def oracle_ms(
@@ -152,33 +152,30 @@ def main() -> None:
     parser.add_argument("--max-draft", type=int, default=16, help="the controller's maximum")
     args = parser.parse_args()
 
-    curve = {int(k): float(ms) for k, ms in (pair.split(":") for pair in args.costs.split(","))}
+    try:
+        curve = {int(k): float(ms) for k, ms in (pair.split(":") for pair in args.costs.split(","))}
+    except ValueError:
+        parser.error(f"--costs takes k:ms pairs separated by commas, got {args.costs!r}")
     plain_ms = args.plain_ms or cost_ms(curve, 1)
-    tokenizer = load_tokenizer(args.model)
-    prompts = {prompt.id: prompt for prompt in load_suite(args.suite)}
-    runs = []
-    with open(args.results) as lines:
-        for line in lines:
-            record = json.loads(line)
-            if record["method"] == args.method and record.get("token_ids"):
-                chat = tokenizer.apply_chat_template(prompts[record["prompt_id"]].chat())
-                prompt = tokenizer.encode(chat, add_special_tokens=False)
-                runs.append((record["category"], prompt, record["token_ids"]))
+    try:
+        runs = recorded_runs(args.results, args.suite, args.model, args.method)
+    except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
+        sys.exit(f"error: cannot replay {args.results}: {exc}")
+    if not runs:
+        sys.exit(f"error: {args.results} holds no token ids of method {args.method!r}")
 
-    policies: dict[str, Callable[[], Policy]] = {
-        "prompt lookup before match-sized drafts": lambda: stop12_lookup(args.max_draft),
-        "prompt-lookup (defaults)": lambda: drafter_policy(
-            PromptLookupDrafter(), 6, args.max_draft
+    rows: dict[str, Callable[[list[int], list[int]], float]] = {
+        "prompt lookup before match-sized drafts": lambda prompt, output: replay(
+            prompt, output, controlled(stop12_lookup, args.max_draft), curve
         ),
+        "prompt-lookup (defaults)": lambda prompt, output: replay(
+            prompt, output, drafter_policy(PromptLookupDrafter(), args.max_draft), curve
+        ),
+        "oracle lookup (bound)": lambda prompt, output: oracle_ms(prompt, output, curve),
     }
     categories = sorted({category for category, _, _ in runs})
     print("| policy | " + " | ".join(categories) + " | overall |")
     print("|---" * (len(categories) + 2) + "|")
-    rows: dict[str, Callable[[list[int], list[int]], float]] = {
-        name: lambda prompt, output, make=make: replay(prompt, output, make(), curve)
-        for name, make in policies.items()
-    }
-    rows["oracle lookup (bound)"] = lambda prompt, output: oracle_ms(prompt, output, curve)
     for name, milliseconds_for in rows.items():
         ratios = defaultdict(list)
         for category, prompt, output in runs:
@@ -186,6 +183,23 @@ def main() -> None:
         every = [ratio for values in ratios.values() for ratio in values]
         cells = [f"{geometric_mean(ratios[c]):.2f}x" for c in categories]
         print(f"| {name} | " + " | ".join(cells) + f" | {geometric_mean(every):.2f}x |")
+
+
+def recorded_runs(
+    results: str, suite: str, model: str, method: str
+) -> list[tuple[str, list[int], list[int]]]:
+    """(category, prompt ids, output ids) of every record of `method` with token ids."""
+    tokenizer = load_tokenizer(model)
+    prompts = {prompt.id: prompt for prompt in load_suite(suite)}
+    runs = []
+    with open(results) as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["method"] == method and record.get("token_ids"):
+                chat = tokenizer.apply_chat_template(prompts[record["prompt_id"]].chat())
+                prompt = tokenizer.encode(chat, add_special_tokens=False)
+                runs.append((record["category"], prompt, record["token_ids"]))
+    return runs
 
 
 def geometric_mean(values: list[float]) -> float:

@@ -119,7 +119,7 @@ def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
     assert plain == 12 * 100.0
     # The oracle copies the 11 tokens that follow, plus the bonus: one 12-token forward.
     assert replay.oracle_ms(prompt, output, curve) == replay.cost_ms(curve, 12)
-    drafter = replay.drafter_policy(PromptLookupDrafter(), 6, 16)
+    drafter = replay.drafter_policy(PromptLookupDrafter(), 16)
     # A 1-token match drafts 3 tokens, then the heuristic grows the draft: slower than the oracle.
     assert replay.cost_ms(curve, 12) < replay.replay(prompt, output, drafter, curve) < plain
 
@@ -140,8 +140,8 @@ def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> N
     for prompt, output in cases:
         bound = replay.oracle_ms(prompt, output, curve)
         for policy in (
-            replay.drafter_policy(PromptLookupDrafter(), 6, 16),
-            replay.stop12_lookup(16),
+            replay.drafter_policy(PromptLookupDrafter(), 16),
+            replay.controlled(replay.stop12_lookup, 16),
             lambda context, future: [],
         ):
             assert bound <= replay.replay(prompt, output, policy, curve) + 1e-9, (prompt, output)
