@@ -173,6 +173,9 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     assert code == 130
     kept = read_records(out / "results.jsonl")
     assert len(kept) == 3
+    # The report covers the one prompt both methods finished, and says the run is partial.
+    partial = (out / "report.md").read_text()
+    assert "Partial run: 1 of 4 prompt runs" in partial
     # Without --resume the directory is not silently overwritten.
     assert bench(tmp_path, "--methods", "prompt-lookup")[0] == 2
     monkeypatch.setattr(runner_module.Runner, "_measure", measure)
@@ -183,6 +186,27 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     assert len(records) == 8 and len({r.key for r in records}) == 8
     assert [r.key for r in records[:3]] == [r.key for r in kept]
     assert all(r.exact for r in records if r.method != "none")
+    final = (out / "report.md").read_text()
+    assert "Partial run" not in final and "--resume" not in final.split("Command:")[1]
+
+
+def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeypatch) -> None:
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 0
+    written = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("--report-only ran a method")
+
+    monkeypatch.setattr(runner_module.Runner, "run", must_not_run)
+    assert bench(tmp_path, "--methods", "prompt-lookup", "--report-only")[0] == 0
+    rewritten = (out / "report.md").read_text()
+    # Same tables; the machine line may differ only in what the machine reports.
+    assert rewritten.split("Machine:")[0] == written.split("Machine:")[0]
+    assert "--report-only" not in rewritten
+    # Fewer methods than were run: the report keeps to the methods asked for.
+    assert bench(tmp_path, "--methods", "prompt-lookup-k10", "--report-only")[0] == 1
 
 
 def test_methods_files_sets_and_sweeps(tmp_path: Path) -> None:
@@ -208,6 +232,8 @@ BAD = [
     (["--methods", "draft-model"], "need --draft-model"),
     (["--repeats", "0"], "--repeats"),
     (["--categories", "poetry"], "no prompts of categories"),
+    (["--report-only"], "--report-only needs --out"),
+    (["--report-only", "--out", "/nonexistent/run"], "no records at /nonexistent/run"),
 ]
 
 

@@ -22,7 +22,8 @@ def add_parser(sub, add_draft_quantize) -> None:
         "with plain decoding through the same engine, and report speed-ups as geometric means of "
         "per-prompt ratios. With --out, each run is appended to DIR/results.jsonl as it finishes "
         "(so an interrupted run keeps its records; --resume continues it), and DIR/report.md and "
-        "PNG plots are written at the end.",
+        "PNG plots are written at the end (after an interruption too, over the prompts every "
+        "method finished; --report-only rewrites them from the records).",
         epilog="methods: "
         + ", ".join(BUILTIN)
         + "; sets: "
@@ -64,6 +65,12 @@ def add_parser(sub, add_draft_quantize) -> None:
         "--resume", action="store_true", help="keep DIR/results.jsonl and run only what is missing"
     )
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write DIR/report.md and plots from the records in DIR/results.jsonl, "
+        "for the methods and suite given (a partial run counts the prompts every method finished)",
+    )
+    p.add_argument(
         "--skip-missing",
         action="store_true",
         help="skip peer baselines whose package is not installed (with a warning) instead of "
@@ -103,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
         LlamaServerPeer,
         missing_package,
     )
-    from specdecode.bench.report import plot, report
     from specdecode.bench.runner import Runner, append_record, read_records
     from specdecode.bench.suites import load_suite
     from specdecode.config import SamplingParams
@@ -116,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     needing = [m.name for m in methods if m.needs_draft_model]
     if needing and not args.draft_model:
         raise SpecDecodeError(f"{', '.join(needing)} need --draft-model NAME|PATH")
+    categories = args.categories.split(",") if args.categories else None
+    prompts = load_suite(args.suite, categories)
+    if args.report_only:
+        return _report_only(args, methods, prompts)
     for method in [m for m in methods if m.peer]:
         hint = missing_package(method.peer)
         if hint and args.skip_missing:
@@ -129,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{method.name} needs a package that is not installed: {hint}, or pass "
                 "--skip-missing"
             )
-    categories = args.categories.split(",") if args.categories else None
-    prompts = load_suite(args.suite, categories)
     sampling = SamplingParams(
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
@@ -188,23 +196,72 @@ def run(args: argparse.Namespace) -> int:
         )
         bar.update(1)
 
-    command = "specdecode " + shlex.join(args.argv)
     try:
         records = runner.run(prompts, args.repeats, sink, done)
     except KeyboardInterrupt:
         bar.close()
-        where = f"; records so far are in {results}, continue with --resume" if results else ""
-        print(f"\ninterrupted{where}", file=sys.stderr)
+        if results is None:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        where = f"records so far are in {results}, continue with --resume"
+        print(f"\ninterrupted; {where}", file=sys.stderr)
+        _write_report(args, read_records(results), runner.methods, prompts, out_dir)
         return 130
     bar.close()
+    return _write_report(args, records, runner.methods, prompts, out_dir)
+
+
+def _report_only(args: argparse.Namespace, methods, prompts) -> int:
+    from specdecode.bench.runner import read_records, run_order
+
+    if not args.out:
+        raise SpecDecodeError("--report-only needs --out DIR, the directory of the run")
+    results = Path(args.out) / "results.jsonl"
+    if not results.is_file():
+        raise SpecDecodeError(f"no records at {results}: run the benchmark with --out first")
+    return _write_report(
+        args, read_records(results), run_order(methods, args.backend)[0], prompts, Path(args.out)
+    )
+
+
+def _write_report(args: argparse.Namespace, records, methods, prompts, out_dir) -> int:
+    """Print the report (and write it with plots into `out_dir`) over the (prompt, repeat) pairs
+    that every method finished, so that all of them are compared on the same prompts; returns the
+    exit code: 1 when a greedy output differed from plain decoding."""
+    from specdecode.bench.report import plot, report
+
+    names = [m.name for m in methods]
+    wanted = {(p.id, repeat) for p in prompts for repeat in range(args.repeats)}
+    finished: dict[tuple[str, int], set[str]] = {}
+    for r in records:
+        if r.method in names and (r.prompt_id, r.repeat) in wanted:
+            finished.setdefault((r.prompt_id, r.repeat), set()).add(r.method)
+    complete = {pair for pair, done in finished.items() if done >= set(names)}
+    records = [r for r in records if r.method in names and (r.prompt_id, r.repeat) in complete]
+    if not records:
+        print("no prompt has been run by every method yet: nothing to report", file=sys.stderr)
+        return 1
     precision = "GGUF as quantized" if args.backend.startswith("llamacpp") else args.dtype
     settings = (
         f"Target `{args.model}` ({args.backend} backend, {precision})"
-        + (f", draft `{args.draft_model}`" if needing else "")
+        + (f", draft `{args.draft_model}`" if any(m.needs_draft_model for m in methods) else "")
         + f"; suite `{args.suite}`, {len(prompts)} prompts x {args.repeats} repeats; "
         f"temperature {args.temperature}, {args.max_new_tokens} new tokens."
     )
-    text = report(records, command, settings)
+    if len(complete) < len(wanted):
+        by_category: dict[str, int] = {}
+        for p in prompts:
+            by_category[p.category] = by_category.get(p.category, 0) + sum(
+                (p.id, repeat) in complete for repeat in range(args.repeats)
+            )
+        settings += (
+            f"\n\n**Partial run: {len(complete)} of {len(wanted)} prompt runs finished by every "
+            "method** (" + ", ".join(f"{c} {n}" for c, n in by_category.items()) + "); the tables "
+            "cover those. Continue it with `--resume`."
+        )
+    # The command that reproduces the run: resuming and re-reporting do not change it.
+    argv = [a for a in args.argv if a not in ("--resume", "--report-only")]
+    text = report(records, "specdecode " + shlex.join(argv), settings)
     print(text)
     if out_dir is not None:
         (out_dir / "report.md").write_text(text)

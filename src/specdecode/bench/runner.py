@@ -101,6 +101,16 @@ def backend_baseline(backend: str) -> Method:
     )
 
 
+def run_order(methods: Sequence[Method], backend: str) -> tuple[list[Method], dict[str, str]]:
+    """The methods a run measures, baselines first, and each baseline's backend: `none` on the
+    run's `backend`, and `none-OTHER` for every other backend a method names."""
+    ours = [m for m in methods if m.name != BASELINE.name]
+    others = sorted({m.backend for m in ours if m.backend not in (None, backend)})
+    baselines = {BASELINE.name: backend} | {backend_baseline(o).name: o for o in others}
+    ours = [m for m in ours if m.name not in baselines]
+    return [BASELINE, *[backend_baseline(o) for o in others], *ours], baselines
+
+
 class Runner:
     def __init__(
         self,
@@ -116,14 +126,7 @@ class Runner:
         self.llm = llm
         self.backend = backend
         self.decoders = {**(other_backends or {}), backend: llm}
-        ours = [m for m in methods if m.name != BASELINE.name]
-        others = sorted({m.backend for m in ours if m.backend not in (None, backend)})
-        self.baselines = {BASELINE.name: backend} | {
-            backend_baseline(other).name: other for other in others
-        }
-        extra_baselines = [backend_baseline(other) for other in others]
-        ours = [m for m in ours if m.name not in self.baselines]
-        self.methods = [BASELINE, *extra_baselines, *ours]
+        self.methods, self.baselines = run_order(methods, backend)
         self.sampling = sampling
         self.peers = peers or {}
         for method in self.methods:
