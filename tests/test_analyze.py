@@ -9,7 +9,7 @@ import pytest
 import torch
 from toy import ToyBackend, ToyTokenizer
 
-from specdecode.analyze import analyze_method, optimal_acceptance, parse_method
+from specdecode.analyze import analyze_method, bound_is_exact, optimal_acceptance, parse_method
 from specdecode.config import SamplingParams
 from specdecode.engine import Engine
 from specdecode.tree import SiblingDraws
@@ -66,6 +66,28 @@ def test_bound_equals_the_brute_force_minimum_over_token_sets(n: int, draws) -> 
         assert optimal_acceptance(p, q, n, draws) == pytest.approx(exact, abs=1e-9)
         if n == 1:  # one draft: the bound is the maximal coupling, 1 - TV(p, q)
             assert exact == pytest.approx(float(torch.minimum(p, q).sum()), abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_over_two_distinct_drafts_the_bound_is_an_upper_bound_close_to_the_optimum(n: int) -> None:
+    gen = torch.Generator().manual_seed(10 + n)
+    gaps = []
+    for trial in range(30):
+        sharp = 0.5 + 3.0 * torch.rand((), generator=gen)
+        p = torch.softmax(torch.randn(6, generator=gen) * sharp, -1).double()
+        q = torch.softmax(torch.randn(6, generator=gen) * sharp, -1).double()
+        if trial % 5 == 0:
+            q[trial % 6] = 0.0  # a token the draft never proposes
+        p, q = p / p.sum(), q / q.sum()
+        exact = brute_force_bound(p.tolist(), q.tolist(), n, replacement=False)
+        bound = optimal_acceptance(p, q, n, SiblingDraws.WITHOUT_REPLACEMENT)
+        # No lossless verifier can beat it: never below the true optimum ...
+        assert bound >= exact - 1e-9
+        gaps.append(bound - exact)
+    # ... and close enough to it to tell a good verifier from a poor one.
+    assert sum(gaps) / len(gaps) < 0.02 and max(gaps) < 0.1
+    assert not bound_is_exact(n, SiblingDraws.WITHOUT_REPLACEMENT)
+    assert bound_is_exact(n, SiblingDraws.INDEPENDENT)
 
 
 def test_bound_for_fixed_drafts_is_their_target_mass() -> None:

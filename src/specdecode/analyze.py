@@ -10,9 +10,12 @@ Multi-draft Speculative Decoding", 2025, its dual):
 (any coupling puts at most `p(H)` on drafts inside `H` and at most `P(some draft outside H)` on
 the others). With i.i.d. drafts `P(every draft in H) = q(H)^n` and the minimum is reached on a
 prefix of the tokens sorted by `p/q`, lowest first (Hu et al.), so it costs a sort. Drafts without
-replacement use the same prefixes (exact in every brute-force check in the tests; for `n <= 2`,
-where the probability has a closed form). Deterministic drafts (a fixed token set `S`) give
-`alpha* = p(S)`.
+replacement use the same prefixes (exact in every brute-force check in the tests for `n <= 2`,
+where the probability has a closed form). For `n > 2` drafts without replacement the bound is an
+upper bound of alpha* (still one that no lossless verifier can exceed): the first two draws are
+exact, and each later one lands in `H` with probability at least `(q(H) - M) / (1 - M)`, `M` the
+mass of the largest earlier draws `H` could have given. Deterministic drafts (a fixed token set
+`S`) give `alpha* = p(S)`.
 
 `analyze` generates with each method, and at every step compares the event "the first emitted
 token is one of the root's drafts" with `alpha*` at the root. The root is where the bound holds for
@@ -43,13 +46,11 @@ def optimal_acceptance(
     num_drafts: int,
     draws: SiblingDraws,
     draft_tokens: Sequence[int] = (),
-) -> float | None:
-    """alpha*: the best probability, over lossless verifiers, that the emitted token is a draft.
-    None where it is not computed (more than 2 drafts without replacement)."""
+) -> float:
+    """alpha*: the best probability, over lossless verifiers, that the emitted token is a draft
+    (an upper bound of it where `bound_is_exact` says so)."""
     if draws is SiblingDraws.DETERMINISTIC:
         return float(target_probs[list(set(draft_tokens))].sum())
-    if draws is SiblingDraws.WITHOUT_REPLACEMENT and num_drafts > 2:
-        return None
     p = target_probs.double()
     q = draft_probs.double()
     ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.full_like(p, math.inf))
@@ -65,14 +66,52 @@ def optimal_acceptance(
         first = torch.cat([zero, torch.cumsum(q_sorted / spare, 0)])
         second = torch.cat([zero, torch.cumsum(q_sorted**2 / spare, 0)])
         all_inside = (q_prefix * first - second).clamp_(min=0.0)
+        if num_drafts > 2:
+            all_inside = all_inside * _later_draws_inside(q_sorted, q_prefix, num_drafts)
     return float(min(1.0, 1.0 + float((p_prefix - all_inside).min())))
+
+
+def bound_is_exact(num_drafts: int, draws: SiblingDraws) -> bool:
+    """Whether `optimal_acceptance` is alpha* itself rather than an upper bound of it."""
+    return draws is not SiblingDraws.WITHOUT_REPLACEMENT or num_drafts <= 2
+
+
+def _later_draws_inside(
+    q_sorted: torch.Tensor,  # [V], draft probabilities in the order of the prefixes
+    q_prefix: torch.Tensor,  # [V+1], q(H) of each prefix
+    num_drafts: int,
+) -> torch.Tensor:  # [V+1]
+    """A lower bound, per prefix H, of P(draws 3..n land in H | draws 1 and 2 did).
+
+    After i draws inside H the next lands in H with probability (q(H) - m) / (1 - m), m the mass
+    already drawn, which falls as m grows; m is at most M_i, the sum of the i largest q in H."""
+    kept = num_drafts - 1
+    largest: list[float] = []  # the `kept` largest q of the prefix so far, ascending
+    changed_at, sums_then = [0], [[0.0] * kept]  # where the top sums change, and to what
+    for index, value in enumerate(q_sorted.tolist(), start=1):
+        if len(largest) < kept or value > largest[0]:
+            largest = sorted([*largest, value])[-kept:]
+            changed_at.append(index)
+            sums_then.append([sum(largest[-(i + 1) :]) for i in range(kept)])
+    # Each prefix takes the sums of the last change at or before its end.
+    last_change = torch.zeros(q_prefix.shape[0], dtype=torch.long)
+    last_change[changed_at] = torch.arange(len(changed_at))
+    last_change = torch.cummax(last_change, 0).values
+    top_sums = torch.tensor(sums_then, dtype=q_prefix.dtype)[last_change]  # [V+1, kept]
+    factor = torch.ones_like(q_prefix)
+    for i in range(2, num_drafts):
+        drawn = top_sums[:, i - 1]  # M_i per prefix
+        room = (1.0 - drawn).clamp_min(1e-300)
+        factor *= ((q_prefix - drawn) / room).clamp_(0.0, 1.0)
+    return factor
 
 
 @dataclass
 class RootRecord:
     """Per method: how often the root's drafts were accepted, and what the bound allowed."""
 
-    steps: int = 0  # steps whose root had drafts and a computable bound
+    steps: int = 0  # steps whose root had drafts
+    exact_bound: bool = True  # False once a step's bound was an upper bound of alpha*
     accepted: int = 0
     bound_sum: float = 0.0
     bound_variance_sum: float = 0.0  # sum of b (1 - b): the count's variance if rates were b
@@ -132,8 +171,7 @@ def analyze_method(
         draft_probs = draft_row(tree, children[0], target_probs.shape[-1])  # [V]
         tokens = [int(tree.tokens[c]) for c in children]
         bound = optimal_acceptance(target_probs, draft_probs, len(children), draws, tokens)
-        if bound is None:
-            return
+        record.exact_bound &= bound_is_exact(len(children), draws)
         record.steps += 1
         record.bound_sum += bound
         record.bound_variance_sum += bound * (1.0 - bound)
@@ -195,16 +233,16 @@ def report_table(rows: Sequence[tuple[str, RootRecord]]) -> str:
     ]
     for label, record in rows:
         if not record.steps:
-            lines.append(
-                f"| {label} | 0 | - | - | not computed (over 2 drafts without replacement) | - | "
-                f"{record.tokens_per_forward:.2f} |"
-            )
+            lines.append(f"| {label} | 0 | - | - | - | - | {record.tokens_per_forward:.2f} |")
             continue
         drafts = sum(record.drafts_per_root) / max(len(record.drafts_per_root), 1)
         flag = " (above the bound: lossy?)" if record.exceeds_bound else ""
+        # Over two drafts without replacement the bound is an upper bound of the optimum.
+        at_most = "" if record.exact_bound else "≤ "
         lines.append(
             f"| {label} | {record.steps} | {drafts:.1f} | {record.acceptance:.3f} "
-            f"± {record.standard_error:.3f}{flag} | {record.bound:.3f} | "
-            f"{record.bound - record.acceptance:+.3f} | {record.tokens_per_forward:.2f} |"
+            f"± {record.standard_error:.3f}{flag} | {at_most}{record.bound:.3f} | "
+            f"{at_most}{record.bound - record.acceptance:+.3f} | "
+            f"{record.tokens_per_forward:.2f} |"
         )
     return "\n".join(lines)
