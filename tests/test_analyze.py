@@ -90,6 +90,21 @@ def test_over_two_distinct_drafts_the_bound_is_an_upper_bound_close_to_the_optim
     assert bound_is_exact(n, SiblingDraws.INDEPENDENT)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_float32_rows_next_to_a_confident_draft_give_the_float64_bound(n: int) -> None:
+    # A float32 row sums to 1 only within ~1e-7, as large as what a confident draft leaves over.
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        logits = torch.randn(200, generator=gen) * 3
+        logits[0] += 14.0  # top draft probability about 1 - 1e-6
+        q32 = torch.softmax(logits, -1)
+        p32 = torch.softmax(torch.randn(200, generator=gen) * 3, -1)
+        q64, p64 = q32.double() / q32.double().sum(), p32.double() / p32.double().sum()
+        for draws in (SiblingDraws.INDEPENDENT, SiblingDraws.WITHOUT_REPLACEMENT):
+            exact = optimal_acceptance(p64, q64, n, draws)
+            assert optimal_acceptance(p32, q32, n, draws) == pytest.approx(exact, abs=1e-6)
+
+
 def test_bound_for_fixed_drafts_is_their_target_mass() -> None:
     p = torch.tensor([0.5, 0.3, 0.2])
     bound = optimal_acceptance(p, p, 2, SiblingDraws.DETERMINISTIC, draft_tokens=[0, 2])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,8 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
         parts = [r.prefill_seconds, r.drafting_seconds, r.verifying_seconds, r.other_seconds]
         assert all(p is not None and p >= -1e-6 for p in parts)
         assert abs(sum(parts) - r.seconds) < 1e-6
+        assert r.finished_at is not None and r.finished_at.endswith("+00:00")
+    assert [r.finished_at for r in records] == sorted(r.finished_at for r in records)
     assert any(r.mean_accepted_tokens > 1 for r in records if r.method != "none")
     report = (out / "report.md").read_text()
     assert "## Overall" in report and "## code-editing" in report and "## rag" in report
@@ -182,12 +186,35 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     code, out = bench(tmp_path, "--methods", "prompt-lookup", "--resume")
     assert code == 0
     lines = (out / "results.jsonl").read_text().splitlines()
-    records = [Record(**json.loads(line)) for line in lines]
+    written = [Record(**json.loads(line)) for line in lines]
+    # The prompt cut off after its baseline ran again whole: its baseline has two records, and
+    # the later one counts.
+    assert len(written) == 9 and [r.key for r in written[:3]] == [r.key for r in kept]
+    assert written[3].key == kept[2].key
+    records = read_records(out / "results.jsonl")
     assert len(records) == 8 and len({r.key for r in records}) == 8
-    assert [r.key for r in records[:3]] == [r.key for r in kept]
+    assert records[1].key == kept[1].key and records[2].finished_at == written[3].finished_at
     assert all(r.exact for r in records if r.method != "none")
     final = (out / "report.md").read_text()
     assert "Partial run" not in final and "--resume" not in final.split("Command:")[1]
+
+
+def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
+    measure = runner_module.Runner._measure
+    calls = {"n": 0}
+
+    def stopped(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_measure", stopped)
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 130
+    assert len(read_records(out / "results.jsonl")) >= 2
+    assert "Partial run" in (out / "report.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeypatch) -> None:

@@ -51,8 +51,10 @@ def optimal_acceptance(
     (an upper bound of it where `bound_is_exact` says so)."""
     if draws is SiblingDraws.DETERMINISTIC:
         return float(target_probs[list(set(draft_tokens))].sum())
-    p = target_probs.double()
-    q = draft_probs.double()
+    # In float64 and summing to 1 as the samplers make them: a float32 row is off by ~1e-7, which
+    # the formulas' `1 - q(x)` would read as real leftover mass next to a confident draft.
+    p = target_probs.double() / target_probs.double().sum()
+    q = draft_probs.double() / draft_probs.double().sum()
     ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.full_like(p, math.inf))
     order = torch.argsort(ratio)
     p_sorted, q_sorted = p[order], q[order]

@@ -462,6 +462,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                         "root_acceptance": r.acceptance,
                         "standard_error": r.standard_error,
                         "optimal_bound": r.bound,
+                        "bound_is_exact": r.exact_bound,  # False: an upper bound of the optimum
                         "tokens_per_forward": r.tokens_per_forward,
                     }
                     for name, r in rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -183,6 +184,15 @@ def run(args: argparse.Namespace) -> int:
     names = {m.name for m in runner.methods}
     ids = {p.id for p in prompts}
     done = [r for r in done if r.method in names and r.prompt_id in ids and r.repeat < args.repeats]
+    # A prompt's methods must run side by side for their ratios to cancel the machine's drift: a
+    # prompt run cut off mid-way is run again whole, and its new records replace the old.
+    finished: dict[tuple[str, int], set[str]] = {}
+    for r in done:
+        finished.setdefault((r.prompt_id, r.repeat), set()).add(r.method)
+    cut = {pair for pair, ran in finished.items() if ran != names}
+    if cut:
+        print(f"running {len(cut)} prompt(s) cut off mid-way again, whole", file=sys.stderr)
+        done = [r for r in done if (r.prompt_id, r.repeat) not in cut]
     total = len(prompts) * args.repeats * len(runner.methods)
     bar = tqdm(total=total, initial=len(done), desc="bench", unit="run", file=sys.stderr)
     results = out_dir / "results.jsonl" if out_dir else None
@@ -196,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
         )
         bar.update(1)
 
+    # A stop request (kill, a job scheduler's time limit) ends the run as Ctrl-C does: a run put
+    # in the background by a shell ignores Ctrl-C's signal, and would otherwise lose its report.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         records = runner.run(prompts, args.repeats, sink, done)
     except KeyboardInterrupt:
@@ -207,8 +220,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; {where}", file=sys.stderr)
         _write_report(args, read_records(results), runner.methods, prompts, out_dir)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
     return _write_report(args, records, runner.methods, prompts, out_dir)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _report_only(args: argparse.Namespace, methods, prompts) -> int:

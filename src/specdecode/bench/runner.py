@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 
 from specdecode.api import SpecDecoder
@@ -55,6 +56,9 @@ class Record:
     exact: bool | None = None  # greedy output equals the baseline's token for token
     backend: str | None = None  # the model backend of our methods; None for peers
     token_ids: list[int] = field(default_factory=list)
+    # When the run ended (UTC, ISO 8601): a run resumed across days can be audited and a stretch
+    # measured on a busy machine found again.
+    finished_at: str | None = None
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -69,9 +73,11 @@ class Record:
 
 
 def read_records(path: Path) -> list[Record]:
-    """Records of an earlier run (a torn last line, from a kill mid-write, is dropped)."""
+    """Records of an earlier run, in run order (a torn last line, from a kill mid-write, is
+    dropped; a record run again, after a resumed run repeated a prompt cut off mid-way, replaces
+    the earlier one)."""
     names = {f.name for f in fields(Record)}
-    records = []
+    records: dict[tuple[str, str, int], Record] = {}
     for line in path.read_text().splitlines():
         try:
             raw = json.loads(line)
@@ -79,10 +85,12 @@ def read_records(path: Path) -> list[Record]:
             continue
         if isinstance(raw, dict) and names >= set(raw):
             try:
-                records.append(Record(**raw))
+                record = Record(**raw)
             except TypeError:  # a record of another version of the harness
                 continue
-    return records
+            records.pop(record.key, None)
+            records[record.key] = record
+    return list(records.values())
 
 
 def append_record(record: Record, path: Path) -> None:
@@ -249,6 +257,7 @@ class Runner:
             exact=exact,
             backend=backend,
             token_ids=token_ids,
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
 
 
