@@ -4,6 +4,7 @@ verifier stays within the bound, and the ordering the papers report shows up."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -160,3 +161,21 @@ def test_lossless_verifiers_stay_within_the_bound_and_order_as_the_papers_say() 
     assert (
         traversal > records["without-replacement/rrs-without-replacement"].tokens_per_forward - 0.02
     )
+
+
+def test_analyze_command_reports_json_and_marks_upper_bounds(capsys) -> None:
+    from specdecode.cli import main
+
+    tiny = "smollm2-135m-instruct"
+    argv = ["analyze", "--model", tiny, "--draft-model", tiny, "--prompts", "1"]
+    argv += ["--max-new-tokens", "8", "--nodes", "6", "--tree-width", "3", "--format", "json"]
+    code = main([*argv, "--methods", "iid/specinfer,without-replacement"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["method"] for r in rows] == ["iid/specinfer", "without-replacement"]
+    for row in rows:
+        assert row["root_steps"] > 0 and 0.0 <= row["root_acceptance"] <= 1.0
+        assert 0.0 < row["optimal_bound"] <= 1.0 and row["tokens_per_forward"] >= 1.0
+    # Three distinct drafts: the bound is an upper bound of the optimum, and says so.
+    assert [r["bound_is_exact"] for r in rows] == [True, False]
+    assert main([*argv[:-2], "--methods", "without-replacement"]) == 0
+    assert "| ≤ " in capsys.readouterr().out
