@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,17 +163,27 @@ def test_an_exactness_mismatch_is_reported_first_and_fails_the_run(
     assert "**NO**" in report
 
 
-def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypatch) -> None:
+def stop_at_run(monkeypatch, number: int, stop: Callable[[], None]) -> Callable:
+    """Make the benchmark call `stop` as its `number`-th run starts; returns the real runner."""
     measure = runner_module.Runner._measure
     calls = {"n": 0}
 
-    def interrupted(self, *args, **kwargs):
+    def measure_or_stop(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == number:
+            stop()
         return measure(self, *args, **kwargs)
 
-    monkeypatch.setattr(runner_module.Runner, "_measure", interrupted)
+    monkeypatch.setattr(runner_module.Runner, "_measure", measure_or_stop)
+    return measure
+
+
+def ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    measure = stop_at_run(monkeypatch, 4, ctrl_c)
     code, out = bench(tmp_path, "--methods", "prompt-lookup")
     assert code == 130
     kept = read_records(out / "results.jsonl")
@@ -193,23 +204,14 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     assert written[3].key == kept[2].key
     records = read_records(out / "results.jsonl")
     assert len(records) == 8 and len({r.key for r in records}) == 8
-    assert records[1].key == kept[1].key and records[2].finished_at == written[3].finished_at
+    assert records[1].key == kept[1].key and records[2] == written[3] != written[2]
     assert all(r.exact for r in records if r.method != "none")
     final = (out / "report.md").read_text()
     assert "Partial run" not in final and "--resume" not in final.split("Command:")[1]
 
 
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
-    measure = runner_module.Runner._measure
-    calls = {"n": 0}
-
-    def stopped(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return measure(self, *args, **kwargs)
-
-    monkeypatch.setattr(runner_module.Runner, "_measure", stopped)
+    stop_at_run(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, out = bench(tmp_path, "--methods", "prompt-lookup")
     assert code == 130
     assert len(read_records(out / "results.jsonl")) >= 2

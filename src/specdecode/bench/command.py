@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         LlamaServerPeer,
         missing_package,
     )
-    from specdecode.bench.runner import Runner, append_record, read_records
+    from specdecode.bench.runner import Runner, append_record, methods_by_run, read_records
     from specdecode.bench.suites import load_suite
     from specdecode.config import SamplingParams
 
@@ -186,10 +186,7 @@ def run(args: argparse.Namespace) -> int:
     done = [r for r in done if r.method in names and r.prompt_id in ids and r.repeat < args.repeats]
     # A prompt's methods must run side by side for their ratios to cancel the machine's drift: a
     # prompt run cut off mid-way is run again whole, and its new records replace the old.
-    finished: dict[tuple[str, int], set[str]] = {}
-    for r in done:
-        finished.setdefault((r.prompt_id, r.repeat), set()).add(r.method)
-    cut = {pair for pair, ran in finished.items() if ran != names}
+    cut = {pair for pair, ran in methods_by_run(done).items() if ran != names}
     if cut:
         print(f"running {len(cut)} prompt(s) cut off mid-way again, whole", file=sys.stderr)
         done = [r for r in done if (r.prompt_id, r.repeat) not in cut]
@@ -248,14 +245,13 @@ def _write_report(args: argparse.Namespace, records, methods, prompts, out_dir) 
     that every method finished, so that all of them are compared on the same prompts; returns the
     exit code: 1 when a greedy output differed from plain decoding."""
     from specdecode.bench.report import plot, report
+    from specdecode.bench.runner import methods_by_run
 
-    names = [m.name for m in methods]
+    names = {m.name for m in methods}
     wanted = {(p.id, repeat) for p in prompts for repeat in range(args.repeats)}
-    finished: dict[tuple[str, int], set[str]] = {}
-    for r in records:
-        if r.method in names and (r.prompt_id, r.repeat) in wanted:
-            finished.setdefault((r.prompt_id, r.repeat), set()).add(r.method)
-    complete = {pair for pair, done in finished.items() if done >= set(names)}
+    complete = {
+        pair for pair, ran in methods_by_run(records).items() if pair in wanted and ran >= names
+    }
     records = [r for r in records if r.method in names and (r.prompt_id, r.repeat) in complete]
     if not records:
         print("no prompt has been run by every method yet: nothing to report", file=sys.stderr)

@@ -93,6 +93,14 @@ def read_records(path: Path) -> list[Record]:
     return list(records.values())
 
 
+def methods_by_run(records: Iterable[Record]) -> dict[tuple[str, int], set[str]]:
+    """Per (prompt, repeat): the methods that have a record for it."""
+    ran: dict[tuple[str, int], set[str]] = {}
+    for r in records:
+        ran.setdefault((r.prompt_id, r.repeat), set()).add(r.method)
+    return ran
+
+
 def append_record(record: Record, path: Path) -> None:
     with path.open("a") as f:
         f.write(json.dumps(asdict(record)) + "\n")
