@@ -17,7 +17,7 @@ from specdecode.api import BACKENDS
 from specdecode.bench import runner as runner_module
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
 from specdecode.bench.report import speedups
-from specdecode.bench.runner import Record, read_records
+from specdecode.bench.runner import Record, read_records, this_machine
 from specdecode.bench.suites import load_suite
 from specdecode.cli import main
 from specdecode.verify import VERIFIERS
@@ -75,6 +75,7 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
         assert all(p is not None and p >= -1e-6 for p in parts)
         assert abs(sum(parts) - r.seconds) < 1e-6
         assert r.finished_at is not None and r.finished_at.endswith("+00:00")
+        assert r.machine == this_machine()
     assert [r.finished_at for r in records] == sorted(r.finished_at for r in records)
     assert any(r.mean_accepted_tokens > 1 for r in records if r.method != "none")
     report = (out / "report.md").read_text()
@@ -236,6 +237,21 @@ def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeyp
     assert "--report-only" not in rewritten
     # Fewer methods than were run: the report keeps to the methods asked for.
     assert bench(tmp_path, "--methods", "prompt-lookup-k10", "--report-only")[0] == 1
+
+
+def test_a_run_resumes_only_on_the_machine_it_ran_on(tmp_path: Path, capsys) -> None:
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 0
+    results = out / "results.jsonl"
+    moved = [{**json.loads(line), "machine": "Other CPU, 8 threads"} for line in results.open()]
+    results.write_text("".join(json.dumps(raw) + "\n" for raw in moved))
+    # The report names the machine the records ran on, not the one writing it.
+    assert bench(tmp_path, "--methods", "prompt-lookup", "--report-only")[0] == 0
+    assert "Machine: Other CPU, 8 threads, " in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert bench(tmp_path, "--methods", "prompt-lookup", "--resume")[0] == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Other CPU, 8 threads" in error and "new --out" in error
 
 
 def test_methods_files_sets_and_sweeps(tmp_path: Path) -> None:

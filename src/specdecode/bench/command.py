@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     llm = load(args.backend)
+    # After loading: --threads is applied there, and the thread count is part of the machine.
+    _check_same_machine(done, out_dir)
     other_backends = {
         backend: load(backend)
         for backend in sorted({m.backend for m in methods if m.backend} - {args.backend})
@@ -221,6 +223,19 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
     return _write_report(args, records, runner.methods, prompts, out_dir)
+
+
+def _check_same_machine(records, out_dir: Path) -> None:
+    from specdecode.bench.runner import this_machine
+
+    here = this_machine()
+    others = sorted({r.machine for r in records if r.machine and r.machine != here})
+    if others:
+        raise SpecDecodeError(
+            f"the records in {out_dir} were measured on {others[0]}, this machine is {here}: "
+            "continue the run there, or start another with a new --out (speeds and ratios "
+            "differ between machines)"
+        )
 
 
 def _interrupt(signum, frame) -> None:

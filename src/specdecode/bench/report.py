@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from specdecode.bench.methods import BASELINE
-from specdecode.bench.runner import Record
+from specdecode.bench.runner import Record, this_machine
 
 OVERALL = "overall"
 
@@ -84,15 +84,17 @@ def _table(records: Sequence[Record], category: str, ratios, decode_ratios) -> l
     return lines
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def machine_description(records: Sequence[Record] = ()) -> str:
+    """The machine(s) the records ran on (this one for records that do not say), and the
+    versions of the software writing the report."""
+    counts: dict[str, int] = {}
+    for r in records:
+        machine = r.machine or this_machine()
+        counts[machine] = counts.get(machine, 0) + 1
+    if len(counts) > 1:
+        where = "; ".join(f"{m} ({n} records)" for m, n in counts.items())
+    else:
+        where = next(iter(counts), this_machine())
     versions = [f"Python {sys.version.split()[0]}", f"torch {torch.__version__}"]
     try:
         import transformers
@@ -105,10 +107,7 @@ def machine_description() -> str:
     from specdecode import __version__
 
     versions.append(f"specdecode {__version__}")
-    return (
-        f"{cpu}, {torch.get_num_threads()} threads, {platform.system()} {platform.release()}; "
-        + ", ".join(versions)
-    )
+    return f"{where}, {platform.system()} {platform.release()}; " + ", ".join(versions)
 
 
 def report(records: Sequence[Record], command: str, settings: str = "") -> str:
@@ -145,7 +144,7 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
     ]
     for category in dict.fromkeys(r.category for r in records):
         lines += [f"## {category}", "", *_table(records, category, ratios, decode_ratios), ""]
-    lines += [f"Machine: {machine_description()}.", "", f"Command: `{command}`", ""]
+    lines += [f"Machine: {machine_description(records)}.", "", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ interrupted run keeps what it measured, and `done` lets a resumed run skip it.
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -59,6 +60,9 @@ class Record:
     # When the run ended (UTC, ISO 8601): a run resumed across days can be audited and a stretch
     # measured on a busy machine found again.
     finished_at: str | None = None
+    # The CPU and thread count it ran on: tokens/s and even ratios differ between machines, so a
+    # run resumed on another machine is refused (see `this_machine`).
+    machine: str | None = None
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -91,6 +95,21 @@ def read_records(path: Path) -> list[Record]:
             records.pop(record.key, None)
             records[record.key] = record
     return list(records.values())
+
+
+def this_machine() -> str:
+    """The processor's model name and torch's thread count, e.g. "AMD EPYC, 2 threads"."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def methods_by_run(records: Iterable[Record]) -> dict[tuple[str, int], set[str]]:
@@ -145,6 +164,7 @@ class Runner:
         self.methods, self.baselines = run_order(methods, backend)
         self.sampling = sampling
         self.peers = peers or {}
+        self.machine = this_machine()
         for method in self.methods:
             if method.peer is not None and method.peer not in self.peers:
                 raise SpecDecodeError(f"no runner for the peer baseline {method.peer!r}")
@@ -266,6 +286,7 @@ class Runner:
             backend=backend,
             token_ids=token_ids,
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            machine=self.machine,
         )
 
 
