@@ -16,6 +16,7 @@ import torch
 from specdecode.api import BACKENDS
 from specdecode.bench import runner as runner_module
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
+from specdecode.bench.report import report as render_report
 from specdecode.bench.report import speedups
 from specdecode.bench.runner import Record, read_records, this_machine
 from specdecode.bench.suites import load_suite
@@ -121,6 +122,26 @@ def test_speedups_are_ratios_of_runs_on_the_same_prompt_and_repeat() -> None:
     ratios = speedups(records)
     assert sorted(ratios[("c", "x")]) == [0.5, 2.0, 3.0]
     assert ratios[("overall", "x")] == ratios[("c", "x")]
+
+
+def test_the_report_tabulates_speed_ups_by_category() -> None:
+    def record(method: str, prompt: str, category: str, tps: float) -> Record:
+        return Record(method, prompt, category, 0, 10, 10 / tps, tps, 1.0, machine="M, 2 threads")
+
+    records = [
+        record("none", "a", "math", 2.0),
+        record("x", "a", "math", 4.0),
+        record("none", "b", "rag", 4.0),
+        record("x", "b", "rag", 2.0),
+        record("none", "c", "rag", 1.0),
+        record("x", "c", "rag", 8.0),
+    ]
+    text = render_report(records, "specdecode bench")
+    table = text[text.index("## Speed-up by category") :].splitlines()
+    assert table[2] == "| method | math | rag | overall | tokens/s |"
+    # rag: the geometric mean of 0.5 and 8; overall: of 2, 0.5 and 8; tokens/s: mean of 4, 2, 8.
+    assert table[5] == "| `x` | 2.00x | 2.00x | 2.00x | 4.67 |"
+    assert "Machine: M, 2 threads, " in text
 
 
 def test_decode_speedups_leave_the_prefill_out() -> None:

@@ -84,6 +84,20 @@ def _table(records: Sequence[Record], category: str, ratios, decode_ratios) -> l
     return lines
 
 
+def _by_category(records: Sequence[Record], ratios) -> list[str]:
+    """One row per method: its speed-up in every category, overall, and its mean tokens/s."""
+    categories = list(dict.fromkeys(r.category for r in records))
+    lines = [
+        "| method | " + " | ".join(categories) + f" | {OVERALL} | tokens/s |",
+        "|---" * (len(categories) + 3) + "|",
+    ]
+    for method in dict.fromkeys(r.method for r in records):
+        cells = [_ratio(ratios.get((c, method), [])) for c in [*categories, OVERALL]]
+        tps = _mean([r.tokens_per_second for r in records if r.method == method])
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {tps:.2f} |")
+    return lines
+
+
 def machine_description(records: Sequence[Record] = ()) -> str:
     """The machine(s) the records ran on (this one for records that do not say), and the
     versions of the software writing the report."""
@@ -142,6 +156,8 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
         *_table(records, OVERALL, ratios, decode_ratios),
         "",
     ]
+    if len({r.category for r in records}) > 1:
+        lines += ["## Speed-up by category", "", *_by_category(records, ratios), ""]
     for category in dict.fromkeys(r.category for r in records):
         lines += [f"## {category}", "", *_table(records, category, ratios, decode_ratios), ""]
     lines += [f"Machine: {machine_description(records)}.", "", f"Command: `{command}`", ""]
