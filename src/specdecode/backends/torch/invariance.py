@@ -111,7 +111,12 @@ class BatchInvariantLinear(nn.Linear):
         rows = x.shape[0]
         if x.dim() == 2 and rows <= MAX_INVARIANT_ROWS and kernel_applies(self.weight):
             rowwise = kernels.rowwise_linear()
-            out = rowwise(x.float().contiguous(), self.weight)  # [R, out] float32
+            # bfloat16 rows stay bfloat16 where the CPU multiplies them natively (widening them
+            # is exact, so the two paths differ only in how they sum).
+            native = (
+                x.dtype == self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
+            )
+            out = rowwise((x if native else x.float()).contiguous(), self.weight)  # [R, out] fp32
             if self.bias is not None:
                 out += self.bias
             return out.to(x.dtype)

@@ -2,9 +2,9 @@
 
 `rowwise_linear.cpp` gives each output row of a small matrix product the same bits whatever the
 number of rows, and is faster than the library products for the 1-16 rows of decoding and
-verification on CPUs without native bfloat16 arithmetic. `rowwise_attention.cpp` gives each query
-row the same bits whatever the other rows and wherever its visible keys sit (a tree's nodes).
-They are compiled once per machine with the system's C++ compiler into
+verification (with bfloat16 dot products where the CPU has them). `rowwise_attention.cpp` gives
+each query row the same bits whatever the other rows and wherever its visible keys sit (a tree's
+nodes). They are compiled once per machine with the system's C++ compiler into
 `~/.cache/specdecode/kernels/` (about 20 seconds), keyed by the sources, the compiler flags and
 torch's version.
 
@@ -29,8 +29,10 @@ import torch
 from specdecode.models.install import cache_root
 
 SOURCES = [Path(__file__).with_name(n) for n in ("rowwise_linear.cpp", "rowwise_attention.cpp")]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
+BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+# The CPU flag for bfloat16 dot products (rowwise_linear's bfloat16 rows, see there).
+BF16_CPU_FLAG = "avx512_bf16"
 ENV_SWITCH = "SPECDECODE_KERNELS"
 # Products of more rows (prompt prefill) are faster in the libraries' blocked GEMMs.
 MAX_ROWS = 128
@@ -51,6 +53,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def compiler_flags() -> list[str]:
+    """The flags the kernels compile with on this CPU."""
+    return BASE_FLAGS + (["-mavx512bf16"] if BF16_CPU_FLAG in cpu_flags() else [])
+
+
 def _why_unavailable() -> str | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"{ENV_SWITCH}=0"
@@ -61,7 +68,8 @@ def _why_unavailable() -> str | None:
 
 
 def _cache_dir() -> Path:
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
+    sources = b"".join(s.read_bytes() for s in SOURCES)
+    digest = hashlib.sha256(sources + " ".join(compiler_flags()).encode())
     digest.update(torch.__version__.encode())
     return cache_root() / "kernels" / digest.hexdigest()[:16]
 
@@ -72,6 +80,12 @@ def rowwise_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | N
     Built and loaded on the first call; later calls return the same answer at no cost.
     """
     return torch.ops.specdecode_kernels.rowwise_linear if _loaded() else None
+
+
+def takes_bfloat16_rows() -> bool:
+    """Whether `rowwise_linear` takes bfloat16 rows (with bfloat16 weights) on this CPU, through
+    its dot-product instruction, rather than float32 rows only."""
+    return BF16_CPU_FLAG in cpu_flags() and rowwise_linear() is not None
 
 
 def rowwise_attention() -> Callable[..., torch.Tensor] | None:
@@ -119,7 +133,7 @@ def _build_and_load() -> None:
     load(
         name="specdecode_kernels",
         sources=[str(s) for s in SOURCES],
-        extra_cflags=FLAGS,
+        extra_cflags=compiler_flags(),
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
