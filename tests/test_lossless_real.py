@@ -75,6 +75,23 @@ def test_draft_model_greedy_is_exact_same_family_other_dtype(small: SpecDecoder)
     assert doubtful.propose(context, Budget.chain(8)).num_nodes < 8
 
 
+def test_draft_model_with_a_partial_vocabulary_greedy_is_exact() -> None:
+    """A draft that scores only 2048 common tokens plus the special ones and those it was fed
+    proposes worse drafts, never another output."""
+    llm = SpecDecoder.load(SMALL, draft_model=SMALL, draft_vocabulary=2048)
+    for prompt in (EDIT_PROMPT, QUESTION_PROMPT):
+        plain = generate(llm, prompt, "none", 40)
+        fast = generate(llm, prompt, "draft-model", 40)
+        assert fast.token_ids == plain.token_ids
+        assert fast.stats.mean_accepted_tokens > 1.5
+    # Only scored tokens are ever proposed: the common ones, the special ones, the fed ones.
+    drafter = DraftModelDrafter(llm.draft_model, llm.target.vocab_size)
+    drafter.begin([], SamplingParams(), None)
+    context = llm.encode_prompt(QUESTION_PROMPT)
+    scored = set(range(2048)) | set(context) | llm.tokenizer.special_token_ids
+    assert set(drafter.propose(context, Budget.chain(8)).tokens.tolist()) <= scored
+
+
 @pytest.fixture(scope="module")
 def pair() -> SpecDecoder:
     return SpecDecoder.load(LARGE, draft_model=SMALL)

@@ -334,10 +334,68 @@ def test_int8_draft_weights_stay_close_to_the_float_model() -> None:
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 512, bias=True)
-    quantized = Int8Linear(layer)
+    quantized = Int8Linear.from_linear(layer)
     x = torch.randn(5, 256)
     with torch.inference_mode():
         error = (quantized(x) - layer(x)).abs().max()
         scale = layer(x).abs().mean()
     assert quantized.weight.dtype == torch.int8
     assert error < 0.05 * scale  # per-channel int8 weights, bfloat16 activations
+
+
+def test_byte_kernel_multiplies_rows_rounded_to_int8_by_int8_weights() -> None:
+    """Where the CPU has integer dot products, a draft's int8 weights meet rows rounded to int8,
+    each on its own scale: the result is that rounded product (integer sums are exact), for
+    ragged shapes too, and a row's result does not depend on the rows beside it."""
+    from specdecode.backends.torch import kernels
+
+    in_bytes = kernels.rowwise_linear_int8()
+    if kernels.VNNI_CPU_FLAG not in kernels.cpu_flags():
+        assert in_bytes is None
+        return
+    assert in_bytes is not None, "the kernel should compile on a CPU with AVX-512 VNNI"
+    torch.manual_seed(0)
+    for in_features, out_features in [(896, 4864), (100, 37), (4864, 9), (33, 5), (130, 70)]:
+        weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+        weight_scales = torch.rand(out_features) * 0.01
+        weight_sums = weight.sum(dim=1, dtype=torch.int32)
+        inputs = torch.randn(13, in_features) * torch.logspace(-2, 1, in_features)
+        out = in_bytes(inputs, weight, weight_sums, weight_scales)
+        row_scales = inputs.abs().amax(dim=1, keepdim=True) / 127
+        rounded = torch.round(inputs / row_scales) * row_scales
+        expected = rounded.double() @ (weight.double() * weight_scales.double()[:, None]).T
+        assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+        for rows in (1, 2, 5, 7):
+            alone = in_bytes(inputs[:rows], weight, weight_sums, weight_scales)
+            assert torch.equal(alone, out[:rows])
+    # A draft's layer takes this path for a prefill's many rows too (in chunks), and stays close
+    # to the float layer.
+    from specdecode.backends.torch.quant import Int8Linear
+
+    layer = torch.nn.Linear(256, 512, bias=True)
+    x = torch.randn(kernels.MAX_ROWS * 2 + 3, 256)
+    with torch.inference_mode():
+        out = Int8Linear.from_linear(layer)(x)
+        assert torch.equal(out[-3:], Int8Linear.from_linear(layer)(x[-3:]))
+        assert (out - layer(x)).abs().mean() < 0.01 * layer(x).abs().mean()
+
+
+def test_partial_head_scores_its_tokens_as_the_full_head_and_the_rest_minus_infinity() -> None:
+    from specdecode.backends.torch.quant import Int8Linear, PartialHead
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 1000, bias=False).requires_grad_(False)
+    for full in (Int8Linear.from_linear(layer), layer):
+        head = PartialHead(full, torch.tensor([5, 1, 3, 999, 5000]))  # out of range: ignored
+        x = torch.randn(3, 128)
+        with torch.inference_mode():
+            everything = full(x)
+            scores = head(x)
+            assert scores.shape == everything.shape
+            kept = torch.tensor([1, 3, 5, 999])
+            assert torch.allclose(scores[:, kept], everything[:, kept], rtol=1e-6, atol=1e-6)
+            assert torch.isinf(scores).sum() == 3 * (1000 - 4)
+            head.include(torch.tensor([[7, 3]]))  # fed tokens are scored from now on
+            assert torch.allclose(head(x)[:, 7], everything[:, 7], rtol=1e-6, atol=1e-6)
+            head.forget()  # a new sequence starts from the fixed set again
+            assert torch.isinf(head(x)[:, 7]).all()

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from specdecode.api import BACKENDS, DEFAULT_MODEL, SpecDecoder
+from specdecode.api import BACKENDS, DEFAULT_DRAFT_VOCABULARY, DEFAULT_MODEL, SpecDecoder
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.errors import SpecDecodeError
 
@@ -172,6 +172,15 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
         help="weights of the draft model (torch backend): int8 (default) drafts faster; the "
         "target checks every draft, so this changes speed, never output",
     )
+    p.add_argument(
+        "--draft-vocabulary",
+        type=int,
+        default=DEFAULT_DRAFT_VOCABULARY,
+        metavar="N",
+        help="the draft model (torch backend) scores only the first N token ids, the special "
+        "tokens and those of the prompt and output so far: cheaper draft forwards, lossless like "
+        f"any draft; 0 scores the whole vocabulary (default: {DEFAULT_DRAFT_VOCABULARY})",
+    )
 
 
 def _spec_from_args(args: argparse.Namespace) -> SpecConfig:
@@ -199,6 +208,7 @@ def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
         device=args.device,
         threads=args.threads,
         draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
+        draft_vocabulary=args.draft_vocabulary or None,
     )
 
 

@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             threads=args.threads,
             draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
+            draft_vocabulary=args.draft_vocabulary or None,
         )
 
     llm = load(args.backend)

@@ -33,6 +33,11 @@ class Tokenizer:
         return cls(tokenizer_json.read_text(), json.loads(metadata_json.read_text()))
 
     @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added (special) tokens and of end of sequence."""
+        return frozenset(self._tok.get_added_tokens_decoder()) | self.eos_token_ids
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from specdecode.backends.base import Backend
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.backends.torch.model import Transformer
-from specdecode.backends.torch.quant import quantize_int8
+from specdecode.backends.torch.quant import Int8Linear, PartialHead, quantize_int8
 from specdecode.errors import SpecDecodeError
 from specdecode.models.config import TransformerConfig
 
@@ -71,6 +72,21 @@ class TorchBackend(Backend):
     ):
         return cls(checkpoint.config, checkpoint.state_dict, dtype, device, max_context, quantize)
 
+    def limit_draft_vocabulary(self, always: Sequence[int]) -> None:
+        """Score only the tokens `always` and those fed to the model (`PartialHead`): for a draft
+        model, whose output layer is then that much cheaper."""
+        head = self.model.lm_head
+        if isinstance(head, PartialHead):
+            head = head.head
+        if not isinstance(head, (Int8Linear, nn.Linear)):  # the target's batch-invariant layer
+            raise SpecDecodeError("only a draft model's output layer scores part of the vocabulary")
+        self.model.lm_head = PartialHead(head, torch.as_tensor(list(always), dtype=torch.long))
+
+    def reset(self) -> None:
+        super().reset()
+        if isinstance(self.model.lm_head, PartialHead):
+            self.model.lm_head.forget()
+
     @property
     def num_cached(self) -> int:
         return self.cache.length
@@ -98,6 +114,8 @@ class TorchBackend(Backend):
             tree_mask.shape[0] == count and count <= tree_mask.shape[1] <= self.cache.length + count
         ):
             raise ValueError(f"tree_mask of shape {tuple(tree_mask.shape)} for {count} new tokens")
+        if isinstance(self.model.lm_head, PartialHead):
+            self.model.lm_head.include(token_ids)
         with torch.inference_mode():
             logits = self.model(
                 token_ids.to(self.device),

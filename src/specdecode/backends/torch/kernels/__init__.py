@@ -2,11 +2,12 @@
 
 `rowwise_linear.cpp` gives each output row of a small matrix product the same bits whatever the
 number of rows, and is faster than the library products for the 1-16 rows of decoding and
-verification (with bfloat16 dot products where the CPU has them). `rowwise_attention.cpp` gives
-each query row the same bits whatever the other rows and wherever its visible keys sit (a tree's
-nodes). They are compiled once per machine with the system's C++ compiler into
-`~/.cache/specdecode/kernels/` (about 20 seconds), keyed by the sources, the compiler flags and
-torch's version.
+verification (with bfloat16 dot products where the CPU has them); where the CPU has integer dot
+products it also multiplies a quantized draft model's int8 weights by rows rounded to int8.
+`rowwise_attention.cpp` gives each query row the same bits whatever the other rows and wherever
+its visible keys sit (a tree's nodes). They are compiled once per machine with the system's C++
+compiler into `~/.cache/specdecode/kernels/` (about 20 seconds), keyed by the sources, the
+compiler flags and torch's version.
 
 Where it cannot be had (no AVX-512, no compiler, `SPECDECODE_KERNELS=0`, a CUDA model) callers
 fall back to library products, made batch-invariant by probing (`invariance.py`); a warning says
@@ -33,8 +34,11 @@ BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 # The CPU flag for bfloat16 dot products (rowwise_linear's bfloat16 rows, see there).
 BF16_CPU_FLAG = "avx512_bf16"
+# The CPU flag for integer (byte) dot products (rowwise_linear_int8).
+VNNI_CPU_FLAG = "avx512_vnni"
 ENV_SWITCH = "SPECDECODE_KERNELS"
-# Products of more rows (prompt prefill) are faster in the libraries' blocked GEMMs.
+# Products of more rows (prompt prefill) are faster in the libraries' blocked GEMMs, except the
+# integer ones, which take a prefill in chunks of this many rows.
 MAX_ROWS = 128
 
 _state: dict[str, object] = {}
@@ -55,7 +59,12 @@ def cpu_flags() -> frozenset[str]:
 
 def compiler_flags() -> list[str]:
     """The flags the kernels compile with on this CPU."""
-    return BASE_FLAGS + (["-mavx512bf16"] if BF16_CPU_FLAG in cpu_flags() else [])
+    flags = cpu_flags()
+    return (
+        BASE_FLAGS
+        + (["-mavx512bf16"] if BF16_CPU_FLAG in flags else [])
+        + (["-mavx512vnni"] if VNNI_CPU_FLAG in flags else [])
+    )
 
 
 def _why_unavailable() -> str | None:
@@ -86,6 +95,15 @@ def takes_bfloat16_rows() -> bool:
     """Whether `rowwise_linear` takes bfloat16 rows (with bfloat16 weights) on this CPU, through
     its dot-product instruction, rather than float32 rows only."""
     return BF16_CPU_FLAG in cpu_flags() and rowwise_linear() is not None
+
+
+def rowwise_linear_int8() -> Callable[..., torch.Tensor] | None:
+    """The compiled `rowwise_linear_int8(x [R, K] float32, weight [N, K] int8, weight_sums [N]
+    int32, weight_scales [N] float32) -> [R, N] float32`, or None where the CPU lacks integer dot
+    products. Each row of x is rounded to int8 on its own scale first: for draft models only."""
+    if VNNI_CPU_FLAG not in cpu_flags() or not _loaded():
+        return None
+    return torch.ops.specdecode_kernels.rowwise_linear_int8
 
 
 def rowwise_attention() -> Callable[..., torch.Tensor] | None:
