@@ -122,6 +122,9 @@ def test_bad_certify_settings_fail() -> None:
 DRAFT_MODEL = ["--draft-model", "qwen2.5-coder-0.5b-instruct", "--num-draft-tokens", "2"]
 REAL = {
     "prompt-lookup/rejection": ["--drafter", "prompt-lookup"],
+    # A draft that scores 256 tokens and those it was fed: zero draft mass on most of what the
+    # target may say, which the residual distribution must cover.
+    "draft-model-256-tokens/rejection": [*DRAFT_MODEL, "--draft-vocabulary", "256"],
     "iid/specinfer": [*DRAFT_MODEL, "--tree", "iid", "--tree-width", "3"],
     "iid/spectr": [*DRAFT_MODEL, "--tree", "iid", "--tree-width", "3", "--verifier", "spectr"],
     "without-replacement/rrs": [*DRAFT_MODEL, "--tree", "without-replacement", "--tree-width", "3"],

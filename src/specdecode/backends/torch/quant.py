@@ -69,7 +69,7 @@ class Int8Linear(nn.Module):
         elif rowwise is not None:
             # Decoding: weights widened in registers, one pass over a quarter of float32's bytes.
             out = (rowwise(rows.float().contiguous(), self.weight) * self.scale).to(rows.dtype)
-        elif rows.device.type == "cpu":
+        elif on_cpu:
             # Prefill: this many rows make the product compute-bound, and float32 matrix products
             # are the CPU's fastest; the widened weight is a temporary of one layer.
             widened = self.weight.float()  # [out, in]
@@ -97,7 +97,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 class PartialHead(nn.Module):
     """A draft model's output layer that scores part of the vocabulary: a fixed set of tokens
     and every token the model has been fed (the prompt's, and the output's so far); every other
-    token gets -inf, so it is never drafted.
+    token gets -inf, so it is never drafted (a model with final logit soft-capping turns -inf
+    into its lowest logit, -cap: practically never).
 
     Why: the output layer of a small model with a large vocabulary is a large share of the bytes
     its forward reads (the 0.5B's is 136 of its 494 MB in int8), and tokens outside the common
