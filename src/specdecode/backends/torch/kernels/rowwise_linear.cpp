@@ -9,7 +9,9 @@
 //
 // It is also what makes small-batch forwards cheap on a CPU without native bfloat16 arithmetic:
 // weights stay bfloat16 in memory (half the bytes of float32) and are widened in registers, and
-// all rows of a forward share one pass over the weights, which decoding is bound by.
+// all rows of a forward share one pass over the weights, which decoding is bound by. That pass
+// runs ahead of the arithmetic (software prefetch into L2), so that a verification forward's
+// rows cost their arithmetic, not arithmetic plus a wait for memory.
 //
 // On a CPU with AVX-512 BF16, bfloat16 rows times bfloat16 weights take its dot-product
 // instruction instead: 32 products per instruction and no widening, which halves the arithmetic
@@ -58,7 +60,7 @@ inline __m512 load_weight(const int8_t* w, __mmask16 mask) {
 // Outputs [n0, n0 + Outputs) of rows [0, Rows) of x (float32, row stride k).
 template <int Rows, int Outputs, typename W>
 inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
-                 int64_t out_stride) {
+                 int64_t out_stride, const W* ahead) {
   __m512 acc[Rows][Outputs];
 #pragma GCC unroll 8
   for (int r = 0; r < Rows; ++r)
@@ -71,6 +73,11 @@ inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
     __m512 wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = load_weight(wt + j * k + i, mask);
+    // Fetch the next tile's weights into L2 (see tile_rows).
+    if (ahead != nullptr)
+#pragma GCC unroll 8
+      for (int j = 0; j < Outputs; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
@@ -89,7 +96,7 @@ inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
 // float32 lanes by the dot-product instruction.
 template <int Rows, int Outputs>
 inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int64_t n0,
-                 float* out, int64_t out_stride) {
+                 float* out, int64_t out_stride, const c10::BFloat16* ahead) {
   constexpr int kPairLanes = 2 * kLanes;
   __m512 acc[Rows][Outputs];
 #pragma GCC unroll 8
@@ -102,6 +109,11 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
     __m512bh wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wt + j * k + i);
+    // Fetch the next tile's weights into L2 (see tile_rows).
+    if (ahead != nullptr)
+#pragma GCC unroll 8
+      for (int j = 0; j < Outputs; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + i);
@@ -121,7 +133,7 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
 // into 16 int32 lanes (exact: no rounding, so any order gives the same sum).
 template <int Rows, int Outputs>
 inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32_t* out,
-                 int64_t out_stride) {
+                 int64_t out_stride, const int8_t* ahead) {
   constexpr int kByteLanes = 4 * kLanes;
   __m512i acc[Rows][Outputs];
 #pragma GCC unroll 8
@@ -135,6 +147,11 @@ inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32
     __m512i wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wt + j * k + i);
+    // Fetch the next tile's weights into L2 (see tile_rows).
+    if (ahead != nullptr)
+#pragma GCC unroll 8
+      for (int j = 0; j < Outputs; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * k + i);
@@ -155,13 +172,19 @@ inline void tile_rows(const X* x, const W* w, int64_t rows, int64_t k, int64_t n
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroup) {
     const X* xr = x + r0 * k;
     O* o = out + r0 * n;
+    // The first group of rows fetches the next tile's weights into L2 as it goes (64 bytes of
+    // each of its weight rows per step). Without it, the weights' stream from memory and the
+    // arithmetic take turns. L2, not L1: in L1 they would evict the tile in use, which the later
+    // groups read again. The fetch is written out in each tile because GCC deletes a call to a
+    // function that only prefetches (it counts as free of side effects).
+    const W* ahead = r0 == 0 && n0 + 2 * Outputs <= n ? w + (n0 + Outputs) * k : nullptr;
     switch (rows - r0 < kMaxGroup ? rows - r0 : kMaxGroup) {
-      case 1: tile<1, Outputs>(xr, w, k, n0, o, n); break;
-      case 2: tile<2, Outputs>(xr, w, k, n0, o, n); break;
-      case 3: tile<3, Outputs>(xr, w, k, n0, o, n); break;
-      case 4: tile<4, Outputs>(xr, w, k, n0, o, n); break;
-      case 5: tile<5, Outputs>(xr, w, k, n0, o, n); break;
-      default: tile<kMaxGroup, Outputs>(xr, w, k, n0, o, n); break;
+      case 1: tile<1, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      case 2: tile<2, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      case 3: tile<3, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      case 4: tile<4, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      case 5: tile<5, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      default: tile<kMaxGroup, Outputs>(xr, w, k, n0, o, n, ahead); break;
     }
   }
 }
