@@ -1,0 +1,100 @@
+"""Compare two versions of the row-wise linear kernel in one process, on one model's shapes.
+
+A shared machine's speed drifts by tens of percent from minute to minute, so two processes run one
+after the other do not compare kernels fairly. This builds the current `rowwise_linear.cpp` and an
+earlier version (from git) as two libraries, loads both, and times them in alternation over the
+products of one forward of Qwen2.5-Coder-1.5B (28 layers and the output layer, each with its own
+random bfloat16 weights, so that they stream from memory as a model's do). It also checks that
+both give the same bits.
+
+    python benchmarks/rowwise_linear_ab.py --baseline a59b322~1
+
+Prints the median and best milliseconds per forward's products, by row count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SOURCE = Path("src/specdecode/backends/torch/kernels/rowwise_linear.cpp")
+# (outputs, inputs) of one layer's products: fused q/k/v, attention output, fused gate/up, down.
+LAYER_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]
+LAYERS = 28
+VOCABULARY = 151936
+
+
+def build(name: str, source: str, directory: Path):
+    """Compile `source` as a library registering its ops under `name`; return its op."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    from specdecode.backends.torch import kernels
+
+    directory.mkdir(parents=True, exist_ok=True)
+    renamed = directory / f"{name}.cpp"
+    renamed.write_text(source.replace("specdecode_kernels", name))
+    load(
+        name=name,
+        sources=[str(renamed)],
+        extra_cflags=kernels.compiler_flags(),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    return getattr(torch.ops, name).rowwise_linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", required=True, help="git revision of the earlier kernel")
+    parser.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    try:
+        rows_list = [int(rows) for rows in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--rows takes integers separated by commas, got {args.rows!r}")
+    shown = subprocess.run(
+        ["git", "show", f"{args.baseline}:{SOURCE}"], capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        sys.exit(f"error: cannot read {SOURCE} at {args.baseline!r}: {shown.stderr.strip()}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        products = {
+            "baseline": build("ab_baseline", shown.stdout, Path(scratch) / "baseline"),
+            "current": build("ab_current", SOURCE.read_text(), Path(scratch) / "current"),
+        }
+        layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]
+        output_layer = torch.randn(VOCABULARY, 1536).bfloat16()
+        weights = [weight for layer in layers for weight in layer] + [output_layer]
+        for rows in rows_list:
+            inputs = {k: torch.randn(rows, k).bfloat16() for k in (1536, 8960)}
+            first, second = (product(inputs[1536], output_layer) for product in products.values())
+            if not torch.equal(first, second):
+                sys.exit(f"error: the two kernels give different bits for {rows} rows")
+            times: dict[str, list[float]] = {name: [] for name in products}
+            for _ in range(args.repeats):
+                for name, product in products.items():
+                    start = time.perf_counter()
+                    for weight in weights:
+                        product(inputs[weight.shape[1]], weight)
+                    times[name].append((time.perf_counter() - start) * 1000)
+            cells = [
+                f"{name} median {sorted(ms)[len(ms) // 2]:.0f} best {min(ms):.0f} ms"
+                for name, ms in times.items()
+            ]
+            print(f"{rows} rows: " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
