@@ -8,6 +8,7 @@ random bfloat16 weights, so that they stream from memory as a model's do). It al
 both give the same bits.
 
     python benchmarks/rowwise_linear_ab.py --baseline a59b322~1
+    python benchmarks/rowwise_linear_ab.py --baseline-file old_rowwise_linear.cpp --rows 1,2
 
 Prints the median and best milliseconds per forward's products, by row count.
 """
@@ -51,7 +52,9 @@ def build(name: str, source: str, directory: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", required=True, help="git revision of the earlier kernel")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--baseline", help="git revision of the earlier kernel")
+    which.add_argument("--baseline-file", help="or a file holding the earlier kernel's source")
     parser.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -60,18 +63,25 @@ def main() -> None:
         rows_list = [int(rows) for rows in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows takes integers separated by commas, got {args.rows!r}")
-    shown = subprocess.run(
-        ["git", "show", f"{args.baseline}:{SOURCE}"], capture_output=True, text=True
-    )
-    if shown.returncode != 0:
-        sys.exit(f"error: cannot read {SOURCE} at {args.baseline!r}: {shown.stderr.strip()}")
+    if args.baseline_file:
+        try:
+            baseline = Path(args.baseline_file).read_text()
+        except OSError as error:
+            sys.exit(f"error: cannot read --baseline-file: {error}")
+    else:
+        shown = subprocess.run(
+            ["git", "show", f"{args.baseline}:{SOURCE}"], capture_output=True, text=True
+        )
+        if shown.returncode != 0:
+            sys.exit(f"error: cannot read {SOURCE} at {args.baseline!r}: {shown.stderr.strip()}")
+        baseline = shown.stdout
 
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         products = {
-            "baseline": build("ab_baseline", shown.stdout, Path(scratch) / "baseline"),
+            "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline"),
             "current": build("ab_current", SOURCE.read_text(), Path(scratch) / "current"),
         }
         layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]

@@ -60,24 +60,28 @@ inline __m512 load_weight(const int8_t* w, __mmask16 mask) {
 // Outputs [n0, n0 + Outputs) of rows [0, Rows) of x (float32, row stride k).
 template <int Rows, int Outputs, typename W>
 inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
-                 int64_t out_stride, const W* ahead) {
+                 int64_t out_stride, const W* ahead, int group, int groups) {
   __m512 acc[Rows][Outputs];
 #pragma GCC unroll 8
   for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_ps();
   const W* wt = w + n0 * k;
+  int owner = 0;  // which group of rows fetches the next line
   for (int64_t i = 0; i < k; i += kLanes) {
     // Full registers but for a ragged end (k not a multiple of 16), where lanes read as zero.
     __mmask16 mask = k - i >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
     __m512 wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = load_weight(wt + j * k + i, mask);
-    // Fetch the next tile's weights into L2 (see tile_rows).
+    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
     if (ahead != nullptr)
 #pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+      for (int j = 0; j < Outputs; ++j) {
+        if (owner == group)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+        owner = owner + 1 == groups ? 0 : owner + 1;
+      }
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
@@ -96,7 +100,8 @@ inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
 // float32 lanes by the dot-product instruction.
 template <int Rows, int Outputs>
 inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int64_t n0,
-                 float* out, int64_t out_stride, const c10::BFloat16* ahead) {
+                 float* out, int64_t out_stride, const c10::BFloat16* ahead, int group,
+                 int groups) {
   constexpr int kPairLanes = 2 * kLanes;
   __m512 acc[Rows][Outputs];
 #pragma GCC unroll 8
@@ -104,16 +109,20 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_ps();
   const c10::BFloat16* wt = w + n0 * k;
+  int owner = 0;  // which group of rows fetches the next line
   for (int64_t i = 0; i < k; i += kPairLanes) {
     __mmask32 mask = k - i >= kPairLanes ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (k - i)) - 1);
     __m512bh wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wt + j * k + i);
-    // Fetch the next tile's weights into L2 (see tile_rows).
+    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
     if (ahead != nullptr)
 #pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+      for (int j = 0; j < Outputs; ++j) {
+        if (owner == group)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+        owner = owner + 1 == groups ? 0 : owner + 1;
+      }
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + i);
@@ -133,7 +142,7 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
 // into 16 int32 lanes (exact: no rounding, so any order gives the same sum).
 template <int Rows, int Outputs>
 inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32_t* out,
-                 int64_t out_stride, const int8_t* ahead) {
+                 int64_t out_stride, const int8_t* ahead, int group, int groups) {
   constexpr int kByteLanes = 4 * kLanes;
   __m512i acc[Rows][Outputs];
 #pragma GCC unroll 8
@@ -141,17 +150,21 @@ inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_si512();
   const int8_t* wt = w + n0 * k;
+  int owner = 0;  // which group of rows fetches the next line
   for (int64_t i = 0; i < k; i += kByteLanes) {
     // Masked-off bytes read as zero in the weights, so they add nothing.
     __mmask64 mask = k - i >= kByteLanes ? ~__mmask64(0) : (__mmask64(1) << (k - i)) - 1;
     __m512i wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wt + j * k + i);
-    // Fetch the next tile's weights into L2 (see tile_rows).
+    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
     if (ahead != nullptr)
 #pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+      for (int j = 0; j < Outputs; ++j) {
+        if (owner == group)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+        owner = owner + 1 == groups ? 0 : owner + 1;
+      }
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * k + i);
@@ -169,22 +182,26 @@ inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32
 template <int Outputs, typename X, typename W, typename O>
 inline void tile_rows(const X* x, const W* w, int64_t rows, int64_t k, int64_t n0, O* out,
                       int64_t n) {
+  const int groups = static_cast<int>((rows + kMaxGroup - 1) / kMaxGroup);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroup) {
     const X* xr = x + r0 * k;
     O* o = out + r0 * n;
-    // The first group of rows fetches the next tile's weights into L2 as it goes (64 bytes of
-    // each of its weight rows per step). Without it, the weights' stream from memory and the
-    // arithmetic take turns. L2, not L1: in L1 they would evict the tile in use, which the later
-    // groups read again. The fetch is written out in each tile because GCC deletes a call to a
-    // function that only prefetches (it counts as free of side effects).
-    const W* ahead = r0 == 0 && n0 + 2 * Outputs <= n ? w + (n0 + Outputs) * k : nullptr;
+    // While a tile computes, the next tile's weights are fetched into L2, each group of rows
+    // taking every `groups`-th cache line, so that memory stays busy through all the groups.
+    // Without it, the weights' stream from memory and the arithmetic take turns; with only the
+    // first group fetching, memory idles while the later groups compute. L2, not L1: in L1 the
+    // lines would evict the tile in use, which later groups read again. The fetch is written
+    // out in each tile because GCC deletes a call to a function that only prefetches (it counts
+    // as free of side effects).
+    const W* ahead = n0 + 2 * Outputs <= n ? w + (n0 + Outputs) * k : nullptr;
+    const int group = static_cast<int>(r0 / kMaxGroup);
     switch (rows - r0 < kMaxGroup ? rows - r0 : kMaxGroup) {
-      case 1: tile<1, Outputs>(xr, w, k, n0, o, n, ahead); break;
-      case 2: tile<2, Outputs>(xr, w, k, n0, o, n, ahead); break;
-      case 3: tile<3, Outputs>(xr, w, k, n0, o, n, ahead); break;
-      case 4: tile<4, Outputs>(xr, w, k, n0, o, n, ahead); break;
-      case 5: tile<5, Outputs>(xr, w, k, n0, o, n, ahead); break;
-      default: tile<kMaxGroup, Outputs>(xr, w, k, n0, o, n, ahead); break;
+      case 1: tile<1, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
+      case 2: tile<2, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
+      case 3: tile<3, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
+      case 4: tile<4, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
+      case 5: tile<5, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
+      default: tile<kMaxGroup, Outputs>(xr, w, k, n0, o, n, ahead, group, groups); break;
     }
   }
 }
