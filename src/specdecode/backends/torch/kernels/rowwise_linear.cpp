@@ -67,7 +67,7 @@ inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_ps();
   const W* wt = w + n0 * k;
-  int owner = 0;  // which group of rows fetches the next line
+  int owner = 0;  // which group of rows issues the next fetch (see tile_rows)
   for (int64_t i = 0; i < k; i += kLanes) {
     // Full registers but for a ragged end (k not a multiple of 16), where lanes read as zero.
     __mmask16 mask = k - i >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
@@ -109,7 +109,7 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_ps();
   const c10::BFloat16* wt = w + n0 * k;
-  int owner = 0;  // which group of rows fetches the next line
+  int owner = 0;  // which group of rows issues the next fetch (see tile_rows)
   for (int64_t i = 0; i < k; i += kPairLanes) {
     __mmask32 mask = k - i >= kPairLanes ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (k - i)) - 1);
     __m512bh wv[Outputs];
@@ -150,7 +150,7 @@ inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) acc[r][j] = _mm512_setzero_si512();
   const int8_t* wt = w + n0 * k;
-  int owner = 0;  // which group of rows fetches the next line
+  int owner = 0;  // which group of rows issues the next fetch (see tile_rows)
   for (int64_t i = 0; i < k; i += kByteLanes) {
     // Masked-off bytes read as zero in the weights, so they add nothing.
     __mmask64 mask = k - i >= kByteLanes ? ~__mmask64(0) : (__mmask64(1) << (k - i)) - 1;
@@ -186,13 +186,16 @@ inline void tile_rows(const X* x, const W* w, int64_t rows, int64_t k, int64_t n
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxGroup) {
     const X* xr = x + r0 * k;
     O* o = out + r0 * n;
-    // While a tile computes, the next tile's weights are fetched into L2, each group of rows
-    // taking every `groups`-th cache line, so that memory stays busy through all the groups.
-    // Without it, the weights' stream from memory and the arithmetic take turns; with only the
-    // first group fetching, memory idles while the later groups compute. L2, not L1: in L1 the
-    // lines would evict the tile in use, which later groups read again. The fetch is written
-    // out in each tile because GCC deletes a call to a function that only prefetches (it counts
-    // as free of side effects).
+    // While a tile computes, the next tile's weights are fetched into L2. There is one fetch per
+    // weight row per step of k, and the groups of rows take them in turn, so that memory stays
+    // busy through all the groups. Without it, the weights' stream from memory and the
+    // arithmetic take turns; with only the first group fetching, memory idles while the later
+    // groups compute. L2, not L1: in L1 the lines would evict the tile in use, which later
+    // groups read again. (A step of 64 bytes fetches each line once; the float-row tiles step
+    // 16 values, so with bfloat16 or int8 weights a line is asked for two or four times, and
+    // the earliest group to ask fetches it: harmless, if less even.) The fetch is written out in
+    // each tile because GCC 12 at -O3 removes a call to a function that only prefetches, which
+    // it judges free of side effects.
     const W* ahead = n0 + 2 * Outputs <= n ? w + (n0 + Outputs) * k : nullptr;
     const int group = static_cast<int>(r0 / kMaxGroup);
     switch (rows - r0 < kMaxGroup ? rows - r0 : kMaxGroup) {
@@ -221,7 +224,7 @@ void rows_times_weights(const X* x, const W* w, int64_t rows, int64_t k, int64_t
   }
   int64_t tiles = n / kOutputs;
   // Each thread owns whole outputs; a tile's weights are read from memory once and reused, from
-  // L1, by every group of rows.
+  // L1 or (for long rows) L2, by every group of rows.
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_rows<kOutputs>(x, w, rows, k, t * kOutputs, out, n);
   });
