@@ -1,13 +1,13 @@
 """Compare two versions of the row-wise linear kernel in one process, on one model's shapes.
 
 A shared machine's speed drifts by tens of percent from minute to minute, so two processes run one
-after the other do not compare kernels fairly. This builds the current `rowwise_linear.cpp` and an
-earlier version (from git) as two libraries, loads both, and times them in alternation over the
-products of one forward of Qwen2.5-Coder-1.5B (28 layers and the output layer, each with its own
-random bfloat16 weights, so that they stream from memory as a model's do). It also checks that
-both give the same bits.
+after the other do not compare kernels fairly. This builds two versions of `rowwise_linear.cpp`
+(by default the working tree's and an earlier one from git) as two libraries, loads both, and
+times them in alternation over the products of one forward of Qwen2.5-Coder-1.5B (28 layers and
+the output layer, each with its own random bfloat16 weights, so that they stream from memory as a
+model's do). It also checks that both give the same bits.
 
-    python benchmarks/rowwise_linear_ab.py --baseline a59b322~1
+    python benchmarks/rowwise_linear_ab.py --baseline a59b322~1 --current a59b322
     python benchmarks/rowwise_linear_ab.py --baseline-file old_rowwise_linear.cpp --rows 1,2
 
 Prints the median and best milliseconds per forward's products, by row count.
@@ -50,11 +50,22 @@ def build(name: str, source: str, directory: Path):
     return getattr(torch.ops, name).rowwise_linear
 
 
+def source_at(revision: str) -> str:
+    """The kernel's source at a git revision (exits with one line if git cannot show it)."""
+    shown = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        sys.exit(f"error: cannot read {SOURCE} at {revision!r}: {shown.stderr.strip()}")
+    return shown.stdout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--baseline", help="git revision of the earlier kernel")
     which.add_argument("--baseline-file", help="or a file holding the earlier kernel's source")
+    parser.add_argument(
+        "--current", help="git revision of the later kernel (default: the working tree's)"
+    )
     parser.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -69,12 +80,8 @@ def main() -> None:
         except OSError as error:
             sys.exit(f"error: cannot read --baseline-file: {error}")
     else:
-        shown = subprocess.run(
-            ["git", "show", f"{args.baseline}:{SOURCE}"], capture_output=True, text=True
-        )
-        if shown.returncode != 0:
-            sys.exit(f"error: cannot read {SOURCE} at {args.baseline!r}: {shown.stderr.strip()}")
-        baseline = shown.stdout
+        baseline = source_at(args.baseline)
+    current = SOURCE.read_text() if args.current is None else source_at(args.current)
 
     import torch
 
@@ -82,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         products = {
             "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline"),
-            "current": build("ab_current", SOURCE.read_text(), Path(scratch) / "current"),
+            "current": build("ab_current", current, Path(scratch) / "current"),
         }
         layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]
         output_layer = torch.randn(VOCABULARY, 1536).bfloat16()
