@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE = Path("src/specdecode/backends/torch/kernels/rowwise_linear.cpp")
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = Path("src/specdecode/backends/torch/kernels/rowwise_linear.cpp")  # from ROOT
 # (outputs, inputs) of one layer's products: fused q/k/v, attention output, fused gate/up, down.
 LAYER_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]
 LAYERS = 28
@@ -52,7 +53,9 @@ def build(name: str, source: str, directory: Path):
 
 def source_at(revision: str) -> str:
     """The kernel's source at a git revision (exits with one line if git cannot show it)."""
-    shown = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], capture_output=True, text=True)
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:{SOURCE}"], capture_output=True, text=True, cwd=ROOT
+    )
     if shown.returncode != 0:
         sys.exit(f"error: cannot read {SOURCE} at {revision!r}: {shown.stderr.strip()}")
     return shown.stdout
@@ -74,6 +77,8 @@ def main() -> None:
         rows_list = [int(rows) for rows in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows takes integers separated by commas, got {args.rows!r}")
+    if min(rows_list) < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--rows, --repeats and --threads must be at least 1")
     if args.baseline_file:
         try:
             baseline = Path(args.baseline_file).read_text()
@@ -81,16 +86,19 @@ def main() -> None:
             sys.exit(f"error: cannot read --baseline-file: {error}")
     else:
         baseline = source_at(args.baseline)
-    current = SOURCE.read_text() if args.current is None else source_at(args.current)
+    current = (ROOT / SOURCE).read_text() if args.current is None else source_at(args.current)
 
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        products = {
-            "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline"),
-            "current": build("ab_current", current, Path(scratch) / "current"),
-        }
+        try:
+            products = {
+                "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline"),
+                "current": build("ab_current", current, Path(scratch) / "current"),
+            }
+        except Exception as error:  # a compiler error shows as several exception types
+            sys.exit(f"error: a kernel did not compile: {str(error).strip().splitlines()[-1]}")
         layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]
         output_layer = torch.randn(VOCABULARY, 1536).bfloat16()
         weights = [weight for layer in layers for weight in layer] + [output_layer]

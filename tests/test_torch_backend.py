@@ -273,6 +273,25 @@ def _to_hf_names(model, config: TransformerConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
+def test_rowwise_kernel_is_built_with_its_weight_prefetch() -> None:
+    """The kernel fetches the next weights into L2 while it computes; a compiler that dropped the
+    fetch (GCC drops helpers whose only effect is a prefetch) would only show as a slowdown, so
+    the built library is read for the instruction."""
+    import shutil
+    import subprocess
+
+    from specdecode.backends.torch import kernels
+
+    if kernels.rowwise_linear() is None:
+        pytest.skip("the kernels need AVX-512 and a C++ compiler (the fallback is tested below)")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is needed to read the built library")
+    library = kernels._cache_dir() / "specdecode_kernels.so"
+    listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert "prefetcht1" in listing.stdout
+
+
 def test_rowwise_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> None:
     """The C++ kernel sums each output in a fixed order: a row's result is the same alone or in
     any batch, for ragged shapes too, and close to a float64 product."""

@@ -57,6 +57,19 @@ inline __m512 load_weight(const int8_t* w, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
+// This group's share of the next tile's weights (null: none) at column i, fetched into L2: one
+// fetch per weight row, the groups taking them in turn (`owner` carries the turn from step to
+// step; see tile_rows).
+template <int Outputs, typename W>
+inline void fetch_share(const W* ahead, int64_t k, int64_t i, int group, int groups, int& owner) {
+  if (ahead == nullptr) return;
+#pragma GCC unroll 8
+  for (int j = 0; j < Outputs; ++j) {
+    if (owner == group) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
+    owner = owner + 1 == groups ? 0 : owner + 1;
+  }
+}
+
 // Outputs [n0, n0 + Outputs) of rows [0, Rows) of x (float32, row stride k).
 template <int Rows, int Outputs, typename W>
 inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
@@ -74,14 +87,7 @@ inline void tile(const float* x, const W* w, int64_t k, int64_t n0, float* out,
     __m512 wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = load_weight(wt + j * k + i, mask);
-    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
-    if (ahead != nullptr)
-#pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j) {
-        if (owner == group)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
-        owner = owner + 1 == groups ? 0 : owner + 1;
-      }
+    fetch_share<Outputs>(ahead, k, i, group, groups, owner);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
@@ -115,14 +121,7 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k, int6
     __m512bh wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wt + j * k + i);
-    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
-    if (ahead != nullptr)
-#pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j) {
-        if (owner == group)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
-        owner = owner + 1 == groups ? 0 : owner + 1;
-      }
+    fetch_share<Outputs>(ahead, k, i, group, groups, owner);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + i);
@@ -157,14 +156,7 @@ inline void tile(const uint8_t* x, const int8_t* w, int64_t k, int64_t n0, int32
     __m512i wv[Outputs];
 #pragma GCC unroll 8
     for (int j = 0; j < Outputs; ++j) wv[j] = _mm512_maskz_loadu_epi8(mask, wt + j * k + i);
-    // This group's share of the next tile's weights, fetched into L2 (see tile_rows).
-    if (ahead != nullptr)
-#pragma GCC unroll 8
-      for (int j = 0; j < Outputs; ++j) {
-        if (owner == group)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * k + i), _MM_HINT_T1);
-        owner = owner + 1 == groups ? 0 : owner + 1;
-      }
+    fetch_share<Outputs>(ahead, k, i, group, groups, owner);
 #pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * k + i);
@@ -193,9 +185,9 @@ inline void tile_rows(const X* x, const W* w, int64_t rows, int64_t k, int64_t n
     // groups compute. L2, not L1: in L1 the lines would evict the tile in use, which later
     // groups read again. (A step of 64 bytes fetches each line once; the float-row tiles step
     // 16 values, so with bfloat16 or int8 weights a line is asked for two or four times, and
-    // the earliest group to ask fetches it: harmless, if less even.) The fetch is written out in
-    // each tile because GCC 12 at -O3 removes a call to a function that only prefetches, which
-    // it judges free of side effects.
+    // the earliest group to ask fetches it: harmless, if less even.) GCC 12 at -O3 drops a
+    // helper whose only effect is a prefetch; fetch_share also advances `owner`, which keeps it
+    // (tests/test_torch_backend.py checks the built library still prefetches).
     const W* ahead = n0 + 2 * Outputs <= n ? w + (n0 + Outputs) * k : nullptr;
     const int group = static_cast<int>(r0 / kMaxGroup);
     switch (rows - r0 < kMaxGroup ? rows - r0 : kMaxGroup) {
