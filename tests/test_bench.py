@@ -232,6 +232,33 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     assert "Partial run" not in final and "--resume" not in final.split("Command:")[1]
 
 
+def test_a_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys) -> None:
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 0
+    results = (out / "results.jsonl").read_text()
+    changed = tmp_path / "changed.toml"
+    changed.write_text(
+        '[[method]]\nname = "prompt-lookup"\ndrafter = "prompt-lookup"\ncontroller = "fixed"\n'
+    )
+    for extra, named in [
+        (["--temperature", "1"], "--temperature 0.0"),
+        (["--max-new-tokens", "16"], "--max-new-tokens 12"),
+        ([], "method prompt-lookup is defined differently"),
+    ]:
+        methods = str(changed) if not extra else "prompt-lookup"
+        capsys.readouterr()
+        assert bench(tmp_path, "--methods", methods, "--resume", *extra)[0] == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and named in error
+    # Refused before anything ran: the records are as they were.
+    assert (out / "results.jsonl").read_text() == results
+    # Another method may join the run; the settings file then knows both.
+    assert bench(tmp_path, "--methods", "prompt-lookup,prompt-lookup-k10", "--resume")[0] == 0
+    stored = json.loads((out / "settings.json").read_text())
+    assert set(stored["methods"]) == {"prompt-lookup", "prompt-lookup-k10"}
+    assert stored["settings"]["max_new_tokens"] == 12
+
+
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
     stop_at_run(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, out = bench(tmp_path, "--methods", "prompt-lookup")
