@@ -1,4 +1,4 @@
-"""Compare two versions of the row-wise linear kernel in one process, on one model's shapes.
+"""Compare two versions of a row-wise kernel in one process, on one model's shapes.
 
 A shared machine's speed drifts by tens of percent from minute to minute, so two processes run one
 after the other do not compare kernels fairly. This builds two versions of `rowwise_linear.cpp`
@@ -7,10 +7,14 @@ times them in alternation over the products of one forward of Qwen2.5-Coder-1.5B
 the output layer, each with its own random bfloat16 weights, so that they stream from memory as a
 model's do). It also checks that both give the same bits.
 
-    python benchmarks/rowwise_linear_ab.py --baseline a59b322~1 --current a59b322
-    python benchmarks/rowwise_linear_ab.py --baseline-file old_rowwise_linear.cpp --rows 1,2
+    python benchmarks/kernel_ab.py --baseline a59b322~1 --current a59b322
+    python benchmarks/kernel_ab.py --baseline-file old_rowwise_linear.cpp --rows 1,2
 
-Prints the median and best milliseconds per forward's products, by row count.
+With `--kernel attention` it does the same for `rowwise_attention.cpp`: the attention of one
+forward of the 1.5B (28 layers, 12 query heads on 2 key/value heads of 128) whose rows see a
+cached context of `--context` tokens and, causally, each other.
+
+Prints the median and best milliseconds per forward's products (or attention), by row count.
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = Path("src/specdecode/backends/torch/kernels/rowwise_linear.cpp")  # from ROOT
+KERNELS = Path("src/specdecode/backends/torch/kernels")  # from ROOT
 # (outputs, inputs) of one layer's products: fused q/k/v, attention output, fused gate/up, down.
 LAYER_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]
 LAYERS = 28
 VOCABULARY = 151936
+QUERY_HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
 
 
-def build(name: str, source: str, directory: Path):
-    """Compile `source` as a library registering its ops under `name`; return its op."""
+def build(name: str, source: str, directory: Path, op: str):
+    """Compile `source` as a library registering its ops under `name`; return its op `op`."""
     import torch
     from torch.utils.cpp_extension import load
 
@@ -48,17 +53,60 @@ def build(name: str, source: str, directory: Path):
         build_directory=str(directory),
         is_python_module=False,
     )
-    return getattr(torch.ops, name).rowwise_linear
+    return getattr(getattr(torch.ops, name), op)
 
 
-def source_at(revision: str) -> str:
-    """The kernel's source at a git revision (exits with one line if git cannot show it)."""
+def source_at(revision: str, source: Path) -> str:
+    """A kernel's source at a git revision (exits with one line if git cannot show it)."""
     shown = subprocess.run(
-        ["git", "show", f"{revision}:{SOURCE}"], capture_output=True, text=True, cwd=ROOT
+        ["git", "show", f"{revision}:{source}"], capture_output=True, text=True, cwd=ROOT
     )
     if shown.returncode != 0:
-        sys.exit(f"error: cannot read {SOURCE} at {revision!r}: {shown.stderr.strip()}")
+        sys.exit(f"error: cannot read {source} at {revision!r}: {shown.stderr.strip()}")
     return shown.stdout
+
+
+def linear_workload():
+    """A function of the row count giving (bit check, one forward's products) for a kernel op;
+    the weights are made once, for all row counts."""
+    import torch
+
+    layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]
+    output_layer = torch.randn(VOCABULARY, 1536).bfloat16()
+    weights = [weight for layer in layers for weight in layer] + [output_layer]
+
+    def at(rows: int):
+        inputs = {k: torch.randn(rows, k).bfloat16() for k in (1536, 8960)}
+        return (
+            lambda product: product(inputs[1536], output_layer),
+            lambda product: [product(inputs[weight.shape[1]], weight) for weight in weights],
+        )
+
+    return at
+
+
+def attention_workload(context: int, max_rows: int):
+    """As `linear_workload`, for one forward's attention after `context` cached tokens."""
+    import torch
+
+    def cache():  # [kv heads, slots, head dim], sliced to the slots in use as a model's cache is
+        return torch.randn(KV_HEADS, context + max_rows, HEAD_DIM).bfloat16()
+
+    caches = [(cache(), cache()) for _ in range(LAYERS)]
+    scale = HEAD_DIM**-0.5
+
+    def at(rows: int):
+        slots = context + rows
+        visible = torch.ones(rows, slots, dtype=torch.bool)  # the context, then causal
+        visible[:, context:] = torch.ones(rows, rows, dtype=torch.bool).tril()
+        queries = torch.randn(KV_HEADS, QUERY_HEADS // KV_HEADS * rows, HEAD_DIM)
+        used = [(keys[:, :slots], values[:, :slots]) for keys, values in caches]
+        return (
+            lambda attend: attend(queries, *used[0], visible, scale),
+            lambda attend: [attend(queries, keys, values, visible, scale) for keys, values in used],
+        )
+
+    return at
 
 
 def main() -> None:
@@ -69,7 +117,13 @@ def main() -> None:
     parser.add_argument(
         "--current", help="git revision of the later kernel (default: the working tree's)"
     )
+    parser.add_argument(
+        "--kernel", choices=("linear", "attention"), default="linear", help="default: linear"
+    )
     parser.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
+    parser.add_argument(
+        "--context", type=int, default=512, help="cached tokens (--kernel attention; default 512)"
+    )
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -77,42 +131,46 @@ def main() -> None:
         rows_list = [int(rows) for rows in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows takes integers separated by commas, got {args.rows!r}")
-    if min(rows_list) < 1 or args.repeats < 1 or args.threads < 1:
-        parser.error("--rows, --repeats and --threads must be at least 1")
+    if min(rows_list) < 1 or args.repeats < 1 or args.threads < 1 or args.context < 1:
+        parser.error("--rows, --repeats, --threads and --context must be at least 1")
+    source = KERNELS / f"rowwise_{args.kernel}.cpp"
+    op = f"rowwise_{args.kernel}"
     if args.baseline_file:
         try:
             baseline = Path(args.baseline_file).read_text()
         except OSError as error:
             sys.exit(f"error: cannot read --baseline-file: {error}")
     else:
-        baseline = source_at(args.baseline)
-    current = (ROOT / SOURCE).read_text() if args.current is None else source_at(args.current)
+        baseline = source_at(args.baseline, source)
+    current = (
+        (ROOT / source).read_text() if args.current is None else source_at(args.current, source)
+    )
 
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            products = {
-                "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline"),
-                "current": build("ab_current", current, Path(scratch) / "current"),
+            kernels = {
+                "baseline": build("ab_baseline", baseline, Path(scratch) / "baseline", op),
+                "current": build("ab_current", current, Path(scratch) / "current", op),
             }
         except Exception as error:  # a compiler error shows as several exception types
             sys.exit(f"error: a kernel did not compile: {str(error).strip().splitlines()[-1]}")
-        layers = [[torch.randn(shape).bfloat16() for shape in LAYER_SHAPES] for _ in range(LAYERS)]
-        output_layer = torch.randn(VOCABULARY, 1536).bfloat16()
-        weights = [weight for layer in layers for weight in layer] + [output_layer]
+        if args.kernel == "linear":
+            workload = linear_workload()
+        else:
+            workload = attention_workload(args.context, max(rows_list))
         for rows in rows_list:
-            inputs = {k: torch.randn(rows, k).bfloat16() for k in (1536, 8960)}
-            first, second = (product(inputs[1536], output_layer) for product in products.values())
+            check, forward = workload(rows)
+            first, second = (check(kernel) for kernel in kernels.values())
             if not torch.equal(first, second):
                 sys.exit(f"error: the two kernels give different bits for {rows} rows")
-            times: dict[str, list[float]] = {name: [] for name in products}
+            times: dict[str, list[float]] = {name: [] for name in kernels}
             for _ in range(args.repeats):
-                for name, product in products.items():
+                for name, kernel in kernels.items():
                     start = time.perf_counter()
-                    for weight in weights:
-                        product(inputs[weight.shape[1]], weight)
+                    forward(kernel)
                     times[name].append((time.perf_counter() - start) * 1000)
             cells = [
                 f"{name} median {sorted(ms)[len(ms) // 2]:.0f} best {min(ms):.0f} ms"

@@ -7,6 +7,11 @@
 
 Prints milliseconds per forward by token count (best of a few runs each, as the cost-aware
 controller measures them: `specdecode.control.cost_curve.measure`).
+
+    python benchmarks/torch_forward_costs.py --profile 16 --context 1024
+
+instead profiles forwards of 16 tokens after a context of 1024 and prints where their time goes,
+by operator (self time, torch's profiler), to find the work outside the matrix products.
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ def main() -> None:
     parser.add_argument(
         "--quantize", default="none", choices=("none", "int8"), help="int8: as a draft model runs"
     )
+    parser.add_argument(
+        "--profile", type=int, metavar="TOKENS", help="profile forwards of this many tokens"
+    )
+    parser.add_argument(
+        "--context", type=int, default=128, help="tokens already cached (--profile; default 128)"
+    )
     args = parser.parse_args()
+    if args.profile is not None and not 1 <= args.profile <= 128:
+        parser.error("--profile takes a token count from 1 to 128 (the row-wise kernels' range)")
+    if args.context < 1:
+        parser.error("--context must be at least 1")
 
     import torch
 
@@ -35,9 +50,37 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     checkpoint = load_checkpoint(args.model, dtype=dtype)
     model = TorchBackend.from_checkpoint(checkpoint, dtype=dtype, quantize=quantize)
+    if args.profile is not None:
+        profile(model, args.profile, args.context)
+        return
     tokens = (1, 2, 4, 8, 16, 32)
     seconds = measure(model, tuple(count - 1 for count in tokens))
     print(" | ".join(f"{count}: {seconds[count - 1] * 1000:.0f} ms" for count in tokens))
+
+
+def profile(model, tokens: int, context: int, forwards: int = 5) -> None:
+    """Print the operators that take the time of `forwards` forwards of `tokens` tokens."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids = [(17 * i) % model.vocab_size for i in range(context + tokens)]
+    with torch.inference_mode():
+        model.reset()
+        model.extend(ids[:context])
+        batch = torch.tensor(ids[context:], dtype=torch.long)
+        model.forward(batch)  # warm-up: kernels compiled, caches touched
+        model.truncate(context)
+        start = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as trace:
+            for _ in range(forwards):
+                model.forward(batch)
+                model.truncate(context)
+        wall = (time.perf_counter() - start) / forwards
+    print(f"{tokens} tokens after {context}: {wall * 1000:.0f} ms per forward (profiled)")
+    print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

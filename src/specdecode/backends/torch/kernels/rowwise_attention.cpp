@@ -59,22 +59,95 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
-template <typename KV>
+// out = inverse * sum over j of weights[j] * values[visible[j]], for heads of Slices x 16 values:
+// all of a key's value lanes at once, so that the Slices sums advance side by side instead of one
+// after another, each waiting on its own previous step (the fallback's loop, 8x slower at d = 128).
+// Every lane is summed over the keys in the same order either way: the bits do not change.
+template <int Slices, typename KV>
+inline void weigh_values(const float* weights, const KV* values, int64_t kv_row_stride,
+                         const int32_t* visible, int64_t count, float inverse, float* out) {
+  __m512 acc[Slices];
+#pragma GCC unroll 16
+  for (int s = 0; s < Slices; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const __m512 weight = _mm512_set1_ps(weights[j]);
+    const KV* value = values + visible[j] * kv_row_stride;
+#pragma GCC unroll 16
+    for (int s = 0; s < Slices; ++s)
+      acc[s] = _mm512_fmadd_ps(weight, load(value + s * kLanes, __mmask16(0xFFFF)), acc[s]);
+  }
+  const __m512 scale = _mm512_set1_ps(inverse);
+#pragma GCC unroll 16
+  for (int s = 0; s < Slices; ++s) _mm512_storeu_ps(out + s * kLanes, _mm512_mul_ps(acc[s], scale));
+}
+
+// One key's score: its dot product with q, 16 lanes of d at a time, then summed across lanes.
+// With d = 16 x Slices, q stays in registers and four keys are scored side by side, each with the
+// same sums in the same order as alone (the fallback's keys wait on their own steps one by one).
+template <int Slices, typename KV>
+inline float score_keys(const float* q, const KV* keys, int64_t kv_row_stride,
+                        const int32_t* visible, int64_t count, float scale, float* scores) {
+  constexpr int kSide = 4;  // keys scored side by side
+  __m512 query[Slices];
+#pragma GCC unroll 16
+  for (int s = 0; s < Slices; ++s) query[s] = _mm512_loadu_ps(q + s * kLanes);
+  float top = -INFINITY;
+  int64_t j = 0;
+  for (; j + kSide <= count; j += kSide) {
+    const KV* key[kSide];
+    __m512 acc[kSide];
+#pragma GCC unroll 4
+    for (int t = 0; t < kSide; ++t) {
+      key[t] = keys + visible[j + t] * kv_row_stride;
+      acc[t] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 16
+    for (int s = 0; s < Slices; ++s)
+#pragma GCC unroll 4
+      for (int t = 0; t < kSide; ++t)
+        acc[t] = _mm512_fmadd_ps(query[s], load(key[t] + s * kLanes, __mmask16(0xFFFF)), acc[t]);
+#pragma GCC unroll 4
+    for (int t = 0; t < kSide; ++t) {
+      float score = _mm512_reduce_add_ps(acc[t]) * scale;
+      scores[j + t] = score;
+      top = score > top ? score : top;
+    }
+  }
+  for (; j < count; ++j) {
+    const KV* key = keys + visible[j] * kv_row_stride;
+    __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int s = 0; s < Slices; ++s)
+      acc = _mm512_fmadd_ps(query[s], load(key + s * kLanes, __mmask16(0xFFFF)), acc);
+    float score = _mm512_reduce_add_ps(acc) * scale;
+    scores[j] = score;
+    top = score > top ? score : top;
+  }
+  return top;
+}
+
+// Attention of one query row over its visible keys. Slices > 0: heads of d = 16 x Slices, on the
+// paths above; 0: any d, one 16-lane step at a time (the same arithmetic, slower).
+template <int Slices, typename KV>
 void attend_one_row(const float* q, const KV* keys, const KV* values, int64_t kv_row_stride,
                     const int32_t* visible, int64_t count, int64_t d, float scale, float* scores,
                     float* out) {
   // Scores of the visible keys, in slot order: one dot product each, over d in 16-lane steps.
   float top = -INFINITY;
-  for (int64_t j = 0; j < count; ++j) {
-    const KV* key = keys + visible[j] * kv_row_stride;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += kLanes) {
-      __mmask16 mask = tail_mask(d - i);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), load(key + i, mask), acc);
+  if constexpr (Slices > 0) {
+    top = score_keys<Slices>(q, keys, kv_row_stride, visible, count, scale, scores);
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      const KV* key = keys + visible[j] * kv_row_stride;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += kLanes) {
+        __mmask16 mask = tail_mask(d - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), load(key + i, mask), acc);
+      }
+      float score = _mm512_reduce_add_ps(acc) * scale;
+      scores[j] = score;
+      top = score > top ? score : top;
     }
-    float score = _mm512_reduce_add_ps(acc) * scale;
-    scores[j] = score;
-    top = score > top ? score : top;
   }
   // Softmax weights; the sum runs over the dense list, so its lanes are fixed by the count alone.
   __m512 total = _mm512_setzero_ps();
@@ -87,15 +160,19 @@ void attend_one_row(const float* q, const KV* keys, const KV* values, int64_t kv
     total = _mm512_add_ps(total, weight);
   }
   float inverse = 1.0f / _mm512_reduce_add_ps(total);
-  // Weighted sum of values: key by key in slot order, 16 lanes of d at a time.
-  for (int64_t i = 0; i < d; i += kLanes) {
-    __mmask16 mask = tail_mask(d - i);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < count; ++j) {
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]),
-                            load(values + visible[j] * kv_row_stride + i, mask), acc);
+  // Weighted sum of values: key by key in slot order, each lane of d its own sum.
+  if constexpr (Slices > 0) {
+    weigh_values<Slices>(scores, values, kv_row_stride, visible, count, inverse, out);
+  } else {
+    for (int64_t i = 0; i < d; i += kLanes) {
+      __mmask16 mask = tail_mask(d - i);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < count; ++j) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]),
+                              load(values + visible[j] * kv_row_stride + i, mask), acc);
+      }
+      _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
     }
-    _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
   }
 }
 
@@ -112,9 +189,27 @@ void attend(const float* q, const KV* keys, const KV* values, int64_t kv_heads,
     for (int64_t item = begin; item < end; ++item) {
       int64_t head = item / queries, query = item % queries;
       const auto& keys_of_row = visible[query % rows];  // queries are [group, row]
-      attend_one_row(q + item * d, keys + head * kv_head_stride, values + head * kv_head_stride,
-                     kv_row_stride, keys_of_row.data(), int64_t(keys_of_row.size()), d, scale,
-                     scores.data(), out + item * d);
+      const KV* head_keys = keys + head * kv_head_stride;
+      const KV* head_values = values + head * kv_head_stride;
+      const int64_t count = int64_t(keys_of_row.size());
+      // The head sizes of the registry's models (64, 128, 256) get the register paths.
+      switch (d) {
+        case 4 * kLanes:
+          attend_one_row<4>(q + item * d, head_keys, head_values, kv_row_stride,
+                            keys_of_row.data(), count, d, scale, scores.data(), out + item * d);
+          break;
+        case 8 * kLanes:
+          attend_one_row<8>(q + item * d, head_keys, head_values, kv_row_stride,
+                            keys_of_row.data(), count, d, scale, scores.data(), out + item * d);
+          break;
+        case 16 * kLanes:
+          attend_one_row<16>(q + item * d, head_keys, head_values, kv_row_stride,
+                             keys_of_row.data(), count, d, scale, scores.data(), out + item * d);
+          break;
+        default:
+          attend_one_row<0>(q + item * d, head_keys, head_values, kv_row_stride,
+                            keys_of_row.data(), count, d, scale, scores.data(), out + item * d);
+      }
     }
   });
 }
