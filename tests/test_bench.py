@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -15,12 +16,14 @@ import torch
 
 from specdecode.api import BACKENDS
 from specdecode.bench import runner as runner_module
+from specdecode.bench import settings as run_settings
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
 from specdecode.bench.report import report as render_report
 from specdecode.bench.report import speedups
 from specdecode.bench.runner import Record, read_records, this_machine
 from specdecode.bench.suites import load_suite
 from specdecode.cli import main
+from specdecode.errors import SpecDecodeError
 from specdecode.verify import VERIFIERS
 from specdecode.verify.base import Verdict, Verifier
 
@@ -241,13 +244,13 @@ def test_a_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys) -> Non
         '[[method]]\nname = "prompt-lookup"\ndrafter = "prompt-lookup"\ncontroller = "fixed"\n'
     )
     for extra, named in [
-        (["--temperature", "1"], "--temperature 0.0"),
-        (["--max-new-tokens", "16"], "--max-new-tokens 12"),
-        ([], "method prompt-lookup is defined differently"),
+        (["--resume", "--temperature", "1"], "--temperature 0.0"),
+        (["--resume", "--max-new-tokens", "16"], "--max-new-tokens 12"),
+        (["--report-only", "--seed", "3"], "--seed 0"),
+        (["--resume", "--methods", str(changed)], "method prompt-lookup is defined differently"),
     ]:
-        methods = str(changed) if not extra else "prompt-lookup"
         capsys.readouterr()
-        assert bench(tmp_path, "--methods", methods, "--resume", *extra)[0] == 2
+        assert bench(tmp_path, "--methods", "prompt-lookup", *extra)[0] == 2
         error = capsys.readouterr().err.strip()
         assert "\n" not in error and named in error
     # Refused before anything ran: the records are as they were.
@@ -257,6 +260,41 @@ def test_a_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys) -> Non
     stored = json.loads((out / "settings.json").read_text())
     assert set(stored["methods"]) == {"prompt-lookup", "prompt-lookup-k10"}
     assert stored["settings"]["max_new_tokens"] == 12
+
+
+def test_run_settings_constrain_only_what_was_measured(tmp_path: Path, capsys) -> None:
+    def command(**changes):
+        args = argparse.Namespace(
+            suite="quick",
+            model=TINY,
+            draft_model="d",
+            backend="torch",
+            dtype="bfloat16",
+            temperature=0.0,
+            max_new_tokens=12,
+            seed=0,
+            draft_quantize="int8",
+            draft_vocabulary=None,
+        )
+        for key, value in changes.items():
+            setattr(args, key, value)
+        return run_settings.of_command(args, parse_methods("prompt-lookup"))
+
+    # A run begun before settings were kept: a warning, no refusal.
+    run_settings.check(tmp_path, command(), {"prompt-lookup"})
+    assert "unchecked" in capsys.readouterr().err
+    run_settings.write(tmp_path, command())
+    # No method with a draft model: the draft settings are not the run's, and do not bind it.
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"]["draft_model"] is None
+    run_settings.check(tmp_path, command(draft_model="other"), {"prompt-lookup"})
+    # Nothing measured yet: nothing to compare.
+    run_settings.check(tmp_path, command(temperature=1.0), set())
+    with pytest.raises(SpecDecodeError, match="--temperature 0.0"):
+        run_settings.check(tmp_path, command(temperature=1.0), {"prompt-lookup"})
+    # A file that is not a settings file says what to do.
+    (tmp_path / "settings.json").write_text("[1, 2]")
+    with pytest.raises(SpecDecodeError, match="move it away"):
+        run_settings.check(tmp_path, command(), {"prompt-lookup"})
 
 
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:

@@ -187,6 +187,32 @@ def test_attention_kernel_depends_only_on_the_keys_a_row_sees() -> None:
     assert torch.equal(dense, out.view(kv_heads, group, rows, d)[:, :, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_kernel_fast_paths_give_the_general_paths_bits(dtype: torch.dtype) -> None:
+    """Heads of 64, 128 and 256 values take paths that keep the query in registers and run
+    sums side by side; zero-padding a head to a size without them (the general path) must give
+    the same bits, so that the fast paths change no greedy output."""
+    from specdecode.backends.torch import kernels
+
+    attend = kernels.rowwise_attention()
+    if attend is None:
+        pytest.skip("the attention kernel needs AVX-512 and a C++ compiler")
+    torch.manual_seed(1)
+    kv_heads, group, rows, slots = 2, 3, 5, 70  # 70 keys: groups of four and a rest
+    allowed = torch.rand(rows, slots) < 0.6
+    allowed[:, 0] = True
+    for d in (64, 128, 256):
+        q = torch.randn(kv_heads, group * rows, d)
+        keys, values = torch.randn(2, kv_heads, slots, d).to(dtype)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 8))  # d + 8: the general path
+
+        fast = attend(q, keys, values, allowed, 0.3)
+        general = attend(padded(q), padded(keys), padded(values), allowed, 0.3)[..., :d]
+        assert torch.equal(fast, general), d
+
+
 def test_commit_keeps_only_the_accepted_path(small_bf16: TorchBackend) -> None:
     backend = small_bf16
     prompt = torch.randint(10, 100_000, (20,), generator=torch.Generator().manual_seed(4)).tolist()

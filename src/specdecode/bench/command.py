@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from specdecode.bench import settings as run_settings
 from specdecode.errors import SpecDecodeError
 
 
@@ -144,11 +145,12 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
     out_dir = _prepare_out_dir(args.out, args.resume) if args.out else None
-    if out_dir is not None:
-        _keep_run_settings(args, methods, out_dir)
     done = []
     if out_dir is not None and args.resume and (out_dir / "results.jsonl").exists():
         done = read_records(out_dir / "results.jsonl")
+    settings = run_settings.of_command(args, methods)
+    if out_dir is not None and args.resume:
+        run_settings.check(out_dir, settings, {r.method for r in done})
 
     def load(backend: str) -> SpecDecoder:
         on_backend = [
@@ -185,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     for kind in sorted({m.peer for m in methods if m.peer in SERVER_FLAGS}):
         peers[kind] = LlamaServerPeer(kind, args.model, threads=threads)
     runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
+    if out_dir is not None:  # once everything loaded: a run that never started records nothing
+        run_settings.write(out_dir, settings)
 
     names = {m.name for m in runner.methods}
     ids = {p.id for p in prompts}
@@ -241,71 +245,6 @@ def _check_same_machine(records, out_dir: Path) -> None:
         )
 
 
-# The settings that decide what a record measures, by the flag that sets them: records made
-# under different ones must not meet in one report. Categories and repeats may change on resume.
-_RUN_FLAGS = {
-    "suite": "--suite",
-    "model": "--model",
-    "draft_model": "--draft-model",
-    "backend": "--backend",
-    "dtype": "--dtype",
-    "temperature": "--temperature",
-    "max_new_tokens": "--max-new-tokens",
-    "seed": "--seed",
-    "draft_quantize": "--draft-quantize",
-    "draft_vocabulary": "--draft-vocabulary",
-}
-
-
-def _keep_run_settings(args: argparse.Namespace, methods, out_dir: Path) -> None:
-    """Write the run's settings and method definitions to DIR/settings.json; on --resume, first
-    refuse to continue a run whose settings, or the definition of a method it shares, differ."""
-    import json
-    from dataclasses import asdict
-
-    def as_stored(value):  # as it reads back from the file, so that comparisons are like for like
-        return json.loads(json.dumps(value, default=str))
-
-    path = out_dir / "settings.json"
-    settings = as_stored({key: getattr(args, key, None) for key in _RUN_FLAGS})
-    definitions = as_stored(
-        {
-            m.name: {
-                "spec": None if m.spec is None else asdict(m.spec),
-                "peer": m.peer,
-                "backend": m.backend,
-            }
-            for m in methods
-        }
-    )
-    # A run begun before this file existed has none to compare with: its settings start here.
-    if args.resume and path.is_file():
-        try:
-            earlier = json.loads(path.read_text())
-            earlier_settings, earlier_methods = earlier["settings"], earlier["methods"]
-        except (ValueError, KeyError, TypeError):
-            raise SpecDecodeError(
-                f"{path} is not a settings file this version wrote: move it away to resume "
-                "without the check, or start another run with a new --out"
-            ) from None
-        for key, flag in _RUN_FLAGS.items():
-            if key in earlier_settings and earlier_settings[key] != settings[key]:
-                raise SpecDecodeError(
-                    f"{out_dir} was run with {flag} {earlier_settings[key]}, this command has "
-                    f"{settings[key]}: resume with the run's settings, or start another run with "
-                    "a new --out"
-                )
-        for name, definition in definitions.items():
-            if name in earlier_methods and earlier_methods[name] != definition:
-                raise SpecDecodeError(
-                    f"method {name} is defined differently from the one {out_dir} was run with: "
-                    "resume with the run's definition, or give the new one another name"
-                )
-        definitions = {**earlier_methods, **definitions}
-    record = {"settings": settings, "methods": definitions}
-    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -318,8 +257,11 @@ def _report_only(args: argparse.Namespace, methods, prompts) -> int:
     results = Path(args.out) / "results.jsonl"
     if not results.is_file():
         raise SpecDecodeError(f"no records at {results}: run the benchmark with --out first")
+    records = read_records(results)
+    settings = run_settings.of_command(args, methods)
+    run_settings.check(Path(args.out), settings, {r.method for r in records})
     return _write_report(
-        args, read_records(results), run_order(methods, args.backend)[0], prompts, Path(args.out)
+        args, records, run_order(methods, args.backend)[0], prompts, Path(args.out)
     )
 
 

@@ -1,0 +1,122 @@
+"""The settings of a benchmark run, kept beside its records in DIR/settings.json.
+
+Records measured under different settings (another model, temperature or token count, or another
+definition of a method under the same name) must not meet in one report. A run writes its settings
+once its models have loaded; `--resume` and `--report-only` first compare them with the command's
+and refuse, in one line naming the setting, to mix records. Only what has records is compared:
+a setting or method that was written down but never measured constrains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from specdecode.errors import SpecDecodeError
+
+FILE_NAME = "settings.json"
+
+# The settings that decide what a record measures, by the flag that sets them. Categories and
+# repeats are not among them: a run may grow by either.
+FLAGS = {
+    "suite": "--suite",
+    "model": "--model",
+    "draft_model": "--draft-model",
+    "backend": "--backend",
+    "dtype": "--dtype",
+    "temperature": "--temperature",
+    "max_new_tokens": "--max-new-tokens",
+    "seed": "--seed",
+    "draft_quantize": "--draft-quantize",
+    "draft_vocabulary": "--draft-vocabulary",
+}
+# Settings that matter only to methods with a draft model; None when no method has one.
+DRAFT_SETTINGS = ("draft_model", "draft_quantize", "draft_vocabulary")
+# Settings that may name a file: compared by the file's absolute path, however it is spelled.
+PATH_SETTINGS = ("suite", "model", "draft_model")
+
+
+def of_command(args: argparse.Namespace, methods) -> dict:
+    """This command's settings and method definitions, as they read back from the file."""
+    uses_draft = any(m.needs_draft_model for m in methods)
+    settings = {}
+    for key in FLAGS:
+        value = getattr(args, key, None)
+        if key in DRAFT_SETTINGS and not uses_draft:
+            value = None
+        elif key in PATH_SETTINGS and isinstance(value, str) and Path(value).exists():
+            value = str(Path(value).resolve())
+        settings[key] = value
+    definitions = {
+        m.name: {
+            "spec": None if m.spec is None else asdict(m.spec),
+            "peer": m.peer,
+            "backend": m.backend,
+        }
+        for m in methods
+    }
+    # Through JSON and back, so that comparisons with the file are like for like.
+    return json.loads(json.dumps({"settings": settings, "methods": definitions}, default=str))
+
+
+def check(out_dir: Path, command: dict, measured: set[str]) -> None:
+    """Refuse (SpecDecodeError) when the records of `measured` methods in `out_dir` were made
+    under other settings, or another definition of one of these methods, than `command`'s."""
+    stored = _read(out_dir)
+    if stored is None:
+        if measured:
+            print(
+                f"warning: {out_dir} has no {FILE_NAME} (a run begun before settings were kept): "
+                "its records are taken to share this command's settings, unchecked",
+                file=sys.stderr,
+            )
+        return
+    if not measured:
+        return
+    for key, flag in FLAGS.items():
+        before, now = stored["settings"].get(key), command["settings"][key]
+        if before is not None and now is not None and before != now:
+            raise SpecDecodeError(
+                f"the records in {out_dir} were made with {flag} {before}, this command has "
+                f"{now}: use the run's settings, or start another run with a new --out"
+            )
+    for name in sorted(measured & set(stored["methods"]) & set(command["methods"])):
+        if stored["methods"][name] != command["methods"][name]:
+            raise SpecDecodeError(
+                f"method {name} is defined differently from the one whose records are in "
+                f"{out_dir}: use the run's definition, or give the new one another name"
+            )
+
+
+def write(out_dir: Path, command: dict) -> None:
+    """Keep `command`'s settings in `out_dir`, beside those of methods it does not run."""
+    stored = _read(out_dir) or {"settings": {}, "methods": {}}
+    settings = {
+        key: stored["settings"].get(key) if value is None else value
+        for key, value in command["settings"].items()
+    }
+    methods = {**stored["methods"], **command["methods"]}
+    path = out_dir / FILE_NAME
+    partial = path.with_name(FILE_NAME + ".tmp")
+    partial.write_text(json.dumps({"settings": settings, "methods": methods}, indent=1) + "\n")
+    os.replace(partial, path)  # atomic: a run killed while writing never leaves half a file
+
+
+def _read(out_dir: Path) -> dict | None:
+    path = out_dir / FILE_NAME
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if isinstance(stored["settings"], dict) and isinstance(stored["methods"], dict):
+            return stored
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise SpecDecodeError(
+        f"{path} is not a settings file this version wrote: move it away to resume without the "
+        "check, or start another run with a new --out"
+    )
