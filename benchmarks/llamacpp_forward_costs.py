@@ -1,28 +1,27 @@
-"""Time llama.cpp forwards of 1 to 32 tokens and a prompt prefill, exact or stock kernels.
+"""Time llama.cpp forwards of 1 to 32 tokens and a prompt prefill, on each kind of kernels.
 
-    python benchmarks/llamacpp_forward_costs.py --kernels exact
-    python benchmarks/llamacpp_forward_costs.py --kernels stock
+    python benchmarks/llamacpp_forward_costs.py --kernels narrow   # --backend llamacpp
+    python benchmarks/llamacpp_forward_costs.py --kernels wide     # --backend llamacpp-wide
+    python benchmarks/llamacpp_forward_costs.py --kernels stock    # --backend llamacpp-stock
 
-Each run is its own process: llama.cpp reads its tiled-kernel switch once per process. Prints one
-Markdown table row (best of 3 per width, after a context of --context random tokens).
+Prints one Markdown table row (best of 3 per width, after a context of --context random tokens).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
+
+from specdecode.backends.llamacpp import KERNELS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", choices=("exact", "stock"), required=True)
+    parser.add_argument("--kernels", choices=KERNELS, required=True)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--context", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.kernels == "stock":
-        os.environ["GGML_CPU_TILED_MM"] = "1"  # llama.cpp's default, which specdecode turns off
 
     import torch
 
@@ -33,14 +32,14 @@ def main() -> None:
         resolve_gguf(args.model),
         threads=args.threads,
         max_context=args.context + 64,
-        exact=args.kernels == "exact",
+        kernels=args.kernels,
     )
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(100, 20000, (args.context,), generator=generator).tolist()
     drafts = torch.randint(100, 20000, (32,), generator=generator)
     cells = []
     backend.extend(context)
-    for width in (1, 2, 4, 8, 16, 32):
+    for width in (1, 2, 3, 4, 8, 16, 32):
         seconds = []
         for _ in range(3):
             backend.truncate(len(context))

@@ -44,6 +44,14 @@ def small() -> SpecDecoder:
     return SpecDecoder.load(SMALL, backend="llamacpp")
 
 
+@pytest.fixture(scope="module", params=["llamacpp", "llamacpp-wide"])
+def exact(request, small: SpecDecoder) -> SpecDecoder:
+    """The 0.5B on each of the exact kernels: narrow (the default) and wide."""
+    if request.param == "llamacpp":
+        return small
+    return SpecDecoder.load(SMALL, backend=request.param)
+
+
 @pytest.fixture(scope="module")
 def pair(small: SpecDecoder) -> SpecDecoder:
     # The 0.5B drafts for itself through a second context: same weights, separate cache.
@@ -59,12 +67,12 @@ def _path_logits(backend: LlamaCppBackend, prompt: list[int], path: list[int]) -
     return logits[-1]
 
 
-def test_exact_kernels_compute_a_token_the_same_in_any_batch(small: SpecDecoder) -> None:
-    """Bit for bit, at a context past 512 cells (where llama.cpp's stock flash attention switches
-    to a split-KV kernel for single tokens), at batch sizes across every stock kernel switch (the
-    repacked weights' groups of 4 rows, the tiled kernel's 8), and past the 64 queries from which
-    flash attention tiles (exact mode verifies in pieces below it)."""
-    backend = small.target
+def test_exact_kernels_compute_a_token_the_same_in_any_batch(exact: SpecDecoder) -> None:
+    """Bit for bit, at a context past 512 cells (where llama.cpp's flash attention over a float16
+    cache splits a single query's keys across threads), at batch sizes across every stock kernel
+    switch (the repacked weights' groups of 4 rows, the tiled kernel's 8, flash attention's query
+    tiles from 64), on both exact kernels."""
+    backend = exact.target
     context = [1000 + (7 * i) % 5000 for i in range(600)]
     drafts = [3000 + i for i in range(70)]
     backend.reset()
@@ -82,11 +90,11 @@ def test_exact_kernels_compute_a_token_the_same_in_any_batch(small: SpecDecoder)
         assert torch.equal(batched, expected[:count]), f"{count} tokens in one batch"
 
 
-def test_a_tree_wider_than_a_piece_matches_its_paths(small: SpecDecoder) -> None:
-    """A 70-node tree goes through flash attention in two pieces, the second seeing the first
-    as cached nodes: every node's logits still equal its path's, run as a chain."""
-    backend = small.target
-    prompt = small.encode_prompt(QUESTION_PROMPT)
+def test_a_tree_wider_than_a_piece_matches_its_paths(exact: SpecDecoder) -> None:
+    """A 70-node tree goes through in pieces (of 3 rows narrow, 60 wide), each seeing the earlier
+    ones as cached nodes: every node's logits still equal its path's, run as a chain."""
+    backend = exact.target
+    prompt = exact.encode_prompt(QUESTION_PROMPT)
     # a chain of 10 under the root, and 60 leaves hanging off its nodes in turn
     parents = list(range(-1, 9)) + [i % 10 for i in range(60)]
     tokens = [2000 + 3 * i for i in range(len(parents))]
@@ -136,11 +144,11 @@ def test_tree_forward_matches_each_path_and_commit_keeps_the_path(small: SpecDec
 
 
 @pytest.mark.parametrize("prompt", [EDIT_PROMPT, QUESTION_PROMPT])
-def test_prompt_lookup_greedy_is_exact(small: SpecDecoder, prompt: str) -> None:
+def test_prompt_lookup_greedy_is_exact(exact: SpecDecoder, prompt: str) -> None:
     sampling = SamplingParams(max_new_tokens=64)
-    plain = small.generate(prompt, sampling, SpecConfig(drafter="none"))
+    plain = exact.generate(prompt, sampling, SpecConfig(drafter="none"))
     for controller in ("heuristic", "cost-aware"):
-        fast = small.generate(
+        fast = exact.generate(
             prompt, sampling, SpecConfig(drafter="prompt-lookup", controller=controller)
         )
         assert fast.token_ids == plain.token_ids, controller
@@ -230,3 +238,8 @@ def test_a_refused_tree_leaves_the_cache_as_it_was(small: SpecDecoder) -> None:
     assert len(backend._free_sequences) == free_ids  # no sequence id leaked
     after = backend.forward(torch.tensor(prompt[-1:]))
     assert before is not None and after is not None and torch.equal(before, after)
+
+
+def test_unknown_kernels_are_one_clear_error() -> None:
+    with pytest.raises(SpecDecodeError, match="unknown llama.cpp kernels 'fast'; choose one of"):
+        LlamaCppBackend(resolve_gguf(SMALL), kernels="fast")

@@ -26,7 +26,9 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 # core suite, 32768 of Qwen2.5's 151936 took the 1.5B / 0.5B pair from 1.61x to 1.71x (not
 # measured on other families).
 DEFAULT_DRAFT_VOCABULARY = 32768
-BACKENDS = ("torch", "hf", "llamacpp", "llamacpp-stock")
+BACKENDS = ("torch", "hf", "llamacpp", "llamacpp-wide", "llamacpp-stock")
+#: The llama.cpp kernels (LlamaCppBackend) that each llamacpp backend runs.
+LLAMACPP_KERNELS = {"llamacpp": "narrow", "llamacpp-wide": "wide", "llamacpp-stock": "stock"}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -82,7 +84,7 @@ def _load_backend(
         else:
             model = HFBackend.from_pretrained(str(name_or_path), dtype=dtype, device=device)
         return model, tokenizer
-    if backend in ("llamacpp", "llamacpp-stock"):
+    if backend in LLAMACPP_KERNELS:
         from specdecode.backends.llamacpp import LlamaCppBackend, import_llama_cpp
 
         if quantize is not None:
@@ -101,7 +103,7 @@ def _load_backend(
             gguf_path,
             threads=torch.get_num_threads(),
             max_context=max_context or 4096,
-            exact=backend == "llamacpp",
+            kernels=LLAMACPP_KERNELS[backend],
         )
         return model, load_tokenizer(name_or_path)
     raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -171,8 +173,8 @@ class SpecDecoder:
             if backend != "torch":
                 draft_quantize = None
             # A draft's numerics never reach the output: on llama.cpp it keeps the stock kernels,
-            # which decode one token faster than the batch-invariant ones the target needs.
-            draft_backend = "llamacpp-stock" if backend == "llamacpp" else backend
+            # which decode one token fastest.
+            draft_backend = "llamacpp-stock" if backend in LLAMACPP_KERNELS else backend
             draft, _ = _load_backend(
                 draft_model, draft_backend, torch_dtype, device, max_context, draft_quantize
             )

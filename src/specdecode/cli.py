@@ -72,8 +72,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="torch",
         help="torch: our compact transformer (default); hf: transformers, chains only; "
         "llamacpp: the GGUF file as quantized, through llama.cpp, with batch-invariant kernels "
-        "(exact); llamacpp-stock: llama.cpp's default kernels, faster for single tokens but "
-        "NOT guaranteed token-identical to plain decoding. Both need pip install "
+        "that verify in pieces of 3 tokens (exact; plain decoding at llama.cpp's speed); "
+        "llamacpp-wide: batch-invariant kernels that pad every forward to 4 tokens (exact; "
+        "cheaper verification, slower plain steps); llamacpp-stock: llama.cpp's default "
+        "kernels, NOT guaranteed token-identical to plain decoding. All need pip install "
         "'specdecode[llamacpp]' and ignore --dtype and --device",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")

@@ -40,13 +40,19 @@ INSTALL_HINT = "pip install 'specdecode[llamacpp]' (builds llama.cpp from source
 #: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
 MAX_SEQUENCES = 256
 BATCH_SIZE = 512
-#: Exact mode pads every batch to a multiple of this many rows: the repacked weights' matrix-matrix
-#: kernel takes rows in groups of 4 and leaves the rest to a matrix-vector kernel.
+#: The ways to run llama.cpp's kernels (see LlamaCppBackend): two exact, and llama.cpp's own.
+KERNELS = ("narrow", "wide", "stock")
+#: The repacked weights' matrix-matrix kernel takes rows in groups of this many, with another
+#: summation order than the matrix-vector kernel that the rest of the rows (or a single token) take.
 GEMM_ROWS = 4
-#: ... and runs a forward that returns logits in pieces of at most this many rows: flash attention
-#: tiles 64 queries or more (GGML_FA_TILE_Q) with another summation order.
-EXACT_LOGIT_ROWS = 60
-
+#: Narrow kernels decode a forward that returns logits in pieces of at most this many rows.
+NARROW_PIECE_ROWS = GEMM_ROWS - 1
+#: Wide kernels decode it in pieces of at most this many: flash attention tiles 64 queries or more
+#: (GGML_FA_TILE_Q) with another summation order.
+WIDE_PIECE_ROWS = 60
+#: llama.cpp's ggml type ids for the KV cache: narrow kernels keep K in float16, V in bfloat16.
+_GGML_TYPE_F16 = 1
+_GGML_TYPE_BF16 = 30
 
 _TILED_SWITCH = "GGML_CPU_TILED_MM"
 _log_callback = None  # kept referenced: llama.cpp calls it for the life of the process
@@ -67,13 +73,13 @@ def import_llama_cpp():
         raise SpecDecodeError(
             f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}"
         ) from None
-    # llama.cpp reads this switch once per process, at its first matrix product: set before any
-    # use, so that every llama.cpp model in the process can run exact (LlamaCppBackend).
-    os.environ.setdefault(_TILED_SWITCH, "0")
     global _log_callback
     if _log_callback is None:
         _log_callback = llama_cpp.llama_log_callback(_silent)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    # llama.cpp reads this switch once per process, at its first matrix product: set before any
+    # use, so that a model loaded later in the process can still run the wide kernels.
+    os.environ.setdefault(_TILED_SWITCH, "0")
     return llama_cpp
 
 
@@ -88,34 +94,39 @@ class _Slot:
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp with a tree-capable KV cache.
 
-    `exact=True` (the default) runs llama.cpp so that the result for a token does not depend on
-    how many tokens share its forward: verifying k drafts in one batch computes, bit for bit, what
-    decoding them one at a time would, and greedy speculation is token-identical to this backend's
-    plain decoding. llama.cpp's stock CPU kernels are not batch-invariant:
+    The exact kernels (`kernels="narrow"`, the default, or `"wide"`) run llama.cpp so that the
+    result for a token does not depend on how many tokens share its forward: verifying k drafts in
+    one batch computes, bit for bit, what decoding them one at a time would, and greedy speculation
+    is token-identical to this backend's plain decoding. llama.cpp's stock CPU kernels are not
+    batch-invariant:
 
     - weights repacked for the CPU (`use_extra_bufts`) run a matrix-vector kernel for the last
       `rows % 4` rows of a product and a matrix-matrix kernel, with another summation order, for
       the groups of 4 before them;
     - unrepacked K-quant weights switch to a tiled kernel from 8 rows on (`GGML_CPU_TILED_MM`);
-    - flash attention over an F16/F32 cache splits the KV range across threads for a single query
-      once the cache holds 512 cells, and tiles queries from 64 on; without flash attention, the
-      attention products go through llamafile's tinyBLAS from 2 rows on.
+    - flash attention splits the KV range across threads for a single query once the cache holds
+      512 cells, when K and V are both float16 (or float32), and tiles queries from 64 on; without
+      flash attention, the attention products go through llamafile's tinyBLAS from 2 rows on.
 
-    Exact mode therefore pads every batch with scratch tokens to a multiple of 4 rows (outputs
-    too), so that every row takes the matrix-matrix kernel, which a single query also rules out
-    the split-KV path; runs without the tiled kernel; and turns flash attention on, decoding any
-    forward that returns logits in pieces of at most 60 rows, below the query tiling. The scratch
-    tokens sit in a sequence of their own that nothing attends to, and their cells are freed after
-    the forward. Only the prompt's prefill, which returns no logits, runs wider: plain and
-    speculative decoding share it, so both start from the same cache.
+    Both exact kernels turn flash attention on, and decode a forward that returns logits in pieces
+    (the later ones see the earlier ones as cached slots). They keep every row on one product
+    kernel in two ways:
 
-    The price: a forward of 1 to 3 tokens costs what one of 4 does (the controller's cost curve
-    sees it and drafts at least 3 tokens when it can); wide verification runs at about stock
-    speed, prefill somewhat slower (Q6_K weights lose the tiled kernel). The tiled kernel's
-    switch is read once per process, so specdecode turns it off for every llama.cpp model it
-    loads (`import_llama_cpp`). `exact=False` keeps llama.cpp's
-    defaults: a single token decodes faster, but a near-tie can resolve differently in a batch
-    than alone.
+    - narrow: pieces of at most 3 rows, which take the matrix-vector kernel a single token takes,
+      each row on its own; V is kept in bfloat16 beside K in float16, which rules out the split-KV
+      path (bfloat16 rounds the values at 2^-9 relative, far below the 4-bit weights' own error).
+      Plain decoding runs at stock speed; a drafted token costs about 0.85 of a plain step.
+    - wide: every batch is padded with scratch tokens to a multiple of 4 rows (outputs too), so
+      that every row takes the matrix-matrix kernel and no query is alone; the tiled kernel is
+      off; pieces of at most 60 rows, below the query tiling. The scratch tokens sit in a sequence
+      of their own that nothing attends to, and their cells are freed after the forward. A plain
+      step costs what 4 tokens do, but wide verification runs at about stock speed.
+
+    Only the prompt's prefill, which returns no logits, runs wider and unpadded: plain and
+    speculative decoding share it, so both start from the same cache. The tiled kernel's switch
+    is read once per process, so specdecode turns it off for every llama.cpp model it loads
+    (`import_llama_cpp`). `kernels="stock"` keeps llama.cpp's other defaults: verification is
+    cheaper per token, but a near-tie can resolve differently in a batch than alone.
     """
 
     truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
@@ -125,8 +136,12 @@ class LlamaCppBackend(Backend):
         path: str | os.PathLike,
         threads: int | None = None,
         max_context: int = 4096,
-        exact: bool = True,
+        kernels: str = "narrow",
     ) -> None:
+        if kernels not in KERNELS:
+            raise SpecDecodeError(
+                f"unknown llama.cpp kernels {kernels!r}; choose one of: {', '.join(KERNELS)}"
+            )
         lib = import_llama_cpp()
         self._lib = lib
         path = Path(path)
@@ -137,10 +152,10 @@ class LlamaCppBackend(Backend):
         threads = threads or torch.get_num_threads()
         if threads < 1:
             raise SpecDecodeError(f"threads must be at least 1, got {threads}")
-        if exact and os.environ.get(_TILED_SWITCH) != "0":
+        if kernels == "wide" and os.environ.get(_TILED_SWITCH) != "0":
             raise SpecDecodeError(
                 f"{_TILED_SWITCH}={os.environ.get(_TILED_SWITCH)} turns on a kernel that breaks "
-                "the llamacpp backend's exactness: unset it"
+                "the wide kernels' exactness: unset it"
             )
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
@@ -163,8 +178,11 @@ class LlamaCppBackend(Backend):
         context_params.kv_unified = True  # cells shared between sequences: how trees are held
         context_params.n_threads = threads
         context_params.n_threads_batch = threads
-        if exact:
+        if kernels != "stock":
             context_params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if kernels == "narrow":
+            context_params.type_k = _GGML_TYPE_F16
+            context_params.type_v = _GGML_TYPE_BF16
         context = lib.llama_init_from_model(model, context_params)
         if not context:
             lib.llama_model_free(model)
@@ -174,24 +192,26 @@ class LlamaCppBackend(Backend):
         self._context = context
         self._memory = lib.llama_get_memory(context)
         vocab = lib.llama_model_get_vocab(model)
-        # Exact mode keeps room for the scratch rows that pad a batch.
-        self._padding_rows = GEMM_ROWS - 1 if exact else 0
+        # Wide kernels keep room for the scratch rows that pad a batch.
+        self._gemm_rows = GEMM_ROWS if kernels == "wide" else 1
         super().__init__(
-            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - self._padding_rows
+            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (self._gemm_rows - 1)
         )
         self.path = path
         self.threads = threads
-        self.exact = exact
+        self.kernels = kernels
+        self.exact = kernels != "stock"
+        self._piece_rows = {"narrow": NARROW_PIECE_ROWS, "wide": WIDE_PIECE_ROWS}.get(kernels)
         batch_rows = min(BATCH_SIZE, max_context)
         self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
-        # the most tokens a forward takes, so that the padded batch still fits
-        self._batch_size = batch_rows - batch_rows % GEMM_ROWS if exact else batch_rows
+        # the most tokens a forward takes, so that a padded batch still fits
+        self._batch_size = batch_rows - batch_rows % self._gemm_rows
         self.prefill_chunk = self._batch_size  # a small context makes batches smaller
         self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
         self._free_sequences = list(range(sequences - 1, 0, -1))
         # The scratch rows' own sequence: no query reads it, so they touch no real token.
-        self._scratch_sequence = self._free_sequences.pop(0) if exact else None
+        self._scratch_sequence = self._free_sequences.pop(0) if kernels == "wide" else None
         self._max_tree_nodes = len(self._free_sequences)
         self._state_buffer: ctypes.Array | None = None  # reused by _compact
 
@@ -214,7 +234,8 @@ class LlamaCppBackend(Backend):
         stat = self.path.stat()
         ident = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self._lib.__version__}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        kernels = "exact" if self.exact else "stock"
+        # ("exact" was the wide kernels' name when they were the only exact ones.)
+        kernels = {"wide": "exact", "narrow": "exact-narrow"}.get(self.kernels, self.kernels)
         return f"llamacpp-{kernels}-{self.path.stem}-{digest}-{self.threads}threads"
 
     # ---- the Backend primitives ----------------------------------------------------------------
@@ -244,8 +265,8 @@ class LlamaCppBackend(Backend):
                 len(self._slots)
             )
         tokens, positions = token_ids.tolist(), positions.tolist()
-        # Rows that want logits go in pieces narrow enough for the per-query attention path.
-        piece = EXACT_LOGIT_ROWS if self.exact and return_logits else count
+        # Rows that want logits go in pieces that keep every row on one kernel.
+        piece = self._piece_rows if self._piece_rows and return_logits else count
         cached_before = self.num_cached
         logits = []
         try:
@@ -419,7 +440,7 @@ class LlamaCppBackend(Backend):
         sequences: list[list[int]],
         want_logits: bool,
     ) -> None:
-        padding = -len(tokens) % GEMM_ROWS if self.exact else 0
+        padding = -len(tokens) % self._gemm_rows
         rows = len(tokens) + padding
         batch = self._batch
         batch.n_tokens = rows
@@ -435,15 +456,14 @@ class LlamaCppBackend(Backend):
             batch.pos[row] = i  # a sequence's positions must be consecutive, from 0 when empty
             batch.n_seq_id[row] = 1
             batch.seq_id[row][0] = self._scratch_sequence
-        # The output rows go through the vocabulary projection as one product: in exact mode
-        # their count is padded too. llama.cpp wants at least one output row.
-        least_outputs = GEMM_ROWS if self.exact else 1
+        # The output rows go through the vocabulary projection as one product: with the wide
+        # kernels their count is padded too. llama.cpp wants at least one output row.
         for i in range(rows):
-            batch.logits[i] = want_logits or i >= rows - least_outputs
+            batch.logits[i] = want_logits or i >= rows - self._gemm_rows
 
     def _decode(self) -> None:
         status = self._lib.llama_decode(self._context, self._batch)
-        if self.exact:
+        if self._scratch_sequence is not None:
             self._lib.llama_memory_seq_rm(self._memory, self._scratch_sequence, -1, -1)
         if status != 0:
             raise SpecDecodeError(
