@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from specdecode.control import StepTimings, make_controller
@@ -115,3 +117,20 @@ def test_online_timings_are_not_overwritten_by_the_curve() -> None:
     controller.use_costs({4: 0.1, 8: 0.2})
     assert controller.verify_seconds[4] == pytest.approx(0.5)
     assert controller.verify_seconds[8] == pytest.approx(0.2)
+
+
+def test_failed_probes_come_ever_more_rarely_and_successful_ones_as_often_as_set() -> None:
+    def probes_and_waits(lengths: list[int]) -> tuple[list[int], list[int]]:
+        probes = [step for step, length in enumerate(lengths) if length > 0]
+        return probes, [later - earlier - 1 for earlier, later in pairwise(probes)]
+
+    controller = CostAwareController(initial=1, maximum=4, probe_every=8)
+    # A draft costs a whole forward's worth more and is never accepted: drafting never pays, and
+    # the plain steps between probes double after each failure, up to the cap.
+    _, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: False, 300))
+    assert waits[-6:] == [7, 15, 31, 63, 63, 63]
+    # Probes that succeed (but do not make drafting pay) come every probe_every steps again.
+    _, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: True, 65))
+    assert waits and set(waits[1:]) == {7}
+    probes, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: False, 40))
+    assert probes[0] <= 8 and waits[0] == 15

@@ -7,8 +7,10 @@ It costs draft(k) + verify(k) seconds. Both sides are learned online from the en
 timings and verdicts, as exponential moving averages; the controller then picks
 argmax_k expected_tokens(k) / seconds(k) over k = 0..maximum. k = 0 is plain decoding: where no
 draft length pays (a slow drafter, a hard prompt, a backend whose multi-token forwards are
-expensive), speculation turns itself off, and every `probe_every` such steps one short draft
-checks whether it pays again.
+expensive), speculation turns itself off, and after `probe_every` such steps one short draft
+checks whether it pays again. Each probe that fails doubles the wait for the next (up to
+`MAX_PROBE_WAIT` steps), as a probe's draft is a cost where nothing can be drafted; one that
+succeeds brings it back to `probe_every`.
 
 The engine hands it the target's cost curve, measured once per model, backend and thread count
 (`control/cost_curve.py`), so it plans from the first step. Lengths still unmeasured are treated
@@ -24,6 +26,9 @@ from specdecode.control.base import Controller, StepTimings
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget
 from specdecode.verify.base import Verdict
+
+#: The most plain steps between two probes, however many have failed.
+MAX_PROBE_WAIT = 64
 
 
 class CostAwareController(Controller):
@@ -58,6 +63,8 @@ class CostAwareController(Controller):
         self.acceptance: list[float] = []  # [depth - 1] -> P(accept | all shallower accepted)
         self.length = self.initial
         self.plain_steps = 0
+        self.probe_wait = self.probe_every
+        self.probing = False  # a probe was asked for and has not drafted yet
         self.drafted_last = False
 
     def use_costs(self, verify_seconds: dict[int, float]) -> None:
@@ -128,6 +135,12 @@ class CostAwareController(Controller):
                     per_token if previous is None else self._blend(previous, per_token)
                 )
         self.drafted_last = drafted > 0
+        if drafted and self.probing:
+            self.probing = False
+            failed = verdict.num_accepted == 0
+            self.probe_wait = (
+                min(2 * self.probe_wait, MAX_PROBE_WAIT) if failed else self.probe_every
+            )
         # Position j was tried when drafts 1..j-1 were accepted: it succeeded if j <= accepted.
         for depth in range(min(verdict.num_accepted + 1, drafted)):
             success = 1.0 if depth < verdict.num_accepted else 0.0
@@ -138,9 +151,10 @@ class CostAwareController(Controller):
         self.length = self.best_length()
         if self.length == 0:
             self.plain_steps += 1
-            if self.plain_steps >= self.probe_every:  # look again whether drafting pays
+            if self.plain_steps >= self.probe_wait:  # look again whether drafting pays
                 self.plain_steps = 0
                 self.length = 1
+                self.probing = True
         else:
             self.plain_steps = 0
 
