@@ -130,7 +130,7 @@ def test_failed_probes_come_ever_more_rarely_and_successful_ones_as_often_as_set
     _, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: False, 300))
     assert waits[-6:] == [7, 15, 31, 63, 63, 63]
     # Probes that succeed (but do not make drafting pay) come every probe_every steps again.
-    _, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: True, 65))
+    _, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.25 * k, lambda d: True, 65))
     assert waits and set(waits[1:]) == {7}
     probes, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: False, 40))
     assert probes[0] <= 8 and waits[0] == 15

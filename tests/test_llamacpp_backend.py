@@ -90,6 +90,20 @@ def test_exact_kernels_compute_a_token_the_same_in_any_batch(exact: SpecDecoder)
         assert torch.equal(batched, expected[:count]), f"{count} tokens in one batch"
 
 
+@pytest.mark.parametrize("model", ["gemma-3-270m", "smollm2-135m-instruct"])
+def test_narrow_kernels_are_exact_for_other_weight_types(model: str) -> None:
+    """Q8_0, Q5_0 and Q4_1 weights (Gemma 3's and SmolLM2's files) beside K-quants: on x86,
+    llama.cpp sends some of these types through tinyBLAS from 2 rows on."""
+    backend = LlamaCppBackend(resolve_gguf(model), max_context=1024)
+    context = [1000 + (7 * i) % 5000 for i in range(600)]
+    drafts = [3000 + i for i in range(9)]
+    backend.extend(context)
+    expected = torch.stack([backend.forward(torch.tensor([token]))[0] for token in drafts])
+    for count in (2, 3, 9):
+        backend.truncate(len(context))
+        assert torch.equal(backend.forward(torch.tensor(drafts[:count])), expected[:count]), count
+
+
 def test_a_tree_wider_than_a_piece_matches_its_paths(exact: SpecDecoder) -> None:
     """A 70-node tree goes through in pieces (of 3 rows narrow, 60 wide), each seeing the earlier
     ones as cached nodes: every node's logits still equal its path's, run as a chain."""

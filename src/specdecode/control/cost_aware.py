@@ -9,8 +9,8 @@ argmax_k expected_tokens(k) / seconds(k) over k = 0..maximum. k = 0 is plain dec
 draft length pays (a slow drafter, a hard prompt, a backend whose multi-token forwards are
 expensive), speculation turns itself off, and after `probe_every` such steps one short draft
 checks whether it pays again. Each probe that fails doubles the wait for the next (up to
-`MAX_PROBE_WAIT` steps), as a probe's draft is a cost where nothing can be drafted; one that
-succeeds brings it back to `probe_every`.
+`MAX_PROBE_WAIT` steps), as a probe's draft is a cost where nothing can be drafted; any accepted
+draft brings it back to `probe_every`.
 
 The engine hands it the target's cost curve, measured once per model, backend and thread count
 (`control/cost_curve.py`), so it plans from the first step. Lengths still unmeasured are treated
@@ -135,12 +135,13 @@ class CostAwareController(Controller):
                     per_token if previous is None else self._blend(previous, per_token)
                 )
         self.drafted_last = drafted > 0
-        if drafted and self.probing:
-            self.probing = False
-            failed = verdict.num_accepted == 0
-            self.probe_wait = (
-                min(2 * self.probe_wait, MAX_PROBE_WAIT) if failed else self.probe_every
-            )
+        # A probe whose drafter proposed nothing has passed all the same: only a draft the
+        # controller asked for as a probe is judged as one.
+        was_probe, self.probing = self.probing, False
+        if verdict.num_accepted > 0:
+            self.probe_wait = self.probe_every
+        elif drafted and was_probe:
+            self.probe_wait = min(2 * self.probe_wait, max(MAX_PROBE_WAIT, self.probe_every))
         # Position j was tried when drafts 1..j-1 were accepted: it succeeded if j <= accepted.
         for depth in range(min(verdict.num_accepted + 1, drafted)):
             success = 1.0 if depth < verdict.num_accepted else 0.0
