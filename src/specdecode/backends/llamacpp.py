@@ -195,10 +195,10 @@ class LlamaCppBackend(Backend):
         self._context = context
         self._memory = lib.llama_get_memory(context)
         vocab = lib.llama_model_get_vocab(model)
-        # Wide kernels keep room for the scratch rows that pad a batch.
-        self._gemm_rows = GEMM_ROWS if kernels == "wide" else 1
+        # Batches are padded to a multiple of this many rows (wide kernels); room is kept for them.
+        self._row_multiple = GEMM_ROWS if kernels == "wide" else 1
         super().__init__(
-            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (self._gemm_rows - 1)
+            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (self._row_multiple - 1)
         )
         self.path = path
         self.threads = threads
@@ -208,7 +208,7 @@ class LlamaCppBackend(Backend):
         batch_rows = min(BATCH_SIZE, max_context)
         self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
         # the most tokens a forward takes, so that a padded batch still fits
-        self._batch_size = batch_rows - batch_rows % self._gemm_rows
+        self._batch_size = batch_rows - batch_rows % self._row_multiple
         self.prefill_chunk = self._batch_size  # a small context makes batches smaller
         self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
@@ -443,7 +443,7 @@ class LlamaCppBackend(Backend):
         sequences: list[list[int]],
         want_logits: bool,
     ) -> None:
-        padding = -len(tokens) % self._gemm_rows
+        padding = -len(tokens) % self._row_multiple
         rows = len(tokens) + padding
         batch = self._batch
         batch.n_tokens = rows
@@ -462,7 +462,7 @@ class LlamaCppBackend(Backend):
         # The output rows go through the vocabulary projection as one product: with the wide
         # kernels their count is padded too. llama.cpp wants at least one output row.
         for i in range(rows):
-            batch.logits[i] = want_logits or i >= rows - self._gemm_rows
+            batch.logits[i] = want_logits or i >= rows - self._row_multiple
 
     def _decode(self) -> None:
         status = self._lib.llama_decode(self._context, self._batch)
