@@ -297,6 +297,40 @@ def test_run_settings_constrain_only_what_was_measured(tmp_path: Path, capsys) -
         run_settings.check(tmp_path, command(), {"prompt-lookup"})
 
 
+def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) -> None:
+    """The kernels each llamacpp backend ran, and whether llama.cpp's tiled kernel was on, are
+    known once the models load; records are not resumed under others. Settings files from before
+    they were kept come from versions that ran `llamacpp` on the narrow kernels, without the
+    tiled kernel."""
+    args = argparse.Namespace(suite="quick", model=TINY, backend="llamacpp")
+    command = run_settings.of_command(args, parse_methods("prompt-lookup"))
+    assert command["settings"]["llamacpp_kernels"] is None  # before loading: not compared
+    legacy = json.loads(json.dumps(command))
+    for key in run_settings.LOADED_SETTINGS:
+        del legacy["settings"][key]
+    (tmp_path / "settings.json").write_text(json.dumps(legacy))
+    run_settings.check(tmp_path, command, {"prompt-lookup"})
+
+    def loaded(kernels: dict, tiled: str) -> dict:
+        settings = json.loads(json.dumps(command))
+        settings["settings"].update(llamacpp_kernels=kernels, llamacpp_tiled_kernel=tiled)
+        return settings
+
+    with pytest.raises(
+        SpecDecodeError, match="kernels llamacpp=narrow, this command has llamacpp=matched"
+    ):
+        run_settings.check(tmp_path, loaded({"llamacpp": "matched"}, "off"), {"prompt-lookup"})
+    with pytest.raises(SpecDecodeError, match="tiled kernel .* off, this command has on"):
+        run_settings.check(tmp_path, loaded({"llamacpp": "narrow"}, "on"), {"prompt-lookup"})
+    # compared where both say: another backend may join the run
+    both = loaded({"llamacpp": "narrow", "llamacpp-wide": "wide"}, "off")
+    run_settings.check(tmp_path, both, {"prompt-lookup"})
+    assert run_settings.of_loaded({}, llamacpp_peers=False) == {
+        "llamacpp_kernels": None,
+        "llamacpp_tiled_kernel": None,
+    }
+
+
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
     stop_at_run(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, out = bench(tmp_path, "--methods", "prompt-lookup")

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
+from specdecode.backends import llamacpp_gemv
 from specdecode.backends.llamacpp import LlamaCppBackend
 from specdecode.certify import CertifyConfig, certify
 from specdecode.cli import CERTIFY_PROMPT
@@ -28,6 +32,7 @@ from specdecode.tree import DraftTree
 pytestmark = pytest.mark.slow
 
 SMALL = "qwen2.5-coder-0.5b-instruct"
+TARGET = "qwen2.5-coder-1.5b-instruct"  # Q4_K and Q6_K weights only
 EDIT_PROMPT = (
     "Rename the variable `total` to `running_sum` and return the full code.\n\n```python\n"
     "def mean(values):\n"
@@ -39,16 +44,32 @@ EDIT_PROMPT = (
 QUESTION_PROMPT = "Write a Python function that checks if a number is prime."
 
 
+needs_matched = pytest.mark.skipif(
+    llamacpp_gemv.why_unavailable() is not None,
+    reason=f"the matched kernels cannot run here: {llamacpp_gemv.why_unavailable()}",
+)
+
+
 @pytest.fixture(scope="module")
 def small() -> SpecDecoder:
-    return SpecDecoder.load(SMALL, backend="llamacpp")
+    return SpecDecoder.load(SMALL, backend="llamacpp-narrow")
 
 
-@pytest.fixture(scope="module", params=["llamacpp", "llamacpp-wide"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "llamacpp-narrow",
+        "llamacpp-wide",
+        pytest.param("llamacpp-matched", marks=needs_matched),
+    ],
+)
 def exact(request, small: SpecDecoder) -> SpecDecoder:
-    """The 0.5B on each of the exact kernels: narrow (the default) and wide."""
-    if request.param == "llamacpp":
+    """Each of the exact kernels: narrow and wide on the 0.5B, matched on the 1.5B (whose weights
+    are all of the types the matched kernels cover; the 0.5B's are mostly not)."""
+    if request.param == "llamacpp-narrow":
         return small
+    if request.param == "llamacpp-matched":
+        return SpecDecoder.load(TARGET, backend=request.param)
     return SpecDecoder.load(SMALL, backend=request.param)
 
 
@@ -71,7 +92,7 @@ def test_exact_kernels_compute_a_token_the_same_in_any_batch(exact: SpecDecoder)
     """Bit for bit, at a context past 512 cells (where llama.cpp's flash attention over a float16
     cache splits a single query's keys across threads), at batch sizes across every stock kernel
     switch (the repacked weights' groups of 4 rows, the tiled kernel's 8, flash attention's query
-    tiles from 64), on both exact kernels."""
+    tiles from 64), on every exact kernel."""
     backend = exact.target
     context = [1000 + (7 * i) % 5000 for i in range(600)]
     drafts = [3000 + i for i in range(70)]
@@ -257,3 +278,85 @@ def test_a_refused_tree_leaves_the_cache_as_it_was(small: SpecDecoder) -> None:
 def test_unknown_kernels_are_one_clear_error() -> None:
     with pytest.raises(SpecDecodeError, match="unknown llama.cpp kernels 'fast'; choose one of"):
         LlamaCppBackend(resolve_gguf(SMALL), kernels="fast")
+
+
+def test_narrow_kernels_are_exact_with_the_tiled_kernel_on() -> None:
+    """A process that runs no wide kernels keeps llama.cpp's tiled kernel (it speeds prefill), as
+    `--backend llamacpp` does, unlike the rest of this test process: the narrow kernels' pieces
+    stay below its 8 rows, so they are exact there too; the wide kernels, asked for afterwards in
+    that process, are refused in one line."""
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from specdecode import SamplingParams, SpecConfig, SpecDecoder
+        from specdecode.errors import SpecDecodeError
+        llm = SpecDecoder.load({SMALL!r}, backend="llamacpp")
+        assert "GGML_CPU_TILED_MM" not in os.environ
+        sampling = SamplingParams(max_new_tokens=48)
+        plain = llm.generate({EDIT_PROMPT!r}, sampling, SpecConfig(drafter="none"))
+        fast = llm.generate({EDIT_PROMPT!r}, sampling, SpecConfig(drafter="prompt-lookup"))
+        print("greedy", fast.token_ids == plain.token_ids)
+        backend = llm.target
+        context = [1000 + (7 * i) % 5000 for i in range(600)]
+        drafts = [3000 + i for i in range(9)]
+        backend.reset()
+        backend.extend(context)
+        expected = torch.stack([backend.forward(torch.tensor([t]))[0] for t in drafts])
+        for count in (2, 3, 9):
+            backend.truncate(len(context))
+            batched = backend.forward(torch.tensor(drafts[:count]))
+            print(count, torch.equal(batched, expected[:count]))
+        try:
+            SpecDecoder.load({SMALL!r}, backend="llamacpp-wide")
+            print("wide kernels loaded")
+        except SpecDecodeError as error:
+            print(error)
+        """
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5, result.stdout + result.stderr[-2000:]
+    assert lines[:4] == ["greedy True", "2 True", "3 True", "9 True"]
+    assert "wide kernels need llama.cpp's tiled kernel off" in lines[4]
+
+
+@needs_matched
+def test_llamacpp_picks_the_matched_kernels_where_they_are_exact() -> None:
+    target = SpecDecoder.load(TARGET, backend="llamacpp").target
+    assert target.kernels == "matched" and llamacpp_gemv.calls() > 0
+    with pytest.warns(RuntimeWarning, match="narrow exact kernels .*Q5_0, Q8_0 weights"):
+        assert SpecDecoder.load(SMALL, backend="llamacpp").target.kernels == "narrow"
+    with pytest.raises(SpecDecodeError, match="matched kernels are not exact for this file"):
+        SpecDecoder.load(SMALL, backend="llamacpp-matched")
+
+
+@needs_matched
+def test_matched_kernels_fall_back_to_narrow_when_a_batch_is_not_exact() -> None:
+    """Without specdecode's matrix-vector kernel in place, llama.cpp's own sums a lone row in
+    another order than a batch of 4 or more: the check at load sees it and falls back."""
+    script = textwrap.dedent(
+        f"""
+        import os, warnings
+        os.environ["GGML_CPU_TILED_MM"] = "0"
+        from specdecode.backends import llamacpp, llamacpp_gemv
+        from specdecode.models import resolve_gguf
+        llamacpp_gemv.load = lambda: None  # the kernel is never put in place
+        llamacpp_gemv.loaded = lambda: True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = llamacpp.LlamaCppBackend(resolve_gguf({TARGET!r}), kernels="matched")
+        print(backend.kernels, llamacpp_gemv.calls())
+        print(*[str(w.message) for w in caught])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "narrow 0", result.stdout
+    assert "not exact with this llama.cpp" in lines[1]

@@ -11,8 +11,10 @@ length) and sampling with `SamplingParams`; the defaults are greedy decoding wit
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,9 +28,24 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 # core suite, 32768 of Qwen2.5's 151936 took the 1.5B / 0.5B pair from 1.61x to 1.71x (not
 # measured on other families).
 DEFAULT_DRAFT_VOCABULARY = 32768
-BACKENDS = ("torch", "hf", "llamacpp", "llamacpp-wide", "llamacpp-stock")
+BACKENDS = (
+    "torch",
+    "hf",
+    "llamacpp",
+    "llamacpp-matched",
+    "llamacpp-narrow",
+    "llamacpp-wide",
+    "llamacpp-stock",
+)
 #: The llama.cpp kernels (LlamaCppBackend) that each llamacpp backend runs.
-LLAMACPP_KERNELS = {"llamacpp": "narrow", "llamacpp-wide": "wide", "llamacpp-stock": "stock"}
+#: None: the fastest exact kernels for the file (see llamacpp_kernels).
+LLAMACPP_KERNELS = {
+    "llamacpp": None,
+    "llamacpp-matched": "matched",
+    "llamacpp-narrow": "narrow",
+    "llamacpp-wide": "wide",
+    "llamacpp-stock": "stock",
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -48,6 +65,26 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
         raise SpecDecodeError(
             f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}"
         ) from None
+
+
+def llamacpp_kernels(backend: str, gguf_path: Path) -> str:
+    """The llama.cpp kernels (LlamaCppBackend) that a llamacpp backend runs a GGUF file on: for
+    `llamacpp`, the fastest exact ones for the file in this process, with a warning when they are
+    not the matched kernels."""
+    from specdecode.backends.llamacpp import best_exact_kernels
+
+    kernels = LLAMACPP_KERNELS[backend]
+    if kernels is not None:
+        return kernels
+    kernels, reason = best_exact_kernels(gguf_path)
+    if reason is not None:
+        warnings.warn(
+            f"specdecode: llama.cpp verifies on its narrow exact kernels ({reason}), which cost "
+            "more per drafted token than the matched kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return kernels
 
 
 def _load_backend(
@@ -85,25 +122,31 @@ def _load_backend(
             model = HFBackend.from_pretrained(str(name_or_path), dtype=dtype, device=device)
         return model, tokenizer
     if backend in LLAMACPP_KERNELS:
-        from specdecode.backends.llamacpp import LlamaCppBackend, import_llama_cpp
+        from specdecode.backends.llamacpp import (
+            LlamaCppBackend,
+            require_llama_cpp,
+            reserve_kernels,
+        )
 
         if quantize is not None:
             raise SpecDecodeError(
                 "the llamacpp backend runs GGUF files as they are quantized: "
                 "use --draft-quantize none"
             )
-        import_llama_cpp()  # one line on how to install it, before installing a model
+        require_llama_cpp()  # one line on how to install it, before installing a model
         gguf_path = resolve_gguf(name_or_path)
         if gguf_path is None:
             raise SpecDecodeError(
                 f"the llamacpp backend needs a GGUF file; {name_or_path!r} is a Hugging Face "
                 "directory: use --backend torch or hf"
             )
+        kernels = llamacpp_kernels(backend, gguf_path)
+        reserve_kernels([kernels])  # before llama.cpp starts
         model = LlamaCppBackend(
             gguf_path,
             threads=torch.get_num_threads(),
             max_context=max_context or 4096,
-            kernels=LLAMACPP_KERNELS[backend],
+            kernels=kernels,
         )
         return model, load_tokenizer(name_or_path)
     raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specdecode.backends import llamacpp_gemv
 from specdecode.backends.base import Backend
 from specdecode.errors import SpecDecodeError
 
@@ -40,22 +44,95 @@ INSTALL_HINT = "pip install 'specdecode[llamacpp]' (builds llama.cpp from source
 #: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
 MAX_SEQUENCES = 256
 BATCH_SIZE = 512
-#: The ways to run llama.cpp's kernels (see LlamaCppBackend): two exact, and llama.cpp's own.
-KERNELS = ("narrow", "wide", "stock")
 #: The repacked weights' matrix-matrix kernel takes rows in groups of this many, with another
 #: summation order than the matrix-vector kernel that the rest of the rows (or a single token) take.
 GEMM_ROWS = 4
-#: Narrow kernels decode a forward that returns logits in pieces of at most this many rows.
-NARROW_PIECE_ROWS = GEMM_ROWS - 1
-#: Wide kernels decode it in pieces of at most this many: flash attention tiles 64 queries or more
-#: (GGML_FA_TILE_Q) with another summation order.
-WIDE_PIECE_ROWS = 60
-#: llama.cpp's ggml type ids for the KV cache: narrow kernels keep K in float16, V in bfloat16.
+#: llama.cpp's ggml type ids for the KV cache.
 _GGML_TYPE_F16 = 1
 _GGML_TYPE_BF16 = 30
 
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a LlamaCppBackend runs llama.cpp's kernels (LlamaCppBackend's docstring says why)."""
+
+    exact: bool  # a token's logits do not depend on the batch it is decoded in
+    flash_attention: bool
+    kv_types: tuple[int, int] | None  # ggml types of K and V; None: llama.cpp's default
+    piece_rows: int | None  # a forward that returns logits is decoded in pieces of this many rows
+    row_multiple: int  # every batch is padded with scratch rows to a multiple of this
+    tiled_off: bool  # needs llama.cpp's tiled kernel (GGML_CPU_TILED_MM) off
+    matched_gemv: bool  # needs specdecode's Q4_K matrix-vector kernel (llamacpp_gemv)
+    cost_name: str  # in the cost curve's cache key
+
+    @property
+    def scratch_rows(self) -> bool:
+        """Whether batches are padded, and so need a sequence of their own for the padding."""
+        return self.row_multiple > 1
+
+    @property
+    def reaches_tiled_kernel(self) -> bool:
+        """Whether a forward may multiply enough rows at once for llama.cpp's tiled kernel."""
+        return self.piece_rows is None or self.piece_rows >= TILED_MIN_ROWS
+
+
+#: The ways to run llama.cpp's kernels: three exact, and llama.cpp's own.
+KERNEL_PLANS: dict[str, KernelPlan] = {
+    # Whole batches: Q4_K and Q6_K weights only (llamacpp_gemv.COVERED_TYPES).
+    "matched": KernelPlan(
+        exact=True,
+        flash_attention=True,
+        kv_types=(_GGML_TYPE_F16, _GGML_TYPE_BF16),
+        piece_rows=None,
+        row_multiple=1,
+        tiled_off=True,
+        matched_gemv=True,
+        cost_name="exact-matched",
+    ),
+    "narrow": KernelPlan(
+        exact=True,
+        flash_attention=True,
+        kv_types=(_GGML_TYPE_F16, _GGML_TYPE_BF16),
+        piece_rows=GEMM_ROWS - 1,
+        row_multiple=1,
+        tiled_off=False,
+        matched_gemv=False,
+        cost_name="exact-narrow",
+    ),
+    # Pieces stay below 64 rows, where flash attention starts tiling queries (GGML_FA_TILE_Q)
+    # with another summation order. ("exact" was their name when they were the only exact ones.)
+    "wide": KernelPlan(
+        exact=True,
+        flash_attention=True,
+        kv_types=None,
+        piece_rows=60,
+        row_multiple=GEMM_ROWS,
+        tiled_off=True,
+        matched_gemv=False,
+        cost_name="exact",
+    ),
+    "stock": KernelPlan(
+        exact=False,
+        flash_attention=False,
+        kv_types=None,
+        piece_rows=None,
+        row_multiple=1,
+        tiled_off=False,
+        matched_gemv=False,
+        cost_name="stock",
+    ),
+}
+KERNELS = tuple(KERNEL_PLANS)
+
 _TILED_SWITCH = "GGML_CPU_TILED_MM"
+#: Unrepacked K-quant weights take llama.cpp's tiled kernel from this many rows on.
+TILED_MIN_ROWS = 8
 _log_callback = None  # kept referenced: llama.cpp calls it for the life of the process
+# llama.cpp reads the tiled kernel's switch once per process, at its first matrix product. Its
+# value when import_llama_cpp first ran stands in for that moment (reserve_kernels leaves the
+# switch alone once other code has imported llama_cpp: a model may have run already).
+_imported = False
+_tiled_switch_at_import: str | None = None
 
 
 def _silent(level: int, text: bytes, user_data) -> None:
@@ -67,20 +144,93 @@ def _silent(level: int, text: bytes, user_data) -> None:
 def import_llama_cpp():
     """The `llama_cpp` module (with llama.cpp's own logging off), or one line saying how to
     install it."""
+    global _imported, _tiled_switch_at_import, _log_callback
     try:
         import llama_cpp
     except ImportError:
         raise SpecDecodeError(
             f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}"
         ) from None
-    global _log_callback
     if _log_callback is None:
         _log_callback = llama_cpp.llama_log_callback(_silent)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-    # llama.cpp reads this switch once per process, at its first matrix product: set before any
-    # use, so that a model loaded later in the process can still run the wide kernels.
-    os.environ.setdefault(_TILED_SWITCH, "0")
+    if not _imported:
+        _imported = True
+        _tiled_switch_at_import = os.environ.get(_TILED_SWITCH)
     return llama_cpp
+
+
+def require_llama_cpp() -> None:
+    """One line saying how to install llama-cpp-python where it is missing; it is not imported
+    here, as llama.cpp must not start before reserve_kernels."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise SpecDecodeError(f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}")
+
+
+def reserve_kernels(kernels: Sequence[str]) -> None:
+    """Prepare this process for every llama.cpp kernel it will run; call it before any llama.cpp
+    model loads. The wide and matched kernels need llama.cpp's tiled kernel off, which llama.cpp
+    reads once, at its start; otherwise it stays on, as llama.cpp has it by default (it speeds up
+    the prefill of a long prompt). Every llama.cpp in such a process, and the programs it starts
+    (llama-server), runs without the tiled kernel. The matched kernels also put specdecode's Q4_K
+    matrix-vector kernel in place of llama.cpp's for every model of the process (llamacpp_gemv)."""
+    for name in kernels:
+        if name not in KERNEL_PLANS:
+            raise SpecDecodeError(
+                f"unknown llama.cpp kernels {name!r}; choose one of: {', '.join(KERNELS)}"
+            )
+    plans = [KERNEL_PLANS[name] for name in kernels]
+    starting = not _imported and "llama_cpp" not in sys.modules
+    if any(plan.tiled_off for plan in plans) and starting:
+        os.environ.setdefault(_TILED_SWITCH, "0")
+    if any(plan.matched_gemv for plan in plans) and not llamacpp_gemv.loaded():
+        if not starting:
+            raise SpecDecodeError(
+                "the matched kernels must be in place before llama.cpp starts, and this process "
+                "has started it: run them in a process of their own, or use --backend "
+                "llamacpp-narrow"
+            )
+        try:
+            llamacpp_gemv.load()
+        except RuntimeError as error:
+            raise SpecDecodeError(
+                f"the matched llama.cpp kernels cannot run here: {error}; use --backend "
+                "llamacpp-narrow"
+            ) from None
+
+
+def tiled_kernel_off() -> bool:
+    """Whether the llama.cpp of this process (or, before it starts, of the programs this process
+    starts) runs without its tiled kernel (see reserve_kernels)."""
+    switch = _tiled_switch_at_import if _imported else os.environ.get(_TILED_SWITCH)
+    return switch == "0"
+
+
+def uncovered_weights(path: Path) -> str | None:
+    """What in a GGUF file keeps the matched kernels from being exact for it (weights of a type
+    they do not cover), or None."""
+    from specdecode.models.gguf_loader import open_reader
+
+    reader = open_reader(path)
+    names = {tensor.name for tensor in reader.tensors}
+    # The token embedding is only looked up, unless the output projection is tied to it.
+    looked_up = {"token_embd.weight"} if "output.weight" in names else set()
+    types = {
+        tensor.tensor_type.name
+        for tensor in reader.tensors
+        if len(tensor.shape) > 1 and tensor.name not in looked_up
+    }
+    others = sorted(types - set(llamacpp_gemv.COVERED_TYPES))
+    return f"{path.name} has {', '.join(others)} weights" if others else None
+
+
+def best_exact_kernels(path: Path) -> tuple[str, str | None]:
+    """The fastest exact kernels for a GGUF file in this process: "matched" where they can run,
+    else "narrow", with the reason they cannot."""
+    reason = llamacpp_gemv.why_unavailable() or uncovered_weights(path)
+    if reason is None and (_imported or "llama_cpp" in sys.modules) and not llamacpp_gemv.loaded():
+        reason = "this process started llama.cpp without specdecode's kernel"
+    return ("narrow", reason) if reason else ("matched", None)
 
 
 @dataclass
@@ -126,10 +276,11 @@ class LlamaCppBackend(Backend):
       step costs what 4 tokens do, but wide verification runs at about stock speed.
 
     Only the prompt's prefill, which returns no logits, runs wider and unpadded: plain and
-    speculative decoding share it, so both start from the same cache. The tiled kernel's switch
-    is read once per process, so specdecode turns it off for every llama.cpp model it loads
-    (`import_llama_cpp`). `kernels="stock"` keeps llama.cpp's other defaults: verification is
-    cheaper per token, but a near-tie can resolve differently in a batch than alone.
+    speculative decoding share it, so both start from the same cache. llama.cpp reads the tiled
+    kernel's switch once per process: a process that runs the wide kernels beside others calls
+    `reserve_kernels` before it loads any. `kernels="stock"` keeps llama.cpp's other defaults:
+    verification is cheaper per token, but a near-tie can resolve differently in a batch than
+    alone.
     """
 
     truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
@@ -141,24 +292,31 @@ class LlamaCppBackend(Backend):
         max_context: int = 4096,
         kernels: str = "narrow",
     ) -> None:
-        if kernels not in KERNELS:
-            raise SpecDecodeError(
-                f"unknown llama.cpp kernels {kernels!r}; choose one of: {', '.join(KERNELS)}"
-            )
+        reserve_kernels([kernels])  # also refuses an unknown name
+        plan = KERNEL_PLANS[kernels]
         lib = import_llama_cpp()
         self._lib = lib
         path = Path(path)
         if not path.is_file():
             raise SpecDecodeError(f"no GGUF file at {path}: give a registry name or a .gguf path")
+        if plan.matched_gemv:
+            reason = uncovered_weights(path)
+            if reason:
+                raise SpecDecodeError(
+                    f"the matched kernels are not exact for this file ({reason}): use --backend "
+                    "llamacpp, which picks exact kernels for the file, or llamacpp-narrow"
+                )
         if max_context < 16:
             raise SpecDecodeError(f"the context must hold at least 16 tokens, got {max_context}")
         threads = threads or torch.get_num_threads()
         if threads < 1:
             raise SpecDecodeError(f"threads must be at least 1, got {threads}")
-        if kernels == "wide" and os.environ.get(_TILED_SWITCH) != "0":
+        if plan.tiled_off and not tiled_kernel_off():
             raise SpecDecodeError(
-                f"{_TILED_SWITCH}={os.environ.get(_TILED_SWITCH)} turns on a kernel that breaks "
-                "the wide kernels' exactness: unset it"
+                f"the {kernels} kernels need llama.cpp's tiled kernel off from llama.cpp's start, "
+                "and this process started it with the kernel on: run them in a process of their "
+                "own, call specdecode.backends.llamacpp.reserve_kernels(['narrow', 'wide']) before "
+                f"loading any llama.cpp model, or start Python with {_TILED_SWITCH}=0"
             )
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
@@ -181,11 +339,10 @@ class LlamaCppBackend(Backend):
         context_params.kv_unified = True  # cells shared between sequences: how trees are held
         context_params.n_threads = threads
         context_params.n_threads_batch = threads
-        if kernels != "stock":
+        if plan.flash_attention:
             context_params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if kernels == "narrow":
-            context_params.type_k = _GGML_TYPE_F16
-            context_params.type_v = _GGML_TYPE_BF16
+        if plan.kv_types is not None:
+            context_params.type_k, context_params.type_v = plan.kv_types
         context = lib.llama_init_from_model(model, context_params)
         if not context:
             lib.llama_model_free(model)
@@ -195,28 +352,29 @@ class LlamaCppBackend(Backend):
         self._context = context
         self._memory = lib.llama_get_memory(context)
         vocab = lib.llama_model_get_vocab(model)
-        # Batches are padded to a multiple of this many rows (wide kernels); room is kept for them.
-        self._row_multiple = GEMM_ROWS if kernels == "wide" else 1
+        # Room is kept for the scratch rows that pad a batch.
         super().__init__(
-            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (self._row_multiple - 1)
+            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (plan.row_multiple - 1)
         )
         self.path = path
         self.threads = threads
         self.kernels = kernels
-        self.exact = kernels != "stock"
-        self._piece_rows = {"narrow": NARROW_PIECE_ROWS, "wide": WIDE_PIECE_ROWS}.get(kernels)
+        self.exact = plan.exact
+        self._plan = plan
         batch_rows = min(BATCH_SIZE, max_context)
         self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
         # the most tokens a forward takes, so that a padded batch still fits
-        self._batch_size = batch_rows - batch_rows % self._row_multiple
+        self._batch_size = batch_rows - batch_rows % plan.row_multiple
         self.prefill_chunk = self._batch_size  # a small context makes batches smaller
         self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
         self._free_sequences = list(range(sequences - 1, 0, -1))
         # The scratch rows' own sequence: no query reads it, so they touch no real token.
-        self._scratch_sequence = self._free_sequences.pop(0) if kernels == "wide" else None
+        self._scratch_sequence = self._free_sequences.pop(0) if plan.scratch_rows else None
         self._max_tree_nodes = len(self._free_sequences)
         self._state_buffer: ctypes.Array | None = None  # reused by _compact
+        if plan.matched_gemv:
+            self._check_matched()
 
     def __del__(self) -> None:
         lib = getattr(self, "_lib", None)
@@ -237,8 +395,9 @@ class LlamaCppBackend(Backend):
         stat = self.path.stat()
         ident = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self._lib.__version__}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-        # ("exact" was the wide kernels' name when they were the only exact ones.)
-        kernels = {"wide": "exact", "narrow": "exact-narrow"}.get(self.kernels, self.kernels)
+        kernels = self._plan.cost_name
+        if self._plan.reaches_tiled_kernel and not self._plan.tiled_off and tiled_kernel_off():
+            kernels += "-untiled"  # another kernel for the widest forwards: another curve
         return f"llamacpp-{kernels}-{self.path.stem}-{digest}-{self.threads}threads"
 
     # ---- the Backend primitives ----------------------------------------------------------------
@@ -269,7 +428,7 @@ class LlamaCppBackend(Backend):
             )
         tokens, positions = token_ids.tolist(), positions.tolist()
         # Rows that want logits go in pieces that keep every row on one kernel.
-        piece = self._piece_rows if self._piece_rows and return_logits else count
+        piece = self._plan.piece_rows if self._plan.piece_rows and return_logits else count
         cached_before = self.num_cached
         logits = []
         try:
@@ -335,6 +494,27 @@ class LlamaCppBackend(Backend):
             self._compact()
 
     # ---- llama.cpp plumbing --------------------------------------------------------------------
+
+    def _check_matched(self) -> None:
+        """Check that a batch gives each row the bits it gets alone. It would not if the kernel
+        were not in place, or a llama.cpp version summed otherwise; the narrow kernels, exact with
+        any matrix-vector kernel, then take over, with a warning."""
+        # 9 rows: llama.cpp's matrix-matrix kernel takes 8, the matrix-vector kernel the last
+        tokens = torch.tensor([(17 + 7919 * i) % self.vocab_size for i in range(13)])
+        self.extend(tokens[:4].tolist())
+        alone = torch.cat([self.forward(tokens[i : i + 1]) for i in range(4, 13)])
+        self.truncate(4)
+        batched = self.forward(tokens[4:])
+        self.reset()
+        if not torch.equal(alone, batched):
+            warnings.warn(
+                "specdecode: the matched llama.cpp kernels are not exact with this llama.cpp "
+                f"(llama-cpp-python {self._lib.__version__}); running the narrow kernels instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.kernels = "narrow"
+            self._plan = KERNEL_PLANS["narrow"]
 
     def _compact(self) -> None:
         """Rewrite the committed chain into consecutive cells, in position order.
@@ -443,7 +623,7 @@ class LlamaCppBackend(Backend):
         sequences: list[list[int]],
         want_logits: bool,
     ) -> None:
-        padding = -len(tokens) % self._row_multiple
+        padding = -len(tokens) % self._plan.row_multiple
         rows = len(tokens) + padding
         batch = self._batch
         batch.n_tokens = rows
@@ -462,7 +642,7 @@ class LlamaCppBackend(Backend):
         # The output rows go through the vocabulary projection as one product: with the wide
         # kernels their count is padded too. llama.cpp wants at least one output row.
         for i in range(rows):
-            batch.logits[i] = want_logits or i >= rows - self._row_multiple
+            batch.logits[i] = want_logits or i >= rows - self._plan.row_multiple
 
     def _decode(self) -> None:
         status = self._lib.llama_decode(self._context, self._batch)

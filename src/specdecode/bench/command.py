@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             draft_vocabulary=args.draft_vocabulary or None,
         )
 
+    _reserve_llamacpp_kernels(args, methods)
     llm = load(args.backend)
     # After loading: --threads is applied there, and the thread count is part of the machine.
     _check_same_machine(done, out_dir)
@@ -187,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
     for kind in sorted({m.peer for m in methods if m.peer in SERVER_FLAGS}):
         peers[kind] = LlamaServerPeer(kind, args.model, threads=threads)
     runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
+    llamacpp_peers = any(m.peer and m.peer.startswith("llamacpp") for m in methods)
+    loaded = {args.backend: llm, **other_backends}
+    settings["settings"].update(run_settings.of_loaded(loaded, llamacpp_peers))
+    if out_dir is not None and args.resume:
+        run_settings.check(out_dir, settings, {r.method for r in done})
     if out_dir is not None:  # once everything loaded: a run that never started records nothing
         run_settings.write(out_dir, settings)
 
@@ -230,6 +236,21 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
     return _write_report(args, records, runner.methods, prompts, out_dir)
+
+
+def _reserve_llamacpp_kernels(args: argparse.Namespace, methods) -> None:
+    """llama.cpp reads its tiled kernel's switch once, at its start, and the matched kernels must
+    be in place before it: every llama.cpp kernel of the run is reserved before the first model
+    loads. (Drafts run the stock kernels, which need nothing.)"""
+    from specdecode.api import LLAMACPP_KERNELS, llamacpp_kernels
+    from specdecode.backends.llamacpp import reserve_kernels
+    from specdecode.models import resolve_gguf
+
+    backends = {args.backend} | {m.backend or args.backend for m in methods if m.peer is None}
+    llamacpp = sorted(backends & LLAMACPP_KERNELS.keys())
+    path = resolve_gguf(args.model) if llamacpp else None
+    if path is not None:  # else loading says what is wrong
+        reserve_kernels([llamacpp_kernels(backend, path) for backend in llamacpp])
 
 
 def _check_same_machine(records, out_dir: Path) -> None:

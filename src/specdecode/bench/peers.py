@@ -161,7 +161,8 @@ class LlamaCppPeer:
         from specdecode.backends.llamacpp import import_llama_cpp
         from specdecode.models import resolve_gguf
 
-        # Through specdecode's import, as the llamacpp backend: one kernel setup per process.
+        # Through specdecode's import, as the llamacpp backend: one kernel setup per process (see
+        # reserve_kernels).
         llama_cpp = import_llama_cpp()
 
         path = resolve_gguf(model_name)

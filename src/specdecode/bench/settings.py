@@ -33,11 +33,51 @@ FLAGS = {
     "seed": "--seed",
     "draft_quantize": "--draft-quantize",
     "draft_vocabulary": "--draft-vocabulary",
+    # Not flags: known once the models have loaded (see of_loaded).
+    "llamacpp_kernels": "llama.cpp kernels",
+    "llamacpp_tiled_kernel": "llama.cpp's tiled kernel (off with matched or wide kernels, or with "
+    "GGML_CPU_TILED_MM=0)",
 }
+# Settings known only after the models load; None before.
+LOADED_SETTINGS = ("llamacpp_kernels", "llamacpp_tiled_kernel")
+# The kernels each llamacpp backend ran before the settings kept them (from 9b4e3ad on).
+LEGACY_KERNELS = {"llamacpp": "narrow", "llamacpp-wide": "wide", "llamacpp-stock": "stock"}
 # Settings that matter only to methods with a draft model; None when no method has one.
 DRAFT_SETTINGS = ("draft_model", "draft_quantize", "draft_vocabulary")
 # Settings that may name a file: compared by the file's absolute path, however it is spelled.
 PATH_SETTINGS = ("suite", "model", "draft_model")
+
+
+def of_loaded(decoders: dict, llamacpp_peers: bool) -> dict:
+    """The settings known once the models have loaded: the kernels each llamacpp backend runs
+    (`decoders` maps backend names to loaded SpecDecoders), and whether every llama.cpp of the run
+    (ours, llama-cpp-python's, and llama-server, which inherits the environment) runs its tiled
+    kernel; None where the run has no llama.cpp."""
+    from specdecode.backends.llamacpp import LlamaCppBackend, tiled_kernel_off
+
+    kernels = {
+        backend: decoder.target.kernels
+        for backend, decoder in sorted(decoders.items())
+        if isinstance(decoder.target, LlamaCppBackend)
+    }
+    tiled = None
+    if kernels or llamacpp_peers:
+        tiled = "off" if tiled_kernel_off() else "on"
+    return {"llamacpp_kernels": kernels or None, "llamacpp_tiled_kernel": tiled}
+
+
+def _legacy_llamacpp_settings(stored: dict) -> dict:
+    # Files written before these settings were kept come from versions that turned the tiled
+    # kernel off for every process that ran llama.cpp, and ran LEGACY_KERNELS.
+    backends = {stored["settings"].get("backend")} | {
+        m.get("backend") for m in stored["methods"].values()
+    }
+    kernels = {b: LEGACY_KERNELS[b] for b in sorted(backends & LEGACY_KERNELS.keys())} or None
+    peers = any(str(m.get("peer")).startswith("llamacpp") for m in stored["methods"].values())
+    return {
+        "llamacpp_kernels": kernels,
+        "llamacpp_tiled_kernel": "off" if kernels or peers else None,
+    }
 
 
 def of_command(args: argparse.Namespace, methods) -> dict:
@@ -46,7 +86,7 @@ def of_command(args: argparse.Namespace, methods) -> dict:
     settings = {}
     for key in FLAGS:
         value = getattr(args, key, None)
-        if key in DRAFT_SETTINGS and not uses_draft:
+        if key in LOADED_SETTINGS or (key in DRAFT_SETTINGS and not uses_draft):
             value = None
         elif key in PATH_SETTINGS and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
@@ -77,12 +117,17 @@ def check(out_dir: Path, command: dict, measured: set[str]) -> None:
         return
     if not measured:
         return
+    for key, value in _legacy_llamacpp_settings(stored).items():
+        stored["settings"].setdefault(key, value)
     for key, flag in FLAGS.items():
         before, now = stored["settings"].get(key), command["settings"][key]
+        if isinstance(before, dict) and isinstance(now, dict):  # compared where both say
+            before = {k: v for k, v in sorted(before.items()) if k in now}
+            now = {k: v for k, v in sorted(now.items()) if k in before}
         if before is not None and now is not None and before != now:
             raise SpecDecodeError(
-                f"the records in {out_dir} were made with {flag} {before}, this command has "
-                f"{now}: use the run's settings, or start another run with a new --out"
+                f"the records in {out_dir} were made with {flag} {_shown(before)}, this command "
+                f"has {_shown(now)}: use the run's settings, or start another run with a new --out"
             )
     for name in sorted(measured & set(stored["methods"]) & set(command["methods"])):
         if stored["methods"][name] != command["methods"][name]:
@@ -90,6 +135,12 @@ def check(out_dir: Path, command: dict, measured: set[str]) -> None:
                 f"method {name} is defined differently from the one whose records are in "
                 f"{out_dir}: use the run's definition, or give the new one another name"
             )
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={item}" for key, item in value.items())
+    return str(value)
 
 
 def write(out_dir: Path, command: dict) -> None:

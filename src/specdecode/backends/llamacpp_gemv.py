@@ -1,0 +1,119 @@
+"""specdecode's matrix-vector kernel for llama.cpp's repacked Q4_K weights (`llamacpp_gemv.c`).
+
+llama.cpp multiplies a batch's rows in groups of 4 with a matrix-matrix kernel and the remaining
+rows (and a lone token) with a matrix-vector kernel that rounds its float sums at other points, so
+a token's logits depend on the batch it is in. The kernel here computes what llama.cpp's
+matrix-vector kernel computes, summed in the matrix-matrix kernel's order: with it, every row of
+every batch gets the same bits ("matched" kernels, see LlamaCppBackend), and a verification
+forward runs at llama.cpp's own batch speed.
+
+It replaces llama.cpp's function of the same name by symbol interposition: the shared library
+built here is loaded into the process's global scope before llama-cpp-python loads llama.cpp,
+whose CPU backend calls the function through its procedure linkage table, so the first definition
+in the global scope wins. It therefore applies to every llama.cpp model of the process. Whether it
+took effect, and whether the result is exact, is checked on each model that runs the matched
+kernels (LlamaCppBackend). Built once per machine with the system's C compiler (under a second)
+into `~/.cache/specdecode/kernels/`, keyed by the source and the compiler flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from specdecode.models.install import cache_root
+
+SOURCE = Path(__file__).with_name("llamacpp_gemv.c")
+FLAGS = [
+    "-O2",
+    "-shared",
+    "-fPIC",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+    "-mf16c",
+    "-mfma",
+    "-ffp-contract=off",  # every float operation as written: the order is the point
+]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+#: The ggml weight types whose products are batch-invariant with this kernel and llama.cpp's tiled
+#: kernel off: Q4_K (repacked: this kernel and llama.cpp's matrix-matrix kernel; not repacked:
+#: llama.cpp's per-element dot product), Q6_K (per-element dot product).
+COVERED_TYPES = ("Q4_K", "Q6_K")
+
+_library: ctypes.CDLL | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    from specdecode.backends.torch.kernels import cpu_flags as flags
+
+    return flags()
+
+
+def why_unavailable() -> str | None:
+    """Why the kernel cannot run on this machine, or None."""
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which(_compiler()) is None:
+        return f"no C compiler ({_compiler()}; set CC)"
+    return None
+
+
+def load() -> None:
+    """Build (once per machine) and load the kernel into the process's global scope; call before
+    llama_cpp is imported. Raises RuntimeError saying why it cannot."""
+    global _library
+    if _library is not None:
+        return
+    reason = why_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    if "llama_cpp" in sys.modules:
+        raise RuntimeError("llama_cpp was imported before the kernel could be put in place")
+    _library = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)
+
+
+def loaded() -> bool:
+    return _library is not None
+
+
+def calls() -> int:
+    """How many times llama.cpp has called the kernel in this process (0 if not loaded)."""
+    if _library is None:
+        return 0
+    return ctypes.c_uint64.in_dll(_library, "specdecode_gemv_calls").value
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _build() -> Path:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([_compiler(), *FLAGS]).encode()).hexdigest()[:16]
+    library = cache_root() / "kernels" / f"llamacpp-gemv-{digest}.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a name of its own and renamed: a build cut short never leaves a library behind.
+    partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
+    try:
+        result = subprocess.run(
+            [_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"it did not compile ({last[:160]})")
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
