@@ -325,7 +325,7 @@ def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) ->
     # compared where both say: another backend may join the run
     both = loaded({"llamacpp": "narrow", "llamacpp-wide": "wide"}, "off")
     run_settings.check(tmp_path, both, {"prompt-lookup"})
-    assert run_settings.of_loaded({}, llamacpp_peers=False) == {
+    assert run_settings.of_loaded({}, llamacpp_ar=False) == {
         "llamacpp_kernels": None,
         "llamacpp_tiled_kernel": None,
     }
@@ -615,3 +615,15 @@ def test_committed_methods_files_parse_and_name_known_parts(path: Path) -> None:
         assert method.spec.drafter in DRAFTERS
         assert method.spec.tree == CHAIN or method.spec.tree in TREE_SHAPES
         assert method.spec.verifier is None or method.spec.verifier in VERIFIERS
+
+
+def test_llama_server_runs_without_the_switch_specdecode_set(monkeypatch) -> None:
+    """llama-server, a peer, runs as users run it: without the tiled-kernel switch that specdecode
+    set for its own kernels, but with one the user set."""
+    from specdecode.backends import llamacpp
+
+    monkeypatch.setenv("GGML_CPU_TILED_MM", "0")
+    monkeypatch.setattr(llamacpp, "_tiled_switch_set_here", True)
+    assert "GGML_CPU_TILED_MM" not in llamacpp.user_environment()
+    monkeypatch.setattr(llamacpp, "_tiled_switch_set_here", False)
+    assert llamacpp.user_environment()["GGML_CPU_TILED_MM"] == "0"

@@ -133,6 +133,7 @@ _log_callback = None  # kept referenced: llama.cpp calls it for the life of the 
 # switch alone once other code has imported llama_cpp: a model may have run already).
 _imported = False
 _tiled_switch_at_import: str | None = None
+_tiled_switch_set_here = False  # by reserve_kernels, not by the user
 
 
 def _silent(level: int, text: bytes, user_data) -> None:
@@ -171,9 +172,10 @@ def reserve_kernels(kernels: Sequence[str]) -> None:
     """Prepare this process for every llama.cpp kernel it will run; call it before any llama.cpp
     model loads. The wide and matched kernels need llama.cpp's tiled kernel off, which llama.cpp
     reads once, at its start; otherwise it stays on, as llama.cpp has it by default (it speeds up
-    the prefill of a long prompt). Every llama.cpp in such a process, and the programs it starts
-    (llama-server), runs without the tiled kernel. The matched kernels also put specdecode's Q4_K
-    matrix-vector kernel in place of llama.cpp's for every model of the process (llamacpp_gemv)."""
+    the prefill of a long prompt). Every llama.cpp model in such a process runs without the tiled
+    kernel (programs it starts get the user's environment: `user_environment`). The matched
+    kernels also put specdecode's Q4_K matrix-vector kernel in place of llama.cpp's for every
+    model of the process (llamacpp_gemv)."""
     for name in kernels:
         if name not in KERNEL_PLANS:
             raise SpecDecodeError(
@@ -181,8 +183,10 @@ def reserve_kernels(kernels: Sequence[str]) -> None:
             )
     plans = [KERNEL_PLANS[name] for name in kernels]
     starting = not _imported and "llama_cpp" not in sys.modules
-    if any(plan.tiled_off for plan in plans) and starting:
-        os.environ.setdefault(_TILED_SWITCH, "0")
+    global _tiled_switch_set_here
+    if any(plan.tiled_off for plan in plans) and starting and _TILED_SWITCH not in os.environ:
+        os.environ[_TILED_SWITCH] = "0"
+        _tiled_switch_set_here = True
     if any(plan.matched_gemv for plan in plans) and not llamacpp_gemv.loaded():
         if not starting:
             raise SpecDecodeError(
@@ -199,9 +203,18 @@ def reserve_kernels(kernels: Sequence[str]) -> None:
             ) from None
 
 
+def user_environment() -> dict[str, str]:
+    """The environment for another llama.cpp program (llama-server): this process's, without the
+    switch that reserve_kernels set for specdecode's kernels, so that it runs as users run it."""
+    environment = dict(os.environ)
+    if _tiled_switch_set_here:
+        environment.pop(_TILED_SWITCH, None)
+    return environment
+
+
 def tiled_kernel_off() -> bool:
-    """Whether the llama.cpp of this process (or, before it starts, of the programs this process
-    starts) runs without its tiled kernel (see reserve_kernels)."""
+    """Whether the llama.cpp of this process runs (or, before it starts, will run) without its
+    tiled kernel (see reserve_kernels)."""
     switch = _tiled_switch_at_import if _imported else os.environ.get(_TILED_SWITCH)
     return switch == "0"
 

@@ -188,9 +188,9 @@ def run(args: argparse.Namespace) -> int:
     for kind in sorted({m.peer for m in methods if m.peer in SERVER_FLAGS}):
         peers[kind] = LlamaServerPeer(kind, args.model, threads=threads)
     runner = Runner(llm, methods, sampling, peers, args.backend, other_backends)
-    llamacpp_peers = any(m.peer and m.peer.startswith("llamacpp") for m in methods)
+    llamacpp_ar = any(m.peer == "llamacpp-ar" for m in methods)
     loaded = {args.backend: llm, **other_backends}
-    settings["settings"].update(run_settings.of_loaded(loaded, llamacpp_peers))
+    settings["settings"].update(run_settings.of_loaded(loaded, llamacpp_ar))
     if out_dir is not None and args.resume:
         run_settings.check(out_dir, settings, {r.method for r in done})
     if out_dir is not None:  # once everything loaded: a run that never started records nothing

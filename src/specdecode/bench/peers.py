@@ -205,6 +205,7 @@ class LlamaServerPeer:
     """llama.cpp's `llama-server` as a child process, asked for one completion per prompt."""
 
     def __init__(self, kind: str, model_name: str, threads: int, context: int = 4096) -> None:
+        from specdecode.backends.llamacpp import user_environment
         from specdecode.models import resolve_gguf
 
         binary = llama_server_path()
@@ -224,7 +225,10 @@ class LlamaServerPeer:
         ]  # fmt: skip
         # Its log goes to a file: a pipe nobody drains would fill and stall the server.
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the server)
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        # llama-server runs as users run it, whatever specdecode's own kernels need.
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self.log, env=user_environment()
+        )
         atexit.register(self.close)
         self._wait_until_ready(kind)
 

@@ -48,11 +48,11 @@ DRAFT_SETTINGS = ("draft_model", "draft_quantize", "draft_vocabulary")
 PATH_SETTINGS = ("suite", "model", "draft_model")
 
 
-def of_loaded(decoders: dict, llamacpp_peers: bool) -> dict:
+def of_loaded(decoders: dict, llamacpp_ar: bool) -> dict:
     """The settings known once the models have loaded: the kernels each llamacpp backend runs
-    (`decoders` maps backend names to loaded SpecDecoders), and whether every llama.cpp of the run
-    (ours, llama-cpp-python's, and llama-server, which inherits the environment) runs its tiled
-    kernel; None where the run has no llama.cpp."""
+    (`decoders` maps backend names to loaded SpecDecoders), and whether the llama.cpp of this
+    process (ours and llama-cpp-python's) runs its tiled kernel; None where the run has no
+    llama.cpp. (llama-server runs as users run it: not a setting of the run.)"""
     from specdecode.backends.llamacpp import LlamaCppBackend, tiled_kernel_off
 
     kernels = {
@@ -61,7 +61,7 @@ def of_loaded(decoders: dict, llamacpp_peers: bool) -> dict:
         if isinstance(decoder.target, LlamaCppBackend)
     }
     tiled = None
-    if kernels or llamacpp_peers:
+    if kernels or llamacpp_ar:
         tiled = "off" if tiled_kernel_off() else "on"
     return {"llamacpp_kernels": kernels or None, "llamacpp_tiled_kernel": tiled}
 
@@ -73,7 +73,7 @@ def _legacy_llamacpp_settings(stored: dict) -> dict:
         m.get("backend") for m in stored["methods"].values()
     }
     kernels = {b: LEGACY_KERNELS[b] for b in sorted(backends & LEGACY_KERNELS.keys())} or None
-    peers = any(str(m.get("peer")).startswith("llamacpp") for m in stored["methods"].values())
+    peers = any(m.get("peer") == "llamacpp-ar" for m in stored["methods"].values())
     return {
         "llamacpp_kernels": kernels,
         "llamacpp_tiled_kernel": "off" if kernels or peers else None,
