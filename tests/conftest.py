@@ -8,10 +8,10 @@ matrix-vector kernel in place of llama.cpp's (for the matched kernels, where the
 their own.)
 """
 
-from specdecode.backends import llamacpp_gemv
+from specdecode.backends import llamacpp_matched
 from specdecode.backends.llamacpp import reserve_kernels
 
 kernels = ["narrow", "wide", "stock"]
-if llamacpp_gemv.why_unavailable() is None:
+if llamacpp_matched.why_unavailable() is None:
     kernels.append("matched")
 reserve_kernels(kernels)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
-from specdecode.backends import llamacpp_gemv
+from specdecode.backends import llamacpp_matched
 from specdecode.backends.llamacpp import LlamaCppBackend
 from specdecode.certify import CertifyConfig, certify
 from specdecode.cli import CERTIFY_PROMPT
@@ -45,8 +45,8 @@ QUESTION_PROMPT = "Write a Python function that checks if a number is prime."
 
 
 needs_matched = pytest.mark.skipif(
-    llamacpp_gemv.why_unavailable() is not None,
-    reason=f"the matched kernels cannot run here: {llamacpp_gemv.why_unavailable()}",
+    llamacpp_matched.why_unavailable() is not None,
+    reason=f"the matched kernels cannot run here: {llamacpp_matched.why_unavailable()}",
 )
 
 
@@ -280,29 +280,35 @@ def test_unknown_kernels_are_one_clear_error() -> None:
         LlamaCppBackend(resolve_gguf(SMALL), kernels="fast")
 
 
-def test_narrow_kernels_are_exact_with_the_tiled_kernel_on() -> None:
+@pytest.mark.parametrize(
+    "model, kernels",
+    [(SMALL, "narrow"), pytest.param(TARGET, "matched", marks=needs_matched)],
+)
+def test_kernels_are_exact_with_the_tiled_kernel_on(model: str, kernels: str) -> None:
     """A process that runs no wide kernels keeps llama.cpp's tiled kernel (it speeds prefill), as
-    `--backend llamacpp` does, unlike the rest of this test process: the narrow kernels' pieces
-    stay below its 8 rows, so they are exact there too; the wide kernels, asked for afterwards in
-    that process, are refused in one line."""
+    `--backend llamacpp` does, unlike the rest of this test process (whose wide kernels need it
+    off). The narrow kernels' pieces stay below its 8 rows; the matched kernels' Q6_K dot product
+    sums as it does. Both are exact there too; the wide kernels, asked for afterwards in that
+    process, are refused in one line."""
+    counts = (2, 3, 4, 5, 8, 9, 16, 17, 70)
     script = textwrap.dedent(
         f"""
         import os, torch
         from specdecode import SamplingParams, SpecConfig, SpecDecoder
         from specdecode.errors import SpecDecodeError
-        llm = SpecDecoder.load({SMALL!r}, backend="llamacpp")
-        assert "GGML_CPU_TILED_MM" not in os.environ
+        llm = SpecDecoder.load({model!r}, backend="llamacpp")
+        print(llm.target.kernels, "GGML_CPU_TILED_MM" in os.environ)
         sampling = SamplingParams(max_new_tokens=48)
         plain = llm.generate({EDIT_PROMPT!r}, sampling, SpecConfig(drafter="none"))
         fast = llm.generate({EDIT_PROMPT!r}, sampling, SpecConfig(drafter="prompt-lookup"))
         print("greedy", fast.token_ids == plain.token_ids)
         backend = llm.target
         context = [1000 + (7 * i) % 5000 for i in range(600)]
-        drafts = [3000 + i for i in range(9)]
+        drafts = [3000 + i for i in range(70)]
         backend.reset()
         backend.extend(context)
         expected = torch.stack([backend.forward(torch.tensor([t]))[0] for t in drafts])
-        for count in (2, 3, 9):
+        for count in {counts!r}:
             backend.truncate(len(context))
             batched = backend.forward(torch.tensor(drafts[:count]))
             print(count, torch.equal(batched, expected[:count]))
@@ -319,15 +325,17 @@ def test_narrow_kernels_are_exact_with_the_tiled_kernel_on() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 5, result.stdout + result.stderr[-2000:]
-    assert lines[:4] == ["greedy True", "2 True", "3 True", "9 True"]
-    assert "wide kernels need llama.cpp's tiled kernel off" in lines[4]
+    assert len(lines) == 3 + len(counts), result.stdout + result.stderr[-2000:]
+    assert lines[:2] == [f"{kernels} False", "greedy True"]
+    assert lines[2:-1] == [f"{count} True" for count in counts]
+    assert "wide kernels need llama.cpp's tiled kernel off" in lines[-1]
 
 
 @needs_matched
 def test_llamacpp_picks_the_matched_kernels_where_they_are_exact() -> None:
     target = SpecDecoder.load(TARGET, backend="llamacpp").target
-    assert target.kernels == "matched" and llamacpp_gemv.calls() > 0
+    assert target.kernels == "matched"
+    assert all(llamacpp_matched.used().values())  # both kernels in place of llama.cpp's
     with pytest.warns(RuntimeWarning, match="narrow exact kernels .*Q5_0, Q8_0 weights"):
         assert SpecDecoder.load(SMALL, backend="llamacpp").target.kernels == "narrow"
     with pytest.raises(SpecDecodeError, match="matched kernels are not exact for this file"):
@@ -336,27 +344,27 @@ def test_llamacpp_picks_the_matched_kernels_where_they_are_exact() -> None:
 
 @needs_matched
 def test_matched_kernels_fall_back_to_narrow_when_a_batch_is_not_exact() -> None:
-    """Without specdecode's matrix-vector kernel in place, llama.cpp's own sums a lone row in
-    another order than a batch of 4 or more: the check at load sees it and falls back."""
+    """Without specdecode's kernels in place, llama.cpp's own sum a lone row in another order than
+    a batch of 4 (or 8) or more: the check at load sees it and falls back."""
     script = textwrap.dedent(
         f"""
-        import os, warnings
-        os.environ["GGML_CPU_TILED_MM"] = "0"
-        from specdecode.backends import llamacpp, llamacpp_gemv
+        import warnings
+        from specdecode.backends import llamacpp, llamacpp_matched
         from specdecode.models import resolve_gguf
-        llamacpp_gemv.load = lambda: None  # the kernel is never put in place
-        llamacpp_gemv.loaded = lambda: True
+        llamacpp_matched.load = lambda: None  # the kernels are never put in place
+        llamacpp_matched.loaded = lambda: True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             backend = llamacpp.LlamaCppBackend(resolve_gguf({TARGET!r}), kernels="matched")
-        print(backend.kernels, llamacpp_gemv.calls())
+        print(backend.kernels, any(llamacpp_matched.used().values()))
         print(*[str(w.message) for w in caught])
         """
     )
+    environment = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == "narrow 0", result.stdout
+    assert lines[0] == "narrow False", result.stdout
     assert "not exact with this llama.cpp" in lines[1]

@@ -71,10 +71,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default="torch",
         help="torch: our compact transformer (default); hf: transformers, chains only; "
-        "llamacpp: the GGUF file as quantized, through llama.cpp, with batch-invariant kernels "
-        "that verify in pieces of 3 tokens (exact; plain decoding at llama.cpp's speed); "
-        "llamacpp-wide: batch-invariant kernels that pad every forward to 4 tokens (exact; "
-        "cheaper verification, slower plain steps); llamacpp-stock: llama.cpp's default "
+        "llamacpp: the GGUF file as quantized, through llama.cpp, on the fastest batch-invariant "
+        "(exact) kernels for the file: llamacpp-matched where they cover its weights (Q4_K, "
+        "Q6_K; whole batches, with specdecode's matrix-vector kernel in llama.cpp's), else "
+        "llamacpp-narrow (verifies in pieces of 3 tokens); llamacpp-wide: exact kernels that pad "
+        "every forward to 4 tokens (slower plain steps); llamacpp-stock: llama.cpp's default "
         "kernels, NOT guaranteed token-identical to plain decoding. All need pip install "
         "'specdecode[llamacpp]' and ignore --dtype and --device",
     )

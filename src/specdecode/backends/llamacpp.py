@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specdecode.backends import llamacpp_gemv
+from specdecode.backends import llamacpp_matched
 from specdecode.backends.base import Backend
 from specdecode.errors import SpecDecodeError
 
@@ -62,7 +62,7 @@ class KernelPlan:
     piece_rows: int | None  # a forward that returns logits is decoded in pieces of this many rows
     row_multiple: int  # every batch is padded with scratch rows to a multiple of this
     tiled_off: bool  # needs llama.cpp's tiled kernel (GGML_CPU_TILED_MM) off
-    matched_gemv: bool  # needs specdecode's Q4_K matrix-vector kernel (llamacpp_gemv)
+    own_kernels: bool  # needs specdecode's kernels in place of llama.cpp's (llamacpp_matched)
     cost_name: str  # in the cost curve's cache key
 
     @property
@@ -78,15 +78,15 @@ class KernelPlan:
 
 #: The ways to run llama.cpp's kernels: three exact, and llama.cpp's own.
 KERNEL_PLANS: dict[str, KernelPlan] = {
-    # Whole batches: Q4_K and Q6_K weights only (llamacpp_gemv.COVERED_TYPES).
+    # Whole batches: Q4_K and Q6_K weights only (llamacpp_matched.COVERED_TYPES).
     "matched": KernelPlan(
         exact=True,
         flash_attention=True,
         kv_types=(_GGML_TYPE_F16, _GGML_TYPE_BF16),
         piece_rows=None,
         row_multiple=1,
-        tiled_off=True,
-        matched_gemv=True,
+        tiled_off=False,
+        own_kernels=True,
         cost_name="exact-matched",
     ),
     "narrow": KernelPlan(
@@ -96,7 +96,7 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         piece_rows=GEMM_ROWS - 1,
         row_multiple=1,
         tiled_off=False,
-        matched_gemv=False,
+        own_kernels=False,
         cost_name="exact-narrow",
     ),
     # Pieces stay below 64 rows, where flash attention starts tiling queries (GGML_FA_TILE_Q)
@@ -108,7 +108,7 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         piece_rows=60,
         row_multiple=GEMM_ROWS,
         tiled_off=True,
-        matched_gemv=False,
+        own_kernels=False,
         cost_name="exact",
     ),
     "stock": KernelPlan(
@@ -118,7 +118,7 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
         piece_rows=None,
         row_multiple=1,
         tiled_off=False,
-        matched_gemv=False,
+        own_kernels=False,
         cost_name="stock",
     ),
 }
@@ -170,12 +170,12 @@ def require_llama_cpp() -> None:
 
 def reserve_kernels(kernels: Sequence[str]) -> None:
     """Prepare this process for every llama.cpp kernel it will run; call it before any llama.cpp
-    model loads. The wide and matched kernels need llama.cpp's tiled kernel off, which llama.cpp
-    reads once, at its start; otherwise it stays on, as llama.cpp has it by default (it speeds up
-    the prefill of a long prompt). Every llama.cpp model in such a process runs without the tiled
-    kernel (programs it starts get the user's environment: `user_environment`). The matched
-    kernels also put specdecode's Q4_K matrix-vector kernel in place of llama.cpp's for every
-    model of the process (llamacpp_gemv)."""
+    model loads. The wide kernels need llama.cpp's tiled kernel off, which llama.cpp reads once,
+    at its start; otherwise it stays on, as llama.cpp has it by default (it speeds up the prefill
+    of a long prompt). Every llama.cpp model in such a process runs without the tiled kernel
+    (programs it starts get the user's environment: `user_environment`). The matched kernels put
+    specdecode's Q4_K matrix-vector kernel and Q6_K dot product in place of llama.cpp's, for every
+    model of the process (llamacpp_matched); they are exact with the tiled kernel on or off."""
     for name in kernels:
         if name not in KERNEL_PLANS:
             raise SpecDecodeError(
@@ -187,7 +187,7 @@ def reserve_kernels(kernels: Sequence[str]) -> None:
     if any(plan.tiled_off for plan in plans) and starting and _TILED_SWITCH not in os.environ:
         os.environ[_TILED_SWITCH] = "0"
         _tiled_switch_set_here = True
-    if any(plan.matched_gemv for plan in plans) and not llamacpp_gemv.loaded():
+    if any(plan.own_kernels for plan in plans) and not llamacpp_matched.loaded():
         if not starting:
             raise SpecDecodeError(
                 "the matched kernels must be in place before llama.cpp starts, and this process "
@@ -195,7 +195,7 @@ def reserve_kernels(kernels: Sequence[str]) -> None:
                 "llamacpp-narrow"
             )
         try:
-            llamacpp_gemv.load()
+            llamacpp_matched.load()
         except RuntimeError as error:
             raise SpecDecodeError(
                 f"the matched llama.cpp kernels cannot run here: {error}; use --backend "
@@ -228,21 +228,28 @@ def uncovered_weights(path: Path) -> str | None:
     names = {tensor.name for tensor in reader.tensors}
     # The token embedding is only looked up, unless the output projection is tied to it.
     looked_up = {"token_embd.weight"} if "output.weight" in names else set()
-    types = {
-        tensor.tensor_type.name
-        for tensor in reader.tensors
-        if len(tensor.shape) > 1 and tensor.name not in looked_up
-    }
-    others = sorted(types - set(llamacpp_gemv.COVERED_TYPES))
-    return f"{path.name} has {', '.join(others)} weights" if others else None
+    multiplied = [t for t in reader.tensors if len(t.shape) > 1 and t.name not in looked_up]
+    others = sorted({t.tensor_type.name for t in multiplied} - set(llamacpp_matched.COVERED_TYPES))
+    if others:
+        return f"{path.name} has {', '.join(others)} weights"
+    # gguf lists a tensor's shape innermost first: shape[1] counts the output rows
+    group = llamacpp_matched.Q4_K_ROW_GROUP
+    ungrouped = [t.name for t in multiplied if t.tensor_type.name == "Q4_K" and t.shape[1] % group]
+    if ungrouped:
+        return f"{path.name} has Q4_K weights in rows not grouped by {group} ({ungrouped[0]})"
+    return None
 
 
 def best_exact_kernels(path: Path) -> tuple[str, str | None]:
     """The fastest exact kernels for a GGUF file in this process: "matched" where they can run,
     else "narrow", with the reason they cannot."""
-    reason = llamacpp_gemv.why_unavailable() or uncovered_weights(path)
-    if reason is None and (_imported or "llama_cpp" in sys.modules) and not llamacpp_gemv.loaded():
-        reason = "this process started llama.cpp without specdecode's kernel"
+    reason = llamacpp_matched.why_unavailable() or uncovered_weights(path)
+    if (
+        reason is None
+        and (_imported or "llama_cpp" in sys.modules)
+        and not llamacpp_matched.loaded()
+    ):
+        reason = "this process started llama.cpp without specdecode's kernels"
     return ("narrow", reason) if reason else ("matched", None)
 
 
@@ -257,11 +264,11 @@ class _Slot:
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp with a tree-capable KV cache.
 
-    The exact kernels (`kernels="narrow"`, the default, or `"wide"`) run llama.cpp so that the
-    result for a token does not depend on how many tokens share its forward: verifying k drafts in
-    one batch computes, bit for bit, what decoding them one at a time would, and greedy speculation
-    is token-identical to this backend's plain decoding. llama.cpp's stock CPU kernels are not
-    batch-invariant:
+    The exact kernels (`kernels="matched"`, `"narrow"`, the default, or `"wide"`) run llama.cpp
+    so that the result for a token does not depend on how many tokens share its forward:
+    verifying k drafts in one batch computes, bit for bit, what decoding them one at a time would,
+    and greedy speculation is token-identical to this backend's plain decoding. llama.cpp's stock
+    CPU kernels are not batch-invariant:
 
     - weights repacked for the CPU (`use_extra_bufts`) run a matrix-vector kernel for the last
       `rows % 4` rows of a product and a matrix-matrix kernel, with another summation order, for
@@ -271,17 +278,25 @@ class LlamaCppBackend(Backend):
       512 cells, when K and V are both float16 (or float32), and tiles queries from 64 on; without
       flash attention, the attention products go through llamafile's tinyBLAS from 2 rows on.
 
-    Both exact kernels turn flash attention on, and decode a forward that returns logits in pieces
-    (the later ones see the earlier ones as cached slots). They keep every row on one product
-    kernel in two ways:
+    Every exact kernel turns flash attention on. They keep every row on one summation order in
+    three ways:
 
-    - narrow: pieces of at most 3 rows, which take the matrix-vector kernel a single token takes,
-      each row on its own; V is kept in bfloat16 beside K in float16, which rules out the split-KV
-      path (bfloat16 rounds the values at 2^-9 relative, far below the 4-bit weights' own error).
-      Plain decoding runs at stock speed; a drafted token costs 0.6 to 0.75 of a plain step.
-      Tested bit for bit on every file of the registry (K-quants, Q8_0, Q5_0, Q4_1 weights); on
-      x86 llama.cpp may send F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL weights through tinyBLAS from
-      2 rows on, so a file of other types deserves the same test.
+    - matched: llama.cpp's matrix-vector kernel for repacked Q4_K weights is replaced by
+      specdecode's, which sums in the order of llama.cpp's matrix-matrix kernel, and its Q6_K dot
+      product by one that sums in the order of its tiled kernel (llamacpp_matched); V is kept
+      in bfloat16 beside K in float16, which rules out both the split-KV path and query tiling
+      (they need K and V of one type; bfloat16 rounds the values at 2^-9 relative, far below the
+      4-bit weights' own error). A forward of any width is one batch: verification runs at
+      llama.cpp's batch speed, plain decoding at its single-token speed. Only for files whose
+      multiplied weights are all Q4_K or Q6_K (`uncovered_weights`); checked at load on the model
+      itself, falling back to narrow with a warning.
+    - narrow: a forward that returns logits is decoded in pieces of at most 3 rows (the later
+      ones see the earlier ones as cached slots), which take the matrix-vector kernel a single
+      token takes, each row on its own; KV types as matched. Plain decoding runs at stock speed; a
+      drafted token costs 0.6 to 0.75 of a plain step. Tested bit for bit on every file of the
+      registry (K-quants, Q8_0, Q5_0, Q4_1 weights); on x86 llama.cpp may send F16, BF16, Q8_0,
+      Q4_0, Q5_0 and IQ4_NL weights through tinyBLAS from 2 rows on, so a file of other types
+      deserves the same test.
     - wide: every batch is padded with scratch tokens to a multiple of 4 rows (outputs too), so
       that every row takes the matrix-matrix kernel and no query is alone; the tiled kernel is
       off; pieces of at most 60 rows, below the query tiling. The scratch tokens sit in a sequence
@@ -290,10 +305,10 @@ class LlamaCppBackend(Backend):
 
     Only the prompt's prefill, which returns no logits, runs wider and unpadded: plain and
     speculative decoding share it, so both start from the same cache. llama.cpp reads the tiled
-    kernel's switch once per process: a process that runs the wide kernels beside others calls
-    `reserve_kernels` before it loads any. `kernels="stock"` keeps llama.cpp's other defaults:
-    verification is cheaper per token, but a near-tie can resolve differently in a batch than
-    alone.
+    kernel's switch once per process, and the matched kernels' own kernels must be in place
+    before llama.cpp starts: a process calls `reserve_kernels` with every kernel it will run
+    before it loads any model. `kernels="stock"` keeps llama.cpp's other defaults: verification is
+    cheaper per token, but a near-tie can resolve differently in a batch than alone.
     """
 
     truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
@@ -312,7 +327,7 @@ class LlamaCppBackend(Backend):
         path = Path(path)
         if not path.is_file():
             raise SpecDecodeError(f"no GGUF file at {path}: give a registry name or a .gguf path")
-        if plan.matched_gemv:
+        if plan.own_kernels:
             reason = uncovered_weights(path)
             if reason:
                 raise SpecDecodeError(
@@ -386,7 +401,7 @@ class LlamaCppBackend(Backend):
         self._scratch_sequence = self._free_sequences.pop(0) if plan.scratch_rows else None
         self._max_tree_nodes = len(self._free_sequences)
         self._state_buffer: ctypes.Array | None = None  # reused by _compact
-        if plan.matched_gemv:
+        if plan.own_kernels:
             self._check_matched()
 
     def __del__(self) -> None:

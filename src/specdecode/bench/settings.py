@@ -35,7 +35,7 @@ FLAGS = {
     "draft_vocabulary": "--draft-vocabulary",
     # Not flags: known once the models have loaded (see of_loaded).
     "llamacpp_kernels": "llama.cpp kernels",
-    "llamacpp_tiled_kernel": "llama.cpp's tiled kernel (off with matched or wide kernels, or with "
+    "llamacpp_tiled_kernel": "llama.cpp's tiled kernel (off with wide kernels, or with "
     "GGML_CPU_TILED_MM=0)",
 }
 # Settings known only after the models load; None before.

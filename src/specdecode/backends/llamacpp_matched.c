@@ -1,21 +1,31 @@
 /*
- * llama.cpp's matrix-vector product for Q4_K weights repacked in groups of 8 columns
- * (block_q4_Kx8) times one Q8_K row, summed in the order of llama.cpp's matrix-matrix kernel
- * for the same layout, so that a row gets the same bits whether it is multiplied alone or among
- * a batch (see llamacpp_gemv.py for how it replaces llama.cpp's own).
+ * Two of llama.cpp's CPU kernels, rewritten to sum in the order of the kernel llama.cpp uses for
+ * the same weights in a batch, so that a row gets the same bits whether it is multiplied alone or
+ * among others (the "matched" kernels; see llamacpp_matched.py for how they replace llama.cpp's).
  *
- * Per output column and 256-value superblock, the integer part is exact in both of llama.cpp's
- * kernels: for each pair of 32-value sub-blocks p, the scaled dot product
- *     I_p = scale[2p] * dot(q4 low nibbles, q8[64p .. 64p+31])
- *         + scale[2p+1] * dot(q4 high nibbles, q8[64p+32 .. 64p+63])
- * and the mins term M_p = min[2p] * sum(q8 of sub-block 2p) + min[2p+1] * sum(sub-block 2p+1).
- * Only the float part differs: llama.cpp's matrix-vector kernel adds the four I_p as integers
- * and rounds once per superblock; its matrix-matrix kernel rounds once per pair:
- *     acc      = fma(float(I_p), d * row_d,    acc)       for each superblock, p = 0..3
- *     acc_mins = fma(float(M_p), dmin * row_d, acc_mins)
- *     out      = acc - acc_mins
- * This kernel does the latter. The integers are computed with byte dot products (AVX-512 VNNI);
- * any exact integer method gives the same I_p.
+ * 1. ggml_gemv_q4_K_8x8_q8_K: Q4_K weights repacked in groups of 8 columns (block_q4_Kx8) times
+ *    one Q8_K row. llama.cpp multiplies a batch's rows in groups of 4 with its matrix-matrix
+ *    kernel, the rest with this one. Per output column and 256-value superblock, the integer part
+ *    is exact in both: for each pair p of 32-value sub-blocks, the scaled dot product
+ *        I_p = scale[2p] * dot(low nibbles, q8[64p .. 64p+31])
+ *            + scale[2p+1] * dot(high nibbles, q8[64p+32 .. 64p+63])
+ *    and the mins term M_p = min[2p] * sum(q8 of sub-block 2p) + min[2p+1] * sum(sub-block 2p+1).
+ *    llama.cpp's matrix-vector kernel adds the four I_p as integers and rounds once per
+ *    superblock; its matrix-matrix kernel rounds once per pair, as this one does:
+ *        acc      = fma(float(I_p), d * row_d,    acc)       for each superblock, p = 0..3
+ *        acc_mins = fma(float(M_p), dmin * row_d, acc_mins)
+ *        out      = acc - acc_mins
+ *
+ * 2. ggml_vec_dot_q6_K_q8_K: one Q6_K weight row times one Q8_K row. llama.cpp takes this per
+ *    element below 8 rows and its tiled kernel from 8 rows on (GGML_CPU_TILED_MM). Both compute
+ *    the exact integer, per superblock, S = sum over 16-value groups g of
+ *    scale[g] * dot(q6[g] - 32, q8[g]); the tiled kernel then does
+ *        acc = fma(float(S) * d, row_d, acc)                   for each superblock
+ *    (float(S) * d rounded on its own; acc from +0), as this one does, where llama.cpp's own
+ *    vector kernel keeps 8 partial sums and adds them at the end.
+ *
+ * The integers are computed with byte dot products (AVX-512 VNNI); any exact method gives the
+ * same integers. Compiled with -ffp-contract=off: every float operation is written out.
  *
  * Layouts (llama.cpp's ggml-common.h and ggml-cpu/repack.h):
  * - block_q4_Kx8.qs: for pair p, 256 bytes; in them, for k = 0..3, 64 bytes: column j's 8 bytes
@@ -25,8 +35,9 @@
  *   sub-block g for the 8 columns: bytes 0-3 scales of columns 0-3 (low 6 bits) with the top 2
  *   bits of the scales of columns 4-7; bytes 4-7 the same for mins; bytes 8-11 the low 4 bits of
  *   the scales (low nibble) and mins (high nibble) of columns 4-7.
- *
- * Compiled with -ffp-contract=off: every float operation is written out.
+ * - block_q6_K: value v of half h (0, 1) of a superblock, v = 32j + l (j = 0..3, l = 0..31), has
+ *   its low 4 bits in ql[64h + 32(j & 1) + l] (low nibble for j < 2, high for j >= 2) and its
+ *   high 2 bits at bit 2j of qh[32h + l]; group g = v / 16 + 8h has scale scales[g].
  */
 #include <immintrin.h>
 #include <stddef.h>
@@ -48,11 +59,27 @@ typedef struct {
     int16_t bsums[QK_K / 16]; /* sums of 16 quants each */
 } block_q8_K;
 
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d; /* float16 */
+} block_q6_K;
+
 _Static_assert(sizeof(block_q4_Kx8) == 1152, "block_q4_Kx8 layout");
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K layout");
 _Static_assert(sizeof(block_q8_K) == 292, "block_q8_K layout");
 
-/* Calls so far: lets the loader check that llama.cpp runs this kernel rather than its own. */
-uint64_t specdecode_gemv_calls = 0;
+/* Set at the first call: let the tests see that llama.cpp runs these kernels rather than its own.
+ * (Read before written, so that the threads' calls do not contend for the cache line.) */
+int specdecode_gemv_used = 0;
+int specdecode_vec_dot_used = 0;
+
+static inline void mark_used(int *flag) {
+    if (!__atomic_load_n(flag, __ATOMIC_RELAXED)) {
+        __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+    }
+}
 
 /* The 6-bit scales and mins of the 8 sub-blocks for the 8 columns: byte 8g + j of `scales` is
  * sub-block g's scale for column j, and likewise for `mins`. */
@@ -107,7 +134,7 @@ void ggml_gemv_q4_K_8x8_q8_K(int n, float *restrict s, size_t bs, const void *re
                              const void *restrict vy, int nr, int nc) {
     (void)bs;
     (void)nr;
-    __atomic_fetch_add(&specdecode_gemv_calls, 1, __ATOMIC_RELAXED);
+    mark_used(&specdecode_gemv_used);
     const int blocks = n / QK_K;
     const block_q8_K *row = (const block_q8_K *)vy;
     const __m512i nibble = _mm512_set1_epi8(0x0f);
@@ -163,4 +190,72 @@ void ggml_gemv_q4_K_8x8_q8_K(int n, float *restrict s, size_t bs, const void *re
         }
         _mm256_storeu_ps(s + group * 8, _mm256_sub_ps(acc, acc_mins));
     }
+}
+
+/* The 64 six-bit values of half `half`, quarters `first_quarter` and `first_quarter` + 1 (values
+ * 32 * first_quarter .. + 63), as bytes 0..63. */
+static inline __m512i q6_values(const block_q6_K *w, int half, int first_quarter) {
+    const __m512i low_bits = _mm512_loadu_si512((const void *)(w->ql + 64 * half));
+    const __m256i high_bits = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * half));
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const __m512i two_bits = _mm512_set1_epi8(0x03);
+    /* quarters 0, 1 take the low nibbles of ql[0..31], ql[32..63]; quarters 2, 3 the high ones */
+    const __m512i low = first_quarter == 0
+                            ? _mm512_and_si512(low_bits, nibble)
+                            : _mm512_and_si512(_mm512_srli_epi16(low_bits, 4), nibble);
+    /* quarter j's high bits sit at bit 2j of qh[l]: bytes 0..31 for quarter first_quarter,
+     * 32..63 for first_quarter + 1 */
+    const __m256i shifted_a = _mm256_srli_epi16(high_bits, 2 * first_quarter);
+    const __m256i shifted_b = _mm256_srli_epi16(high_bits, 2 * first_quarter + 2);
+    const __m512i high = _mm512_and_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(shifted_a), shifted_b, 1), two_bits);
+    return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+}
+
+/* llama.cpp's signature; nrc (rows at once) is 1 on x86, bs, bx, by are strides for nrc > 1. */
+void ggml_vec_dot_q6_K_q8_K(int n, float *restrict s, size_t bs, const void *restrict vx,
+                            size_t bx, const void *restrict vy, size_t by, int nrc) {
+    (void)bs;
+    (void)bx;
+    (void)by;
+    (void)nrc;
+    mark_used(&specdecode_vec_dot_used);
+    const int blocks = n / QK_K;
+    const block_q6_K *weights = (const block_q6_K *)vx;
+    const block_q8_K *row = (const block_q8_K *)vy;
+    /* lane i of the dot products of values 64v .. 64v + 63 belongs to group 4v + i / 4 */
+    const __m512i group_of_lane[4] = {
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+        _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
+        _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11),
+        _mm512_setr_epi32(12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15),
+    };
+    float acc = 0.0f;
+    for (int b = 0; b < blocks; b++) {
+        const block_q6_K *w = weights + b;
+        const block_q8_K *a = row + b;
+        /* [16] the groups' scales */
+        const __m512i scales = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w->scales));
+        __m512i scaled = _mm512_setzero_si512(); /* [16] partial sums of scale * dot(q6, q8) */
+        for (int v = 0; v < 4; v++) {
+            const __m512i values = q6_values(w, v / 2, 2 * (v % 2));
+            const __m512i q8 = _mm512_loadu_si512((const void *)(a->qs + 64 * v));
+            const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), values, q8);
+            scaled = _mm512_add_epi32(
+                scaled, _mm512_mullo_epi32(dots, _mm512_permutexvar_epi32(group_of_lane[v], scales)));
+        }
+        /* the -32 offset of every value: scale[g] * 32 * sum(q8 of group g) */
+        const __m256i offsets = _mm256_madd_epi16(
+            _mm256_loadu_si256((const __m256i *)a->bsums),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales)));
+        const __m128i offset_halves =
+            _mm_add_epi32(_mm256_castsi256_si128(offsets), _mm256_extracti128_si256(offsets, 1));
+        const __m128i offset_pairs =
+            _mm_add_epi32(offset_halves, _mm_unpackhi_epi64(offset_halves, offset_halves));
+        const int32_t offset = _mm_cvtsi128_si32(offset_pairs) + _mm_extract_epi32(offset_pairs, 1);
+        const int32_t total = _mm512_reduce_add_epi32(scaled) - 32 * offset;
+        const float weight_scaled = (float)total * _cvtsh_ss(w->d);
+        acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(weight_scaled), _mm_set_ss(a->d), _mm_set_ss(acc)));
+    }
+    *s = acc;
 }

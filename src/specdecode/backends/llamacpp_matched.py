@@ -1,19 +1,22 @@
-"""specdecode's matrix-vector kernel for llama.cpp's repacked Q4_K weights (`llamacpp_gemv.c`).
+"""The matched kernels' C code (`llamacpp_matched.c`): two of llama.cpp's CPU kernels, summing in
+the order of the kernels llama.cpp uses for the same weights in a batch.
 
-llama.cpp multiplies a batch's rows in groups of 4 with a matrix-matrix kernel and the remaining
-rows (and a lone token) with a matrix-vector kernel that rounds its float sums at other points, so
-a token's logits depend on the batch it is in. The kernel here computes what llama.cpp's
-matrix-vector kernel computes, summed in the matrix-matrix kernel's order: with it, every row of
-every batch gets the same bits ("matched" kernels, see LlamaCppBackend), and a verification
-forward runs at llama.cpp's own batch speed.
+llama.cpp multiplies a batch's rows of repacked Q4_K weights in groups of 4 with a matrix-matrix
+kernel and the remaining rows (and a lone token) with a matrix-vector kernel that rounds its float
+sums at other points; Q6_K weights go through a per-element dot product below 8 rows and a tiled
+kernel from 8 on, again rounding elsewhere. So a token's logits depend on the batch it is in. The
+kernels here compute what llama.cpp's matrix-vector kernel and dot product compute, summed in the
+order of the matrix-matrix and tiled kernels: with them, every row of every batch gets the same
+bits ("matched" kernels, see LlamaCppBackend), and a verification forward runs at llama.cpp's own
+batch speed.
 
-It replaces llama.cpp's function of the same name by symbol interposition: the shared library
+They replace llama.cpp's functions of the same names by symbol interposition: the shared library
 built here is loaded into the process's global scope before llama-cpp-python loads llama.cpp,
-whose CPU backend calls the function through its procedure linkage table, so the first definition
-in the global scope wins. It therefore applies to every llama.cpp model of the process. Whether it
-took effect, and whether the result is exact, is checked on each model that runs the matched
-kernels (LlamaCppBackend). Built once per machine with the system's C compiler (under a second)
-into `~/.cache/specdecode/kernels/`, keyed by the source and the compiler flags.
+whose CPU backend reaches the functions through its procedure linkage table and a relocated table
+of function pointers, so the first definition in the global scope wins. They therefore apply to
+every llama.cpp model of the process. Whether the result is exact is checked on each model that
+runs the matched kernels (LlamaCppBackend). Built once per machine with the system's C compiler
+(under a second) into `~/.cache/specdecode/kernels/`, keyed by the source and the compiler flags.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from specdecode.models.install import cache_root
 
-SOURCE = Path(__file__).with_name("llamacpp_gemv.c")
+SOURCE = Path(__file__).with_name("llamacpp_matched.c")
 FLAGS = [
     "-O2",
     "-shared",
@@ -42,10 +45,11 @@ FLAGS = [
     "-ffp-contract=off",  # every float operation as written: the order is the point
 ]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-#: The ggml weight types whose products are batch-invariant with this kernel and llama.cpp's tiled
-#: kernel off: Q4_K (repacked: this kernel and llama.cpp's matrix-matrix kernel; not repacked:
-#: llama.cpp's per-element dot product), Q6_K (per-element dot product).
+#: The ggml weight types whose products are batch-invariant with these kernels: Q4_K in groups of
+#: 8 rows (which llama.cpp repacks), Q6_K.
 COVERED_TYPES = ("Q4_K", "Q6_K")
+#: Q4_K weights are repacked, and so covered, when their output rows come in groups of this many.
+Q4_K_ROW_GROUP = 8
 
 _library: ctypes.CDLL | None = None
 
@@ -57,7 +61,7 @@ def cpu_flags() -> frozenset[str]:
 
 
 def why_unavailable() -> str | None:
-    """Why the kernel cannot run on this machine, or None."""
+    """Why the kernels cannot run on this machine, or None."""
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
@@ -67,7 +71,7 @@ def why_unavailable() -> str | None:
 
 
 def load() -> None:
-    """Build (once per machine) and load the kernel into the process's global scope; call before
+    """Build (once per machine) and load the kernels into the process's global scope; call before
     llama_cpp is imported. Raises RuntimeError saying why it cannot."""
     global _library
     if _library is not None:
@@ -76,7 +80,7 @@ def load() -> None:
     if reason is not None:
         raise RuntimeError(reason)
     if "llama_cpp" in sys.modules:
-        raise RuntimeError("llama_cpp was imported before the kernel could be put in place")
+        raise RuntimeError("llama_cpp was imported before the kernels could be put in place")
     _library = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)
 
 
@@ -84,11 +88,14 @@ def loaded() -> bool:
     return _library is not None
 
 
-def calls() -> int:
-    """How many times llama.cpp has called the kernel in this process (0 if not loaded)."""
+def used() -> dict[str, bool]:
+    """Whether llama.cpp has called each kernel in this process (False if not loaded)."""
+    flags = {"gemv_q4_K": "specdecode_gemv_used", "vec_dot_q6_K": "specdecode_vec_dot_used"}
     if _library is None:
-        return 0
-    return ctypes.c_uint64.in_dll(_library, "specdecode_gemv_calls").value
+        return dict.fromkeys(flags, False)
+    return {
+        kernel: bool(ctypes.c_int.in_dll(_library, flag).value) for kernel, flag in flags.items()
+    }
 
 
 def _compiler() -> str:
@@ -98,7 +105,7 @@ def _compiler() -> str:
 def _build() -> Path:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join([_compiler(), *FLAGS]).encode()).hexdigest()[:16]
-    library = cache_root() / "kernels" / f"llamacpp-gemv-{digest}.so"
+    library = cache_root() / "kernels" / f"llamacpp-matched-{digest}.so"
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
