@@ -192,27 +192,30 @@ void ggml_gemv_q4_K_8x8_q8_K(int n, float *restrict s, size_t bs, const void *re
     }
 }
 
-/* The 64 six-bit values of half `half`, quarters `first_quarter` and `first_quarter` + 1 (values
- * 32 * first_quarter .. + 63), as bytes 0..63. */
-static inline __m512i q6_values(const block_q6_K *w, int half, int first_quarter) {
-    const __m512i low_bits = _mm512_loadu_si512((const void *)(w->ql + 64 * half));
-    const __m256i high_bits = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * half));
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    const __m512i two_bits = _mm512_set1_epi8(0x03);
-    /* quarters 0, 1 take the low nibbles of ql[0..31], ql[32..63]; quarters 2, 3 the high ones */
-    const __m512i low = first_quarter == 0
-                            ? _mm512_and_si512(low_bits, nibble)
-                            : _mm512_and_si512(_mm512_srli_epi16(low_bits, 4), nibble);
-    /* quarter j's high bits sit at bit 2j of qh[l]: bytes 0..31 for quarter first_quarter,
-     * 32..63 for first_quarter + 1 */
-    const __m256i shifted_a = _mm256_srli_epi16(high_bits, 2 * first_quarter);
-    const __m256i shifted_b = _mm256_srli_epi16(high_bits, 2 * first_quarter + 2);
-    const __m512i high = _mm512_and_si512(
-        _mm512_inserti64x4(_mm512_castsi256_si512(shifted_a), shifted_b, 1), two_bits);
-    return _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+/* Quarter j of half h of a Q6_K superblock holds groups 8h + 2j (its values 0-15) and 8h + 2j + 1
+ * (values 16-31): byte shuffles that spread their scales over bytes 0-7 and 8-15, for 4h + j. */
+static const uint8_t q6_scale_shuffle[8][16] __attribute__((aligned(16))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+    {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+    {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+/* Sum of a vector's 8 32-bit integers. */
+static inline int32_t sum_lanes(__m256i vector) {
+    const __m128i halves = _mm_add_epi32(_mm256_castsi256_si128(vector),
+                                         _mm256_extracti128_si256(vector, 1));
+    const __m128i pairs = _mm_add_epi32(halves, _mm_unpackhi_epi64(halves, halves));
+    return _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32(pairs, 1)));
 }
 
-/* llama.cpp's signature; nrc (rows at once) is 1 on x86, bs, bx, by are strides for nrc > 1. */
+/* llama.cpp's signature; nrc (rows at once) is 1 on x86, bs, bx, by are strides for nrc > 1.
+ * 256-bit vectors: AMD's AVX-512 units run a 512-bit operation as two 256-bit halves, so wider
+ * vectors would save nothing here, where the work is in unpacking the values. */
 void ggml_vec_dot_q6_K_q8_K(int n, float *restrict s, size_t bs, const void *restrict vx,
                             size_t bx, const void *restrict vy, size_t by, int nrc) {
     (void)bs;
@@ -223,39 +226,53 @@ void ggml_vec_dot_q6_K_q8_K(int n, float *restrict s, size_t bs, const void *res
     const int blocks = n / QK_K;
     const block_q6_K *weights = (const block_q6_K *)vx;
     const block_q8_K *row = (const block_q8_K *)vy;
-    /* lane i of the dot products of values 64v .. 64v + 63 belongs to group 4v + i / 4 */
-    const __m512i group_of_lane[4] = {
-        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-        _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
-        _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11),
-        _mm512_setr_epi32(12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15),
-    };
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i bits_4_5 = _mm256_set1_epi8(0x30);
     float acc = 0.0f;
     for (int b = 0; b < blocks; b++) {
         const block_q6_K *w = weights + b;
         const block_q8_K *a = row + b;
-        /* [16] the groups' scales */
-        const __m512i scales = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w->scales));
-        __m512i scaled = _mm512_setzero_si512(); /* [16] partial sums of scale * dot(q6, q8) */
-        for (int v = 0; v < 4; v++) {
-            const __m512i values = q6_values(w, v / 2, 2 * (v % 2));
-            const __m512i q8 = _mm512_loadu_si512((const void *)(a->qs + 64 * v));
-            const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), values, q8);
-            scaled = _mm512_add_epi32(
-                scaled, _mm512_mullo_epi32(dots, _mm512_permutexvar_epi32(group_of_lane[v], scales)));
+        const __m128i scale_bytes = _mm_loadu_si128((const __m128i *)w->scales);
+        __m256i products[8]; /* [8] per quarter: sums of 4 products, times their group's scale */
+        for (int half = 0; half < 2; half++) {
+            const __m256i low_a = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * half));
+            const __m256i low_b = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * half + 32));
+            const __m256i high = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * half));
+            /* quarter j: low 4 bits from low_a (j even) or low_b (j odd), low nibble for j < 2;
+             * high 2 bits at bit 2j of `high`, moved to bits 4-5 */
+            const __m256i values[4] = {
+                _mm256_or_si256(_mm256_and_si256(low_a, nibble),
+                                _mm256_and_si256(_mm256_slli_epi16(high, 4), bits_4_5)),
+                _mm256_or_si256(_mm256_and_si256(low_b, nibble),
+                                _mm256_and_si256(_mm256_slli_epi16(high, 2), bits_4_5)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low_a, 4), nibble),
+                                _mm256_and_si256(high, bits_4_5)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low_b, 4), nibble),
+                                _mm256_and_si256(_mm256_srli_epi16(high, 2), bits_4_5)),
+            };
+            for (int j = 0; j < 4; j++) {
+                const __m256i q8 =
+                    _mm256_loadu_si256((const __m256i *)(a->qs + 128 * half + 32 * j));
+                /* [16] sums of 2 products: at most 2 * 63 * 127, no saturation */
+                const __m256i pairs = _mm256_maddubs_epi16(values[j], q8);
+                const __m128i spread = _mm_load_si128((const __m128i *)q6_scale_shuffle[4 * half + j]);
+                const __m256i scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scale_bytes, spread));
+                products[4 * half + j] = _mm256_madd_epi16(pairs, scale);
+            }
         }
-        /* the -32 offset of every value: scale[g] * 32 * sum(q8 of group g) */
-        const __m256i offsets = _mm256_madd_epi16(
-            _mm256_loadu_si256((const __m256i *)a->bsums),
-            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales)));
-        const __m128i offset_halves =
-            _mm_add_epi32(_mm256_castsi256_si128(offsets), _mm256_extracti128_si256(offsets, 1));
-        const __m128i offset_pairs =
-            _mm_add_epi32(offset_halves, _mm_unpackhi_epi64(offset_halves, offset_halves));
-        const int32_t offset = _mm_cvtsi128_si32(offset_pairs) + _mm_extract_epi32(offset_pairs, 1);
-        const int32_t total = _mm512_reduce_add_epi32(scaled) - 32 * offset;
-        const float weight_scaled = (float)total * _cvtsh_ss(w->d);
-        acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(weight_scaled), _mm_set_ss(a->d), _mm_set_ss(acc)));
+        /* added as a tree: one accumulator would chain the additions' latencies */
+        const __m256i sums = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(products[0], products[1]),
+                             _mm256_add_epi32(products[2], products[3])),
+            _mm256_add_epi32(_mm256_add_epi32(products[4], products[5]),
+                             _mm256_add_epi32(products[6], products[7])));
+        /* the values' offset of 32: 32 * sum over groups of scale * sum(q8 of the group) */
+        const __m256i offsets = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)a->bsums),
+                                                  _mm256_cvtepi8_epi16(scale_bytes));
+        const __m256i total = _mm256_sub_epi32(sums, _mm256_slli_epi32(offsets, 5));
+        const float weight_scaled = (float)sum_lanes(total) * _cvtsh_ss(w->d);
+        acc = _mm_cvtss_f32(
+            _mm_fmadd_ss(_mm_set_ss(weight_scaled), _mm_set_ss(a->d), _mm_set_ss(acc)));
     }
     *s = acc;
 }

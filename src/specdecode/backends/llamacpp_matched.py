@@ -33,7 +33,8 @@ from specdecode.models.install import cache_root
 
 SOURCE = Path(__file__).with_name("llamacpp_matched.c")
 FLAGS = [
-    "-O2",
+    "-O3",  # unrolls the kernels' short loops; at -O2 the Q6_K dot product runs 60% slower
+    "-march=native",  # built on the machine it runs on; tuned for it
     "-shared",
     "-fPIC",
     "-mavx512f",
