@@ -1,10 +1,12 @@
 """Time llama.cpp forwards of 1 to 32 tokens and a prompt prefill, on each kind of kernels.
 
-    python benchmarks/llamacpp_forward_costs.py --kernels narrow   # --backend llamacpp
+    python benchmarks/llamacpp_forward_costs.py --kernels matched  # --backend llamacpp-matched
+    python benchmarks/llamacpp_forward_costs.py --kernels narrow   # --backend llamacpp-narrow
     python benchmarks/llamacpp_forward_costs.py --kernels wide     # --backend llamacpp-wide
     python benchmarks/llamacpp_forward_costs.py --kernels stock    # --backend llamacpp-stock
 
-Prints one Markdown table row (best of 3 per width, after a context of --context random tokens).
+(`--backend llamacpp` picks matched for files they cover, else narrow.) Prints one Markdown table
+row (best of 3 per width, after a context of --context random tokens).
 """
 
 from __future__ import annotations

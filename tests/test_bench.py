@@ -325,10 +325,15 @@ def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) ->
     # compared where both say: another backend may join the run
     both = loaded({"llamacpp": "narrow", "llamacpp-wide": "wide"}, "off")
     run_settings.check(tmp_path, both, {"prompt-lookup"})
-    assert run_settings.of_loaded({}, llamacpp_ar=False) == {
-        "llamacpp_kernels": None,
-        "llamacpp_tiled_kernel": None,
-    }
+    assert run_settings.of_loaded({}, llamacpp_ar=False) == dict.fromkeys(
+        run_settings.LOADED_SETTINGS
+    )
+    # only the backends of measured records bind: a kernel change elsewhere passes
+    run_settings.check(tmp_path, loaded({"llamacpp": "narrow"}, "off"), set())
+    run_settings.write(tmp_path, loaded({"llamacpp-wide": "wide"}, "off"))
+    stored = json.loads((tmp_path / "settings.json").read_text())["settings"]
+    # what a command did not load stays on record
+    assert stored["llamacpp_kernels"] == {"llamacpp": "narrow", "llamacpp-wide": "wide"}
 
 
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:

@@ -244,12 +244,14 @@ def best_exact_kernels(path: Path) -> tuple[str, str | None]:
     """The fastest exact kernels for a GGUF file in this process: "matched" where they can run,
     else "narrow", with the reason they cannot."""
     reason = llamacpp_matched.why_unavailable() or uncovered_weights(path)
-    if (
-        reason is None
-        and (_imported or "llama_cpp" in sys.modules)
-        and not llamacpp_matched.loaded()
-    ):
-        reason = "this process started llama.cpp without specdecode's kernels"
+    if reason is None and not llamacpp_matched.loaded():
+        if _imported or "llama_cpp" in sys.modules:
+            reason = "this process started llama.cpp without specdecode's kernels"
+        else:
+            try:  # built and put in place now, so that a failure falls back to narrow
+                llamacpp_matched.load()
+            except RuntimeError as error:
+                reason = str(error)
     return ("narrow", reason) if reason else ("matched", None)
 
 
@@ -423,9 +425,13 @@ class LlamaCppBackend(Backend):
         stat = self.path.stat()
         ident = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self._lib.__version__}"
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        # What else decides the costs: llama.cpp's tiled kernel for the widest forwards, and
+        # specdecode's kernels in place of llama.cpp's (they apply to every model in the process).
         kernels = self._plan.cost_name
-        if self._plan.reaches_tiled_kernel and not self._plan.tiled_off and tiled_kernel_off():
-            kernels += "-untiled"  # another kernel for the widest forwards: another curve
+        if self._plan.reaches_tiled_kernel:
+            kernels += "-untiled" if tiled_kernel_off() else "-tiled"
+        if llamacpp_matched.loaded() and not self._plan.own_kernels:
+            kernels += "-with-matched"
         return f"llamacpp-{kernels}-{self.path.stem}-{digest}-{self.threads}threads"
 
     # ---- the Backend primitives ----------------------------------------------------------------
@@ -527,14 +533,19 @@ class LlamaCppBackend(Backend):
         """Check that a batch gives each row the bits it gets alone. It would not if the kernel
         were not in place, or a llama.cpp version summed otherwise; the narrow kernels, exact with
         any matrix-vector kernel, then take over, with a warning."""
-        # 9 rows: llama.cpp's matrix-matrix kernel takes 8, the matrix-vector kernel the last
-        tokens = torch.tensor([(17 + 7919 * i) % self.vocab_size for i in range(13)])
+        # Batches of 9 and 17 rows against the same rows alone: llama.cpp's Q4_K matrix-matrix
+        # kernel takes the rows in groups of 4 (and of 16 from 16 rows on), its matrix-vector
+        # kernel the last row; its Q6_K tiled kernel takes all rows from 8 on, its dot product a
+        # lone row.
+        tokens = torch.tensor([(17 + 7919 * i) % self.vocab_size for i in range(21)])
         self.extend(tokens[:4].tolist())
-        alone = torch.cat([self.forward(tokens[i : i + 1]) for i in range(4, 13)])
-        self.truncate(4)
-        batched = self.forward(tokens[4:])
+        alone = torch.cat([self.forward(tokens[i : i + 1]) for i in range(4, 21)])
+        exact = True
+        for rows in (9, 17):
+            self.truncate(4)
+            exact = exact and torch.equal(alone[:rows], self.forward(tokens[4 : 4 + rows]))
         self.reset()
-        if not torch.equal(alone, batched):
+        if not exact:
             warnings.warn(
                 "specdecode: the matched llama.cpp kernels are not exact with this llama.cpp "
                 f"(llama-cpp-python {self._lib.__version__}); running the narrow kernels instead",

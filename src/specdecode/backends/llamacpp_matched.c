@@ -22,7 +22,9 @@
  *    scale[g] * dot(q6[g] - 32, q8[g]); the tiled kernel then does
  *        acc = fma(float(S) * d, row_d, acc)                   for each superblock
  *    (float(S) * d rounded on its own; acc from +0), as this one does, where llama.cpp's own
- *    vector kernel keeps 8 partial sums and adds them at the end.
+ *    vector kernel keeps 8 partial sums and adds them at the end. (The tiled kernel's source
+ *    multiplies and adds; GCC, which builds llama-cpp-python, fuses them. A llama.cpp built
+ *    otherwise would round twice, and the check at load would fall back to the narrow kernels.)
  *
  * The integers are computed with byte dot products (AVX-512 VNNI); any exact method gives the
  * same integers. Compiled with -ffp-contract=off: every float operation is written out.
@@ -127,14 +129,23 @@ static inline __m256i add_halves(__m512i vector) {
     return _mm256_add_epi32(_mm512_castsi512_si256(vector), _mm512_extracti64x4_epi64(vector, 1));
 }
 
-/* llama.cpp's signature: n values per row, s the nc outputs (columns), vx the weights of those
- * columns, vy one row of n / 256 Q8_K blocks; bs and nr (the stride and count of rows) are 1-row
- * formalities. */
+static void gemv_row(int n, float *restrict s, const void *restrict vx, const void *restrict vy,
+                     int nc);
+
+/* llama.cpp's signature: n values per row, s the nc outputs (columns) of each of nr rows, bs
+ * apart, vx the weights of those columns, vy the rows of n / 256 Q8_K blocks each (llama.cpp
+ * passes one row at a time). */
 void ggml_gemv_q4_K_8x8_q8_K(int n, float *restrict s, size_t bs, const void *restrict vx,
                              const void *restrict vy, int nr, int nc) {
-    (void)bs;
-    (void)nr;
     mark_used(&specdecode_gemv_used);
+    const block_q8_K *rows = (const block_q8_K *)vy;
+    for (int r = 0; r < nr; r++) {
+        gemv_row(n, s + (size_t)r * bs, vx, rows + (size_t)r * (n / QK_K), nc);
+    }
+}
+
+static void gemv_row(int n, float *restrict s, const void *restrict vx, const void *restrict vy,
+                     int nc) {
     const int blocks = n / QK_K;
     const block_q8_K *row = (const block_q8_K *)vy;
     const __m512i nibble = _mm512_set1_epi8(0x0f);

@@ -21,12 +21,15 @@ runs the matched kernels (LlamaCppBackend). Built once per machine with the syst
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from specdecode.models.install import cache_root
@@ -66,8 +69,8 @@ def why_unavailable() -> str | None:
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    if shutil.which(_compiler()) is None:
-        return f"no C compiler ({_compiler()}; set CC)"
+    if not _compiler() or shutil.which(_compiler()[0]) is None:
+        return f"no C compiler ({' '.join(_compiler()) or 'CC is empty'}; set CC)"
     return None
 
 
@@ -82,7 +85,10 @@ def load() -> None:
         raise RuntimeError(reason)
     if "llama_cpp" in sys.modules:
         raise RuntimeError("llama_cpp was imported before the kernels could be put in place")
-    _library = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)
+    try:
+        _library = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, subprocess.SubprocessError) as error:  # an unwritable cache, a noexec mount
+        raise RuntimeError(f"specdecode's kernels could not be built or loaded ({error})") from None
 
 
 def loaded() -> bool:
@@ -99,28 +105,47 @@ def used() -> dict[str, bool]:
     }
 
 
-def _compiler() -> str:
-    return os.environ.get("CC", "cc")
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "cc"))
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU model and flags, and the compiler's version."""
+    lines: list[str] = []
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line for line in lines if "model name" in line), "")
+    version = subprocess.run(
+        [*_compiler(), "-dumpfullversion", "-dumpversion"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    return f"{model} {' '.join(sorted(cpu_flags()))} {version}"
 
 
 def _build() -> Path:
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([_compiler(), *FLAGS]).encode()).hexdigest()[:16]
+    key = SOURCE.read_bytes() + " ".join([*_compiler(), *FLAGS, _machine()]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     library = cache_root() / "kernels" / f"llamacpp-matched-{digest}.so"
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built under a name of its own and renamed: a build cut short never leaves a library behind.
-    partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
+    handle, name = tempfile.mkstemp(suffix=".partial", dir=library.parent)
+    os.close(handle)
+    partial = Path(name)
     try:
         result = subprocess.run(
-            [_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)],
+            [*_compiler(), *FLAGS, str(SOURCE), "-o", str(partial)],
             capture_output=True,
             text=True,
+            timeout=300,
         )
         if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"it did not compile ({last[:160]})")
+            lines = result.stderr.strip().splitlines() or ["no output"]
+            first_error = next((line for line in lines if "error" in line), lines[-1])
+            raise RuntimeError(f"specdecode's kernels did not compile ({first_error[:160]})")
         os.replace(partial, library)
     finally:
         partial.unlink(missing_ok=True)

@@ -238,17 +238,20 @@ def run(args: argparse.Namespace) -> int:
     return _write_report(args, records, runner.methods, prompts, out_dir)
 
 
-def _reserve_llamacpp_kernels(args: argparse.Namespace, methods) -> None:
+def _reserve_llamacpp_kernels(args: argparse.Namespace, methods: list) -> None:
     """llama.cpp reads its tiled kernel's switch once, at its start, and the matched kernels must
     be in place before it: every llama.cpp kernel of the run is reserved before the first model
     loads. (Drafts run the stock kernels, which need nothing.)"""
     from specdecode.api import LLAMACPP_KERNELS, llamacpp_kernels
-    from specdecode.backends.llamacpp import reserve_kernels
+    from specdecode.backends.llamacpp import require_llama_cpp, reserve_kernels
     from specdecode.models import resolve_gguf
 
     backends = {args.backend} | {m.backend or args.backend for m in methods if m.peer is None}
     llamacpp = sorted(backends & LLAMACPP_KERNELS.keys())
-    path = resolve_gguf(args.model) if llamacpp else None
+    if not llamacpp:
+        return
+    require_llama_cpp()  # before a model is installed for nothing
+    path = resolve_gguf(args.model)
     if path is not None:  # else loading says what is wrong
         reserve_kernels([llamacpp_kernels(backend, path) for backend in llamacpp])
 

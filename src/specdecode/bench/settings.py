@@ -35,11 +35,12 @@ FLAGS = {
     "draft_vocabulary": "--draft-vocabulary",
     # Not flags: known once the models have loaded (see of_loaded).
     "llamacpp_kernels": "llama.cpp kernels",
+    "llamacpp_specdecode_kernels": "specdecode's kernels in llama.cpp (with matched kernels)",
     "llamacpp_tiled_kernel": "llama.cpp's tiled kernel (off with wide kernels, or with "
     "GGML_CPU_TILED_MM=0)",
 }
 # Settings known only after the models load; None before.
-LOADED_SETTINGS = ("llamacpp_kernels", "llamacpp_tiled_kernel")
+LOADED_SETTINGS = ("llamacpp_kernels", "llamacpp_specdecode_kernels", "llamacpp_tiled_kernel")
 # The kernels each llamacpp backend ran before the settings kept them (from 9b4e3ad on).
 LEGACY_KERNELS = {"llamacpp": "narrow", "llamacpp-wide": "wide", "llamacpp-stock": "stock"}
 # Settings that matter only to methods with a draft model; None when no method has one.
@@ -51,8 +52,10 @@ PATH_SETTINGS = ("suite", "model", "draft_model")
 def of_loaded(decoders: dict, llamacpp_ar: bool) -> dict:
     """The settings known once the models have loaded: the kernels each llamacpp backend runs
     (`decoders` maps backend names to loaded SpecDecoders), and whether the llama.cpp of this
-    process (ours and llama-cpp-python's) runs its tiled kernel; None where the run has no
-    llama.cpp. (llama-server runs as users run it: not a setting of the run.)"""
+    process (ours and llama-cpp-python's) runs specdecode's kernels (with the matched kernels,
+    every model does) and its tiled kernel; None where the run has no llama.cpp. (llama-server
+    runs as users run it: not a setting of the run.)"""
+    from specdecode.backends import llamacpp_matched
     from specdecode.backends.llamacpp import LlamaCppBackend, tiled_kernel_off
 
     kernels = {
@@ -60,10 +63,13 @@ def of_loaded(decoders: dict, llamacpp_ar: bool) -> dict:
         for backend, decoder in sorted(decoders.items())
         if isinstance(decoder.target, LlamaCppBackend)
     }
-    tiled = None
-    if kernels or llamacpp_ar:
-        tiled = "off" if tiled_kernel_off() else "on"
-    return {"llamacpp_kernels": kernels or None, "llamacpp_tiled_kernel": tiled}
+    if not kernels and not llamacpp_ar:
+        return dict.fromkeys(LOADED_SETTINGS)
+    return {
+        "llamacpp_kernels": kernels or None,
+        "llamacpp_specdecode_kernels": llamacpp_matched.loaded(),
+        "llamacpp_tiled_kernel": "off" if tiled_kernel_off() else "on",
+    }
 
 
 def _legacy_llamacpp_settings(stored: dict) -> dict:
@@ -76,6 +82,7 @@ def _legacy_llamacpp_settings(stored: dict) -> dict:
     peers = any(m.get("peer") == "llamacpp-ar" for m in stored["methods"].values())
     return {
         "llamacpp_kernels": kernels,
+        "llamacpp_specdecode_kernels": False if kernels or peers else None,
         "llamacpp_tiled_kernel": "off" if kernels or peers else None,
     }
 
@@ -119,11 +126,19 @@ def check(out_dir: Path, command: dict, measured: set[str]) -> None:
         return
     for key, value in _legacy_llamacpp_settings(stored).items():
         stored["settings"].setdefault(key, value)
+    # the backends that measured records ran on: only their kernels bind the run
+    run_backend = stored["settings"].get("backend")
+    measured_backends = {
+        stored["methods"][name].get("backend") or run_backend
+        for name in measured & set(stored["methods"])
+        if stored["methods"][name].get("peer") is None
+    }
     for key, flag in FLAGS.items():
         before, now = stored["settings"].get(key), command["settings"][key]
-        if isinstance(before, dict) and isinstance(now, dict):  # compared where both say
-            before = {k: v for k, v in sorted(before.items()) if k in now}
-            now = {k: v for k, v in sorted(now.items()) if k in before}
+        if isinstance(before, dict) and isinstance(now, dict):
+            shared = set(before) & set(now) & measured_backends
+            before = {k: v for k, v in sorted(before.items()) if k in shared}
+            now = {k: v for k, v in sorted(now.items()) if k in shared}
         if before is not None and now is not None and before != now:
             raise SpecDecodeError(
                 f"the records in {out_dir} were made with {flag} {_shown(before)}, this command "
@@ -137,7 +152,7 @@ def check(out_dir: Path, command: dict, measured: set[str]) -> None:
             )
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key}={item}" for key, item in value.items())
     return str(value)
@@ -146,10 +161,15 @@ def _shown(value) -> str:
 def write(out_dir: Path, command: dict) -> None:
     """Keep `command`'s settings in `out_dir`, beside those of methods it does not run."""
     stored = _read(out_dir) or {"settings": {}, "methods": {}}
+    for key, value in _legacy_llamacpp_settings(stored).items():
+        stored["settings"].setdefault(key, value)
     settings = {
         key: stored["settings"].get(key) if value is None else value
         for key, value in command["settings"].items()
     }
+    for key, value in command["settings"].items():  # backends this command did not load stay
+        if isinstance(value, dict) and isinstance(stored["settings"].get(key), dict):
+            settings[key] = {**stored["settings"][key], **value}
     methods = {**stored["methods"], **command["methods"]}
     path = out_dir / FILE_NAME
     partial = path.with_name(FILE_NAME + ".tmp")
