@@ -54,16 +54,17 @@ _GGML_TYPE_BF16 = 30
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """How a LlamaCppBackend runs llama.cpp's kernels (LlamaCppBackend's docstring says why)."""
+    """How a LlamaCppBackend runs llama.cpp's kernels (LlamaCppBackend's docstring says why); the
+    defaults are llama.cpp's own."""
 
-    exact: bool  # a token's logits do not depend on the batch it is decoded in
-    flash_attention: bool
-    kv_types: tuple[int, int] | None  # ggml types of K and V; None: llama.cpp's default
-    piece_rows: int | None  # a forward that returns logits is decoded in pieces of this many rows
-    row_multiple: int  # every batch is padded with scratch rows to a multiple of this
-    tiled_off: bool  # needs llama.cpp's tiled kernel (GGML_CPU_TILED_MM) off
-    own_kernels: bool  # needs specdecode's kernels in place of llama.cpp's (llamacpp_matched)
     cost_name: str  # in the cost curve's cache key
+    exact: bool = False  # a token's logits do not depend on the batch it is decoded in
+    flash_attention: bool = False
+    kv_types: tuple[int, int] | None = None  # ggml types of K and V; None: llama.cpp's default
+    piece_rows: int | None = None  # a forward returning logits is decoded in pieces this wide
+    row_multiple: int = 1  # every batch is padded with scratch rows to a multiple of this
+    tiled_off: bool = False  # needs llama.cpp's tiled kernel (GGML_CPU_TILED_MM) off
+    own_kernels: bool = False  # needs specdecode's kernels in place of llama.cpp's
 
     @property
     def scratch_rows(self) -> bool:
@@ -80,47 +81,30 @@ class KernelPlan:
 KERNEL_PLANS: dict[str, KernelPlan] = {
     # Whole batches: Q4_K and Q6_K weights only (llamacpp_matched.COVERED_TYPES).
     "matched": KernelPlan(
+        "exact-matched",
         exact=True,
         flash_attention=True,
         kv_types=(_GGML_TYPE_F16, _GGML_TYPE_BF16),
-        piece_rows=None,
-        row_multiple=1,
-        tiled_off=False,
         own_kernels=True,
-        cost_name="exact-matched",
     ),
     "narrow": KernelPlan(
+        "exact-narrow",
         exact=True,
         flash_attention=True,
         kv_types=(_GGML_TYPE_F16, _GGML_TYPE_BF16),
         piece_rows=GEMM_ROWS - 1,
-        row_multiple=1,
-        tiled_off=False,
-        own_kernels=False,
-        cost_name="exact-narrow",
     ),
     # Pieces stay below 64 rows, where flash attention starts tiling queries (GGML_FA_TILE_Q)
     # with another summation order. ("exact" was their name when they were the only exact ones.)
     "wide": KernelPlan(
+        "exact",
         exact=True,
         flash_attention=True,
-        kv_types=None,
         piece_rows=60,
         row_multiple=GEMM_ROWS,
         tiled_off=True,
-        own_kernels=False,
-        cost_name="exact",
     ),
-    "stock": KernelPlan(
-        exact=False,
-        flash_attention=False,
-        kv_types=None,
-        piece_rows=None,
-        row_multiple=1,
-        tiled_off=False,
-        own_kernels=False,
-        cost_name="stock",
-    ),
+    "stock": KernelPlan("stock"),
 }
 KERNELS = tuple(KERNEL_PLANS)
 
