@@ -3,10 +3,11 @@
 Greedy decoding is deterministic, so the token ids that plain decoding wrote into a benchmark run's
 `results.jsonl` (method `none`) are what every exact method emits too. Replaying a model-free
 drafter and a controller over them gives each step's draft and accepted length; a cost curve (ms
-for a forward of k tokens) turns the steps into decode time. Beside the drafter's configurations it
-prints the bound for any drafter that copies earlier text: an oracle that may copy from any earlier
-occurrence of the last token, knows how far each copy will be accepted, and picks the cheapest
-sequence of steps.
+for a forward of k tokens) turns the steps into decode time. Beside the drafter's configurations
+(under the heuristic controller, and under the cost-aware one that plans from the same curve and
+cuts drafts by their forecasts) and llama.cpp's `ngram-simple` policy, it prints the bound for
+any drafter that copies earlier text: an oracle that may copy from any earlier occurrence of the
+last token, knows how far each copy will be accepted, and picks the cheapest sequence of steps.
 
 Drafting time and prefill are left out. Speed-ups are relative to plain decoding at `--plain-ms`
 per token (default: the curve's 1-token cost).
@@ -26,6 +27,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from specdecode.bench.suites import load_suite
+from specdecode.control.base import StepTimings
+from specdecode.control.cost_aware import CostAwareController
 from specdecode.control.heuristic import HeuristicController
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 from specdecode.errors import SpecDecodeError
@@ -68,6 +71,43 @@ def drafter_policy(drafter: PromptLookupDrafter, maximum: int) -> Policy:
     return controlled(
         lambda context, want: drafter.propose(context, Budget.chain(want)).tokens.tolist(), maximum
     )
+
+
+def cost_aware_policy(
+    drafter: PromptLookupDrafter, maximum: int, curve: dict[int, float]
+) -> Policy:
+    """The drafter sized by the cost-aware controller, which knows the curve (as the engine's
+    measured one) and hears each step's verdict and its cost from the curve; drafting is free."""
+    controller = CostAwareController(6, maximum)
+    controller.use_costs({k - 1: ms / 1000 for k, ms in curve.items()})
+    drafter.reset()
+
+    def propose(context: list[int], future: Sequence[int]) -> list[int]:
+        tree = controller.shorten(drafter.propose(context, controller.budget()))
+        tokens = tree.tokens.tolist()
+        accepted = accepted_length(tokens, future)
+        verdict = Verdict(list(range(accepted)), [0] * (accepted + 1), len(tokens), False)
+        drafter.update(verdict)
+        seconds = cost_ms(curve, len(tokens) + 1) / 1000
+        controller.observe(verdict, StepTimings(0.0, seconds))
+        return tokens
+
+    return propose
+
+
+def ngram_simple(context: list[int], want: int, key: int = 12) -> list[int]:
+    """llama.cpp's `ngram-simple` (common/ngram-map.cpp) with its defaults: the most recent
+    earlier occurrence of the last `key` tokens, and up to `want` tokens that followed it, drafted
+    only when at least `key` of them are there."""
+    length = len(context)
+    if length <= 2 * key:
+        return []
+    pattern = context[length - key :]
+    for start in range(length - key - 1, 0, -1):
+        if context[start : start + key] == pattern:
+            copied = context[start + key : start + key + want]
+            return copied if len(copied) >= key else []
+    return []
 
 
 def stop12_lookup(context: list[int], want: int) -> list[int]:
@@ -170,6 +210,12 @@ def main() -> None:
         ),
         "prompt-lookup (defaults)": lambda prompt, output: replay(
             prompt, output, drafter_policy(PromptLookupDrafter(), args.max_draft), curve
+        ),
+        "prompt-lookup, cost-aware": lambda prompt, output: replay(
+            prompt, output, cost_aware_policy(PromptLookupDrafter(), args.max_draft, curve), curve
+        ),
+        "llama.cpp ngram-simple (12-token match, up to 48)": lambda prompt, output: replay(
+            prompt, output, lambda context, future: ngram_simple(context, 48), curve
         ),
         "oracle lookup (bound)": lambda prompt, output: oracle_ms(prompt, output, curve),
     }

@@ -5,10 +5,12 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
+import torch
 
 from specdecode.control import StepTimings, make_controller
 from specdecode.control.cost_aware import CostAwareController
 from specdecode.errors import SpecDecodeError
+from specdecode.tree import DraftTree
 from specdecode.verify.base import Verdict
 
 
@@ -89,7 +91,7 @@ def test_the_draft_models_catch_up_is_not_counted_as_drafting_cost() -> None:
     assert controller.budget().max_depth == 8
 
 
-def test_a_measured_cost_curve_finds_the_short_length_that_online_learning_misses() -> None:
+def test_a_measured_cost_curve_settles_on_the_best_length_at_once() -> None:
     steep = {0: 0.04, 1: 0.07, 2: 0.09, 3: 0.11, 4: 0.13, 6: 0.2, 8: 0.24, 12: 0.3, 16: 0.3}
 
     def cost(k: int) -> float:
@@ -99,16 +101,18 @@ def test_a_measured_cost_curve_finds_the_short_length_that_online_learning_misse
     assert informed.uses_costs
     informed.use_costs(steep)
     assert informed.expected_seconds(8) == pytest.approx(0.24)
-    assert informed.expected_seconds(10) == pytest.approx(0.24)  # the nearest shorter length
+    assert informed.expected_seconds(10) == pytest.approx(0.27)  # between 8 and 12, linearly
+    assert informed.expected_seconds(40) == pytest.approx(0.3)  # past the curve: optimistic
     # Only the first draft is ever accepted: drafting 1 pays (2 tokens for 0.07 s against 1 for
     # 0.04 s) and drafting more does not.
     lengths = run(informed, cost, lambda depth: depth == 0, steps=40)
     assert lengths[3:] == [1] * 37
-    # Learning costs online only, a length it never tried is costed like a longer one it did,
-    # and the controller stays at a length that wastes time.
+    # Learning costs online only, it first tries lengths that do not pay (the longest, costed at
+    # the price of the one length it has seen).
     uninformed = CostAwareController(initial=4, maximum=16)
     blind = run(uninformed, cost, lambda depth: depth == 0, steps=40)
-    assert sum(map(cost, lengths)) < 0.7 * sum(map(cost, blind))
+    assert max(blind[1:]) > 8
+    assert sum(map(cost, lengths)) < sum(map(cost, blind))
 
 
 def test_online_timings_are_not_overwritten_by_the_curve() -> None:
@@ -134,3 +138,55 @@ def test_failed_probes_come_ever_more_rarely_and_successful_ones_as_often_as_set
     assert waits and set(waits[1:]) == {7}
     probes, waits = probes_and_waits(run(controller, lambda k: 0.2 + 0.2 * k, lambda d: False, 40))
     assert probes[0] <= 8 and waits[0] == 15
+
+
+#: Seconds of a forward verifying k drafts: flat to 3, then 0.01 s per draft.
+FLAT_THEN_STEEP = {0: 0.1, 3: 0.1, 16: 0.23}
+
+
+def forecast(confidence: list[float]) -> DraftTree:
+    return DraftTree.chain(list(range(len(confidence))), confidence=torch.tensor(confidence))
+
+
+def test_a_forecast_draft_is_cut_where_more_tokens_stop_paying() -> None:
+    controller = CostAwareController(initial=4, maximum=16)
+    controller.use_costs(FLAT_THEN_STEEP)
+    # Certain drafts pay all the way; the flat part of the curve is free.
+    assert len(controller.shorten(forecast([1.0] * 16))) == 16
+    # Three likely drafts, then unlikely ones: a fourth costs 0.01 s for a 1% chance of a token.
+    assert len(controller.shorten(forecast([0.9] * 3 + [0.01] * 13))) == 3
+    # Unlikely drafts where verification is dear: no draft at all (plain decoding), unless the
+    # controller may not decode plainly.
+    dear = CostAwareController(initial=4, maximum=16)
+    dear.use_costs({0: 0.1, 1: 0.2, 16: 1.7})
+    assert len(dear.shorten(forecast([0.3] * 16))) == 0
+    strict = CostAwareController(initial=4, maximum=16, allow_plain=False)
+    strict.use_costs({0: 0.1, 1: 0.2, 16: 1.7})
+    assert len(strict.shorten(forecast([0.3] * 16))) == 1
+
+
+def test_drafts_without_a_forecast_are_left_whole() -> None:
+    controller = CostAwareController(initial=4, maximum=16)
+    controller.use_costs(FLAT_THEN_STEEP)
+    tree = DraftTree.chain([5, 6, 7])
+    assert controller.shorten(tree) is tree
+    assert not controller.forecasts
+
+
+def test_free_forecast_drafts_are_asked_for_in_full_and_dear_ones_are_not() -> None:
+    def steps(drafting_seconds: float) -> list[int]:
+        controller = CostAwareController(initial=4, maximum=16)
+        controller.use_costs(FLAT_THEN_STEEP)
+        asked = []
+        for _ in range(10):
+            budget = controller.budget().max_depth
+            asked.append(budget)
+            tree = controller.shorten(forecast([0.9] * 3 + [0.01] * (budget - 3)))
+            timings = StepTimings(drafting_seconds, controller.expected_seconds(len(tree)))
+            controller.observe(verdict(len(tree), len(tree)), timings)
+        return asked
+
+    # Drafting in a millisecond against a 0.1 s forward: the whole maximum, cut afterwards.
+    assert steps(0.001)[-5:] == [16] * 5
+    # Drafting that costs a fifth of a forward: the controller's own length, as before.
+    assert 16 not in steps(0.02)[2:]

@@ -182,13 +182,19 @@ def test_tree_forward_matches_each_path_and_commit_keeps_the_path(small: SpecDec
 def test_prompt_lookup_greedy_is_exact(exact: SpecDecoder, prompt: str) -> None:
     sampling = SamplingParams(max_new_tokens=64)
     plain = exact.generate(prompt, sampling, SpecConfig(drafter="none"))
-    for controller in ("heuristic", "cost-aware"):
-        fast = exact.generate(
+    results = {
+        controller: exact.generate(
             prompt, sampling, SpecConfig(drafter="prompt-lookup", controller=controller)
         )
+        for controller in ("heuristic", "cost-aware")
+    }
+    for controller, fast in results.items():
         assert fast.token_ids == plain.token_ids, controller
-    if prompt is EDIT_PROMPT:  # the answer repeats the prompt: speculation must have happened
-        assert fast.stats.target_forwards < plain.stats.target_forwards
+    if prompt is EDIT_PROMPT:
+        # The answer repeats the prompt, and the heuristic controller drafts whatever verifying
+        # costs: speculation must have happened. (The cost-aware one drafts only where it pays,
+        # which on the narrow kernels, where 17 rows cost what 16 single ones do, is nowhere.)
+        assert results["heuristic"].stats.target_forwards < plain.stats.target_forwards
 
 
 @pytest.mark.parametrize(

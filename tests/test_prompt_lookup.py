@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.prompt_lookup import PRIOR_CONTINUES, PromptLookupDrafter
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget
+from specdecode.verify.base import Verdict
 
 
 def brute_force_match(context: list[int], max_ngram: int) -> tuple[int, int | None]:
@@ -91,6 +92,7 @@ def test_max_ngram_bounds_the_search() -> None:
         {"strong_ngram": 0},
         {"strong_ngram": 4, "max_ngram": 3},
         {"weak_draft": -1},
+        {"prior_weight": 0.0},
     ],
 )
 def test_bad_options_are_refused(options: dict) -> None:
@@ -145,3 +147,27 @@ def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> N
             lambda context, future: [],
         ):
             assert bound <= replay.replay(prompt, output, policy, curve) + 1e-9, (prompt, output)
+
+
+def test_drafts_are_forecast_from_the_match_length_and_the_verdicts() -> None:
+    drafter = PromptLookupDrafter()
+    passage = list(range(10, 40))
+    context = passage + [1] + passage[:2]  # a 2-token match
+    tree = drafter.propose(context, Budget.chain(3))
+    # Draft i continues a copy that has matched 2 + i - 1 tokens: the prior, rising with it.
+    assert tree.confidence.tolist() == pytest.approx(list(PRIOR_CONTINUES[1:4]))
+    # The first draft is accepted and the second is not: the forecast for a 2-token match goes
+    # up, for a 3-token match down, and nothing is learned about 4 (never tried).
+    drafter.update(Verdict(path=[0], tokens=[12, 99], num_draft_nodes=3, bonus=False))
+    assert drafter.continues(2) > PRIOR_CONTINUES[1]
+    assert drafter.continues(3) < PRIOR_CONTINUES[2]
+    assert drafter.continues(4) == pytest.approx(PRIOR_CONTINUES[3])
+    # A new sequence starts from the prior again.
+    drafter.begin(context, None, None)
+    assert drafter.continues(3) == pytest.approx(PRIOR_CONTINUES[2])
+    # Longer matches are forecast to go on more often, and a proposal with no match learns nothing.
+    long = drafter.propose(passage + [1] + passage[:20], Budget.chain(4)).confidence
+    assert long.min() > tree.confidence.max()
+    assert drafter.propose([1, 2, 3], Budget.chain(4)).num_nodes == 0
+    drafter.update(Verdict(path=[], tokens=[5], num_draft_nodes=0, bonus=False))
+    assert drafter.tries == [0] * len(drafter.tries)

@@ -101,6 +101,20 @@ def test_bad_tree_configurations_fail_before_decoding() -> None:
         DraftTree(torch.tensor([5, 6]), torch.tensor([1, -1]))  # a parent after its child
     with pytest.raises(SpecDecodeError, match="before its child"):
         DraftTree(torch.tensor([5, 6]), torch.tensor([1, 0]))  # a cycle
+    with pytest.raises(SpecDecodeError, match="confidence must have shape"):
+        DraftTree.chain([5, 6], confidence=torch.tensor([0.5]))
+
+
+def test_a_chain_is_cut_to_a_prefix_with_its_probabilities_and_forecasts() -> None:
+    probs = torch.softmax(torch.randn(4, 6), dim=-1)  # [N, V]
+    chain = DraftTree.chain([1, 2, 3, 4], probs, torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    cut = chain.prefix(2)
+    assert cut.tokens.tolist() == [1, 2] and cut.parents.tolist() == [-1, 0]
+    assert torch.equal(cut.draft_probs, probs[:2])
+    assert cut.confidence.tolist() == pytest.approx([0.9, 0.8])
+    assert chain.prefix(4) is chain and chain.prefix(0).num_nodes == 0
+    with pytest.raises(SpecDecodeError, match="only a chain"):
+        DraftTree(torch.tensor([5, 6]), torch.tensor([-1, -1])).prefix(1)
 
 
 @pytest.mark.parametrize(

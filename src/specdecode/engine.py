@@ -8,7 +8,7 @@ verifiers and controllers are picked by name from their registries; the engine k
 Per step (see DESIGN.md):
 
     budget  = controller.budget()
-    tree    = drafter.propose(context, budget)
+    tree    = controller.shorten(drafter.propose(context, budget))   # cut where it stops paying
     logits  = target.forward_tree(tree)                  # [N+1, V], one forward
     verdict = verifier.verify(tree, logits, sampling, rng)
     target.commit(verdict.path, verdict.next_token)
@@ -298,7 +298,7 @@ class Engine:
                 ):  # the controller sets the depth; nodes default to depth x width
                     budget = Budget(budget.max_depth, spec.tree_width, spec.tree_nodes)
                 budget = _capped(budget, min(remaining - 1, room - 1), room - 1)
-                tree = drafter.propose(context, budget)
+                tree = controller.shorten(drafter.propose(context, budget))
                 drafted = time.perf_counter()
                 if tree.num_nodes and not tree.is_chain and not verifier.supports_trees:
                     raise SpecDecodeError(

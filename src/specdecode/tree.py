@@ -10,6 +10,10 @@ autoregressive decoding is the empty tree. One engine loop serves all of them.
 `draft_probs[i]` is the distribution node `i` was drawn from, after the same temperature / top-k /
 top-p shaping as the target's. Deterministic drafters (prompt lookup) leave it `None`: their
 proposal is a point mass on the drafted token.
+
+`confidence[i]`, when a drafter gives it, is the drafter's estimate of the chance that node `i` is
+accepted once its parent is. It is a forecast for sizing the draft (a controller may cut a chain
+where it stops paying, `prefix`), never an input to verification: a wrong forecast costs speed only.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class DraftTree:
     tokens: torch.Tensor  # [N] int64
     parents: torch.Tensor  # [N] int64, -1 = the root (last committed token)
     draft_probs: torch.Tensor | None = None  # [N, V] float32, or None for point-mass drafts
+    confidence: torch.Tensor | None = None  # [N] float32 in [0, 1], or None: no forecast
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]
@@ -74,16 +79,37 @@ class DraftTree:
             )
         if self.draft_probs is not None and self.draft_probs.shape[0] != n:
             raise SpecDecodeError("malformed draft tree: draft_probs must have one row per node")
+        if self.confidence is not None and self.confidence.shape != (n,):
+            raise SpecDecodeError("malformed draft tree: confidence must have shape [N]")
 
     @classmethod
     def empty(cls) -> DraftTree:
         return cls(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
     @classmethod
-    def chain(cls, tokens: list[int] | torch.Tensor, draft_probs: torch.Tensor | None = None):
+    def chain(
+        cls,
+        tokens: list[int] | torch.Tensor,
+        draft_probs: torch.Tensor | None = None,
+        confidence: torch.Tensor | None = None,
+    ) -> DraftTree:
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         parents = torch.arange(tokens.shape[0], dtype=torch.long) - 1
-        return cls(tokens, parents, draft_probs)
+        return cls(tokens, parents, draft_probs, confidence)
+
+    def prefix(self, length: int) -> DraftTree:
+        """The first `length` nodes of a chain (its drafts up to depth `length`)."""
+        if not self.is_chain:
+            raise SpecDecodeError("only a chain can be cut to a prefix")
+        if length >= self.num_nodes:
+            return self
+        length = max(0, length)
+        return DraftTree(
+            self.tokens[:length],
+            self.parents[:length],
+            None if self.draft_probs is None else self.draft_probs[:length],
+            None if self.confidence is None else self.confidence[:length],
+        )
 
     @property
     def num_nodes(self) -> int:

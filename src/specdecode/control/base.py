@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from specdecode.tree import Budget
+from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
 
 
@@ -32,6 +32,11 @@ class Controller(ABC):
     @abstractmethod
     def budget(self) -> Budget:
         """The draft budget for the next step."""
+
+    def shorten(self, tree: DraftTree) -> DraftTree:
+        """The part of the drafter's proposal to verify (all of it, unless the controller sizes
+        drafts from their forecasts, `DraftTree.confidence`)."""
+        return tree
 
     def observe(self, verdict: Verdict, timings: StepTimings | None = None) -> None:
         """Learn from the last step."""

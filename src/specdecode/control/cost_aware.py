@@ -13,10 +13,18 @@ checks whether it pays again. Each probe that fails doubles the wait for the nex
 draft brings it back to `probe_every`.
 
 The engine hands it the target's cost curve, measured once per model, backend and thread count
-(`control/cost_curve.py`), so it plans from the first step. Lengths still unmeasured are treated
-optimistically (the cost of the nearest shorter measured length,
-the acceptance of the deepest measured position), so the controller tries longer drafts until it
-has seen what they cost; and before settling on a length it measures the next shorter one once.
+(`control/cost_curve.py`), so it plans from the first step. A length between two measured ones is
+costed by linear interpolation; one beyond the longest measured optimistically, at the longest's
+cost (and at the acceptance of the deepest measured position), so the controller tries longer
+drafts until it has seen what they cost; and before settling on a length it measures the next
+shorter one once.
+
+Drafters that forecast each draft's acceptance (`DraftTree.confidence`, e.g. prompt lookup from
+the length of its match) know more than these averages. When such a drafter's drafts are nearly
+free (a step's drafting, measured, under `CHEAP_DRAFTING` of a plain step's cost), the
+controller asks for its maximum and then `shorten`s the draft to the prefix with the best forecast
+tokens per second, which may be no draft at all: long drafts where a long copy is under way, none
+where the match is weak.
 Losslessness does not depend on any of this: the controller only sizes the draft.
 """
 
@@ -24,11 +32,13 @@ from __future__ import annotations
 
 from specdecode.control.base import Controller, StepTimings
 from specdecode.errors import SpecDecodeError
-from specdecode.tree import Budget
+from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
 
 #: The most plain steps between two probes, however many have failed.
 MAX_PROBE_WAIT = 64
+#: Drafting the maximum counts as free below this fraction of a plain step's cost.
+CHEAP_DRAFTING = 0.1
 
 
 class CostAwareController(Controller):
@@ -56,6 +66,8 @@ class CostAwareController(Controller):
         # Kept across sequences: costs belong to the machine and model, not to a prompt.
         self.verify_seconds: dict[int, float] = {}  # draft length -> seconds of a target step
         self.draft_seconds_per_token: float | None = None
+        self.draft_seconds_per_step: float | None = None
+        self.forecasts = False  # the drafter's drafts carry a confidence per node
         self.reset()
 
     def reset(self) -> None:
@@ -66,6 +78,7 @@ class CostAwareController(Controller):
         self.probe_wait = self.probe_every
         self.probing = False  # a probe was asked for and has not drafted yet
         self.drafted_last = False
+        self.proposed: int | None = None  # the last draft's length before `shorten` cut it
 
     def use_costs(self, verify_seconds: dict[int, float]) -> None:
         # A start-up measurement of the bare forward; the steps timed online (which include the
@@ -95,10 +108,16 @@ class CostAwareController(Controller):
 
     def _verify_cost(self, length: int) -> float | None:
         shorter = [k for k in self.verify_seconds if k <= length]
-        if shorter:
-            return self.verify_seconds[max(shorter)]
         longer = [k for k in self.verify_seconds if k > length]
-        return self.verify_seconds[min(longer)] if longer else None
+        if not shorter:
+            return self.verify_seconds[min(longer)] if longer else None
+        below = max(shorter)
+        if below == length or not longer:
+            return self.verify_seconds[below]
+        above = min(longer)
+        fraction = (length - below) / (above - below)
+        cost_below, cost_above = self.verify_seconds[below], self.verify_seconds[above]
+        return cost_below + fraction * (cost_above - cost_below)
 
     def best_length(self) -> int:
         lowest = 0 if self.allow_plain else 1
@@ -119,22 +138,53 @@ class CostAwareController(Controller):
     # ---- the controller contract ---------------------------------------------------------------
 
     def budget(self) -> Budget:
+        if self.forecasts and self._drafting_is_free():
+            return Budget.chain(self.maximum)
         return Budget.chain(self.length)
+
+    def shorten(self, tree: DraftTree) -> DraftTree:
+        self.proposed = tree.num_nodes
+        if tree.confidence is None or not tree.is_chain:
+            return tree
+        self.forecasts = True
+        # The draft is paid for already: only the verification's cost depends on the cut.
+        rates = []  # [k] forecast tokens per second of verifying the first k drafts
+        expected, reach = 1.0, 1.0
+        for length, chance in enumerate([1.0, *tree.confidence.tolist()]):
+            if length:
+                reach *= chance
+                expected += reach
+            seconds = self._verify_cost(length)
+            if seconds is None or seconds <= 0.0:
+                return tree  # nothing measured yet
+            rates.append(expected / seconds)
+        lowest = 0 if self.allow_plain else min(1, tree.num_nodes)
+        return tree.prefix(max(range(lowest, len(rates)), key=rates.__getitem__))
+
+    def _drafting_is_free(self) -> bool:
+        plain = self._verify_cost(0)
+        if plain is None or self.draft_seconds_per_step is None:
+            return False
+        return self.draft_seconds_per_step < CHEAP_DRAFTING * plain
 
     def observe(self, verdict: Verdict, timings: StepTimings | None = None) -> None:
         drafted = verdict.num_draft_nodes
+        # What the drafter drafted, before `shorten` cut it: what the drafting time paid for.
+        proposed = drafted if self.proposed is None else max(self.proposed, drafted)
+        self.proposed = None
         if timings is not None:
             self._average_into(self.verify_seconds, drafted, timings.verifying)
             # A draft after a step without one includes the draft model catching up on the
             # tokens it skipped (at a sequence's start, the whole prompt): a cost of resuming,
             # not of drafting, which would make every draft look too dear.
-            if drafted and self.drafted_last:
-                per_token = timings.drafting / drafted
-                previous = self.draft_seconds_per_token
-                self.draft_seconds_per_token = (
-                    per_token if previous is None else self._blend(previous, per_token)
+            if proposed and self.drafted_last:
+                self.draft_seconds_per_token = self._blended(
+                    self.draft_seconds_per_token, timings.drafting / proposed
                 )
-        self.drafted_last = drafted > 0
+                self.draft_seconds_per_step = self._blended(
+                    self.draft_seconds_per_step, timings.drafting
+                )
+        self.drafted_last = proposed > 0
         # A probe whose drafter proposed nothing has passed all the same: only a draft the
         # controller asked for as a probe is judged as one.
         was_probe, self.probing = self.probing, False
@@ -164,3 +214,6 @@ class CostAwareController(Controller):
 
     def _blend(self, old: float, new: float) -> float:
         return (1.0 - self.smoothing) * old + self.smoothing * new
+
+    def _blended(self, old: float | None, new: float) -> float:
+        return new if old is None else self._blend(old, new)
