@@ -96,16 +96,18 @@ def cost_aware_policy(
 
 
 def ngram_simple(context: list[int], want: int, key: int = 12) -> list[int]:
-    """llama.cpp's `ngram-simple` (common/ngram-map.cpp) with its defaults: the most recent
-    earlier occurrence of the last `key` tokens, and up to `want` tokens that followed it, drafted
-    only when at least `key` of them are there."""
-    length = len(context)
-    if length <= 2 * key:
+    """llama.cpp's `ngram-simple` (`common_ngram_simple_draft` in common/ngram-map.cpp) with its
+    defaults: the most recent earlier occurrence of the last `key` tokens, and what followed it,
+    up to `want` tokens and only if at least `key`. llama.cpp's history holds the tokens before the
+    last sampled one, which completes the pattern but is never copied."""
+    history, sampled = context[:-1], context[-1]
+    length = len(history)
+    if length <= key + want + 1:
         return []
-    pattern = context[length - key :]
+    pattern = history[length - key + 1 :] + [sampled]
     for start in range(length - key - 1, 0, -1):
-        if context[start : start + key] == pattern:
-            copied = context[start + key : start + key + want]
+        if history[start : start + key] == pattern:
+            copied = history[start + key : start + key + want]
             return copied if len(copied) >= key else []
     return []
 

@@ -190,3 +190,52 @@ def test_free_forecast_drafts_are_asked_for_in_full_and_dear_ones_are_not() -> N
     assert steps(0.001)[-5:] == [16] * 5
     # Drafting that costs a fifth of a forward: the controller's own length, as before.
     assert 16 not in steps(0.02)[2:]
+
+
+def test_a_cut_is_never_made_without_costs_nor_in_trees_or_sampled_drafts() -> None:
+    blind = CostAwareController(initial=4, maximum=16)  # nothing measured yet
+    tree = forecast([0.01] * 4)
+    assert blind.shorten(tree) is tree
+    controller = CostAwareController(initial=4, maximum=16)
+    controller.use_costs({0: 0.1, 1: 0.2, 16: 1.7})
+    no_chance = torch.tensor([0.0, 0.0])
+    branching = DraftTree(torch.tensor([1, 2]), torch.tensor([-1, -1]), None, no_chance)
+    assert controller.shorten(branching) is branching
+    sampled = DraftTree.chain([1, 2], torch.full((2, 4), 0.25), no_chance)
+    assert controller.shorten(sampled) is sampled
+    assert len(controller.shorten(forecast([0.0, 0.0]))) == 0
+    assert controller.shorten(DraftTree.empty()).num_nodes == 0
+    # Below the shortest measured length, a length costs what that one does.
+    sparse = CostAwareController(initial=4, maximum=16)
+    sparse.use_costs({4: 0.2, 8: 0.3})
+    assert sparse.expected_seconds(2) == pytest.approx(0.2)
+
+
+def test_drafting_cost_is_counted_over_the_draft_before_its_cut() -> None:
+    controller = CostAwareController(initial=4, maximum=16)
+    controller.use_costs({0: 0.1, 1: 0.2, 16: 1.7})
+    for _ in range(2):
+        controller.budget()
+        tree = controller.shorten(forecast([0.01] * 16))  # cut to nothing
+        assert len(tree) == 0
+        controller.observe(verdict(0, 0), StepTimings(0.0016, 0.1))
+    # 1.6 ms drafted 16 tokens (0.1 ms each), though none was verified; it was drafting all the
+    # same, so the next step's drafting is not a catch-up.
+    assert controller.draft_seconds_per_token == pytest.approx(0.0001)
+    assert controller.draft_seconds_per_step == pytest.approx(0.0016)
+    assert controller.drafted_last
+
+
+def test_forecast_sized_steps_leave_the_probes_and_position_model_alone() -> None:
+    controller = CostAwareController(initial=4, maximum=16, probe_every=2)
+    controller.use_costs(FLAT_THEN_STEEP)
+    for _ in range(3):  # two steps to learn that drafting is free, then forecast-sized ones
+        tree = controller.shorten(forecast([0.01] * controller.budget().max_depth))
+        controller.observe(verdict(len(tree), 0), StepTimings(0.001, 0.1))
+    assert controller.asked_maximum
+    before = (list(controller.acceptance), controller.probe_wait, controller.plain_steps)
+    for _ in range(10):
+        assert controller.budget().max_depth == 16
+        tree = controller.shorten(forecast([0.9] * 3 + [0.01] * 13))
+        controller.observe(verdict(len(tree), 0), StepTimings(0.001, 0.1))
+    assert (controller.acceptance, controller.probe_wait, controller.plain_steps) == before

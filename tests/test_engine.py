@@ -175,3 +175,38 @@ def test_steps_that_draft_nothing_keep_the_output_exact(
     ids, _, stats = engine.generate(REPETITIVE_PROMPT, SamplingParams(max_new_tokens=40), spec)
     assert ids == plain_greedy(ToyBackend(seed=1), REPETITIVE_PROMPT, 40)
     assert stats.emitted_tokens > stats.target_forwards  # some drafts were accepted
+
+
+def test_drafts_cut_by_their_forecasts_keep_the_output_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cost-aware controller cuts prompt lookup's drafts where their forecast stops paying; the
+    toy's forwards take microseconds whatever their length, so its steps are timed as if
+    verification followed a curve on which only likely drafts pay."""
+    from specdecode.control import StepTimings
+    from specdecode.control.cost_aware import CostAwareController
+
+    curve = {0: 0.1, 1: 0.13, 8: 0.17, 16: 0.5}
+    cuts: list[tuple[int, int]] = []
+    shorten, observe = CostAwareController.shorten, CostAwareController.observe
+
+    def recorded_shorten(self, tree):
+        cut = shorten(self, tree)
+        cuts.append((tree.num_nodes, cut.num_nodes))
+        return cut
+
+    def curve_timed_observe(self, verdict, timings=None):
+        verifying = self._verify_cost(verdict.num_draft_nodes) if timings else None
+        observe(self, verdict, timings and StepTimings(timings.drafting, verifying))
+
+    monkeypatch.setattr(CostAwareController, "shorten", recorded_shorten)
+    monkeypatch.setattr(CostAwareController, "observe", curve_timed_observe)
+    engine = Engine(ToyBackend(seed=1), ToyTokenizer())
+    monkeypatch.setattr(engine, "forward_costs", lambda: curve)
+    spec = SpecConfig(drafter="prompt-lookup", controller="cost-aware")
+    prompt = REPETITIVE_PROMPT * 3 + plain_greedy(ToyBackend(seed=1), REPETITIVE_PROMPT, 30)
+    ids, _, _ = engine.generate(prompt, SamplingParams(max_new_tokens=60), spec)
+    assert ids == plain_greedy(ToyBackend(seed=1), prompt, 60)
+    assert any(0 < kept < drafted for drafted, kept in cuts)  # cut short
+    assert any(kept == 0 < drafted for drafted, kept in cuts)  # cut to plain decoding
+    assert any(kept > 4 for _, kept in cuts)  # a long draft was verified

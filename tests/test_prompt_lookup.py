@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdecode.drafters.prompt_lookup import PRIOR_CONTINUES, PromptLookupDrafter
+from specdecode.drafters.prompt_lookup import PRIOR_CONTINUES, PromptLookupDrafter, _group
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget
 from specdecode.verify.base import Verdict
@@ -171,3 +171,20 @@ def test_drafts_are_forecast_from_the_match_length_and_the_verdicts() -> None:
     assert drafter.propose([1, 2, 3], Budget.chain(4)).num_nodes == 0
     drafter.update(Verdict(path=[], tokens=[5], num_draft_nodes=0, bonus=False))
     assert drafter.tries == [0] * len(drafter.tries)
+
+
+def test_the_forecast_follows_the_cap_the_cut_and_the_match_groups() -> None:
+    drafter = PromptLookupDrafter()
+    passage = list(range(100, 180))
+    weak = drafter.propose(passage + [1] + passage[:1], Budget.chain(8))  # a 1-token match
+    assert len(weak) == len(weak.confidence) == drafter.weak_draft
+    # Cut to 2 drafts by a controller, both accepted: two tries learned, for matches of 1 and 2.
+    drafter.update(Verdict(path=[0, 1], tokens=[101, 102, 103], num_draft_nodes=2, bonus=True))
+    assert sum(drafter.tries) == 2 and sum(drafter.hits) == 2
+    # Matches of 31 and 32 tokens fall in different groups; 32 and 64 in the same.
+    assert _group(31) != _group(32) == _group(64) == len(drafter.tries) - 1
+    # A periodic copy (period 3) is forecast like any other copy of its match length.
+    periodic = drafter.propose([7, 8, 1, 2, 3, 1, 2, 3, 1, 2], Budget.chain(7))
+    assert periodic.confidence.tolist() == pytest.approx(
+        [drafter.continues(5 + depth) for depth in range(7)]
+    )

@@ -113,6 +113,7 @@ def test_a_chain_is_cut_to_a_prefix_with_its_probabilities_and_forecasts() -> No
     assert torch.equal(cut.draft_probs, probs[:2])
     assert cut.confidence.tolist() == pytest.approx([0.9, 0.8])
     assert chain.prefix(4) is chain and chain.prefix(0).num_nodes == 0
+    assert chain.prefix(-1).num_nodes == 0 and DraftTree.empty().prefix(3).num_nodes == 0
     with pytest.raises(SpecDecodeError, match="only a chain"):
         DraftTree(torch.tensor([5, 6]), torch.tensor([-1, -1])).prefix(1)
 

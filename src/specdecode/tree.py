@@ -13,7 +13,9 @@ proposal is a point mass on the drafted token.
 
 `confidence[i]`, when a drafter gives it, is the drafter's estimate of the chance that node `i` is
 accepted once its parent is. It is a forecast for sizing the draft (a controller may cut a chain
-where it stops paying, `prefix`), never an input to verification: a wrong forecast costs speed only.
+to a prefix where it stops paying), never an input to verification: a wrong forecast costs speed
+only. A cut must not depend on this step's random draws, so controllers leave sampled drafts (with
+`draft_probs`) whole.
 """
 
 from __future__ import annotations

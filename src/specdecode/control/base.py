@@ -34,8 +34,10 @@ class Controller(ABC):
         """The draft budget for the next step."""
 
     def shorten(self, tree: DraftTree) -> DraftTree:
-        """The part of the drafter's proposal to verify (all of it, unless the controller sizes
-        drafts from their forecasts, `DraftTree.confidence`)."""
+        """The part of the drafter's proposal to verify: all of it, or for a controller that
+        sizes drafts from their forecasts (`DraftTree.confidence`), a prefix of a chain, chosen
+        without looking at this step's random draws (drafters learn from the verdict of the
+        prefix)."""
         return tree
 
     def observe(self, verdict: Verdict, timings: StepTimings | None = None) -> None:

@@ -79,6 +79,7 @@ class CostAwareController(Controller):
         self.probing = False  # a probe was asked for and has not drafted yet
         self.drafted_last = False
         self.proposed: int | None = None  # the last draft's length before `shorten` cut it
+        self.asked_maximum = False  # the last budget was the maximum, for `shorten` to cut
 
     def use_costs(self, verify_seconds: dict[int, float]) -> None:
         # A start-up measurement of the bare forward; the steps timed online (which include the
@@ -129,8 +130,8 @@ class CostAwareController(Controller):
             rate = self.expected_tokens(length) / seconds
             if rate > best_rate:
                 best, best_rate = length, rate
-        # A shorter length is only ever costed at the price of a longer measured one, which makes
-        # it look no cheaper: measure the next shorter length once before settling.
+        # Below the shortest measured length, a length is costed at that length's price, which
+        # makes it look no cheaper: measure the next shorter length once before settling.
         if best > lowest and best - 1 not in self.verify_seconds:
             return best - 1
         return best
@@ -138,13 +139,14 @@ class CostAwareController(Controller):
     # ---- the controller contract ---------------------------------------------------------------
 
     def budget(self) -> Budget:
-        if self.forecasts and self._drafting_is_free():
-            return Budget.chain(self.maximum)
-        return Budget.chain(self.length)
+        self.asked_maximum = self.forecasts and self._drafting_is_free()
+        return Budget.chain(self.maximum if self.asked_maximum else self.length)
 
     def shorten(self, tree: DraftTree) -> DraftTree:
         self.proposed = tree.num_nodes
-        if tree.confidence is None or not tree.is_chain:
+        # Sampled drafts stay whole: a cut chosen from forecasts of drafts drawn this step would
+        # make keeping a draft depend on its own draw, which rejection sampling does not allow.
+        if tree.confidence is None or tree.draft_probs is not None or not tree.is_chain:
             return tree
         self.forecasts = True
         # The draft is paid for already: only the verification's cost depends on the cut.
@@ -185,6 +187,11 @@ class CostAwareController(Controller):
                     self.draft_seconds_per_step, timings.drafting
                 )
         self.drafted_last = proposed > 0
+        if self.asked_maximum:
+            # The forecasts sized this draft; the controller's own model of a step (acceptance
+            # by position, probes) is for drafts it sizes itself, and these were cut where the
+            # forecast was good, which would make deep positions look better than they are.
+            return
         # A probe whose drafter proposed nothing has passed all the same: only a draft the
         # controller asked for as a probe is judged as one.
         was_probe, self.probing = self.probing, False

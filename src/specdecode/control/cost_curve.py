@@ -19,8 +19,7 @@ import torch
 
 from specdecode.backends.base import Backend
 
-#: Draft lengths measured; the controller interpolates between them (it costs a length at the
-#: price of the nearest measured length at or below it).
+#: Draft lengths measured; the controller interpolates linearly between them.
 MEASURED_LENGTHS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 _CONTEXT_TOKENS = 128
 _RUNS = 3
