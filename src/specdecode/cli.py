@@ -135,7 +135,8 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         help=(
             "draft-length schedule: fixed; heuristic (grow after a full acceptance, shrink after "
             "a rejection); cost-aware (the length with the most expected tokens per second, "
-            "from measured step costs; may stop drafting) (default: heuristic)"
+            "from measured step costs; cuts prompt lookup's drafts where their forecast stops "
+            "paying; may stop drafting) (default: heuristic)"
         ),
     )
     p.add_argument(
