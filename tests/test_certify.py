@@ -66,6 +66,10 @@ LOSSLESS = {
         verifier="traversal",
     ),
     "prompt-lookup": SpecConfig(drafter="prompt-lookup", num_draft_tokens=2),
+    # Drafts cut by their forecasts (context only: lossless for point-mass drafts).
+    "prompt-lookup-cost-aware": SpecConfig(
+        drafter="prompt-lookup", controller="cost-aware", num_draft_tokens=2
+    ),
 }
 
 
@@ -98,6 +102,27 @@ def test_a_broken_verifier_fails_certify(monkeypatch) -> None:
     monkeypatch.setitem(VERIFIERS, _NoResidual.name, _NoResidual)
     spec = SpecConfig(drafter="draft-model", num_draft_tokens=2, verifier=_NoResidual.name)
     report = certify(toy_engine(), [1, 2, 3, 1, 2], SAMPLING, spec, CONFIG)
+    assert not report.passed, report.summary()
+    assert report.test.p_value < 1e-6
+
+
+def test_cutting_sampled_drafts_by_their_own_draws_fails_certify(monkeypatch) -> None:
+    """Why controllers leave sampled drafts whole: keeping a draft only when its own draw was
+    likely (here: its draft probability above 0.1) changes the output distribution."""
+    from specdecode import control
+    from specdecode.control.fixed import FixedController
+
+    class CutsByDraw(FixedController):
+        name = "cuts-by-draw"
+
+        def shorten(self, tree):
+            first = tree.draft_probs[0, tree.tokens[0]] if tree.num_nodes else 0.0
+            return tree.prefix(tree.num_nodes if first > 0.1 else 0)
+
+    monkeypatch.setitem(control.CONTROLLERS, CutsByDraw.name, CutsByDraw)
+    spec = SpecConfig(drafter="draft-model", num_draft_tokens=2, controller=CutsByDraw.name)
+    report = certify(toy_engine(), [1, 2, 3, 1, 2], SAMPLING, spec, CONFIG)
+    assert report.speculative_tokens_per_forward > 1.05  # drafts were kept and accepted
     assert not report.passed, report.summary()
     assert report.test.p_value < 1e-6
 

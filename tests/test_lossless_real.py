@@ -45,7 +45,7 @@ def small() -> SpecDecoder:
 
 
 @pytest.mark.parametrize("prompt", [EDIT_PROMPT, QUESTION_PROMPT])
-@pytest.mark.parametrize("controller", ["heuristic", "fixed"])
+@pytest.mark.parametrize("controller", ["heuristic", "fixed", "cost-aware"])
 def test_prompt_lookup_greedy_is_exact(small: SpecDecoder, prompt: str, controller: str) -> None:
     plain = generate(small, prompt, "none", 64)
     fast = generate(small, prompt, "prompt-lookup", 64, controller=controller)
