@@ -10,7 +10,9 @@ any drafter that copies earlier text: an oracle that may copy from any earlier o
 last token, knows how far each copy will be accepted, and picks the cheapest sequence of steps.
 
 Drafting time and prefill are left out. Speed-ups are relative to plain decoding at `--plain-ms`
-per token (default: the curve's 1-token cost).
+per token (default: the curve's 1-token cost). `--with-prefill` counts each prompt's prefill as
+the benchmark's tables do: the recorded run's prefill and plain decoding seconds, with the decoding
+scaled by the policy's replayed time relative to plain decoding's.
 
     python benchmarks/replay_prompt_lookup.py \\
         benchmarks/results/core-1.5b-bf16-greedy/results.jsonl \\
@@ -25,6 +27,7 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from specdecode.bench.suites import load_suite
 from specdecode.control.base import StepTimings
@@ -192,6 +195,11 @@ def main() -> None:
     )
     parser.add_argument("--plain-ms", type=float, help="plain decoding's ms per token")
     parser.add_argument("--max-draft", type=int, default=16, help="the controller's maximum")
+    parser.add_argument(
+        "--with-prefill",
+        action="store_true",
+        help="count each prompt's recorded prefill, as the benchmark's speed-ups do",
+    )
     args = parser.parse_args()
 
     try:
@@ -221,22 +229,37 @@ def main() -> None:
         ),
         "oracle lookup (bound)": lambda prompt, output: oracle_ms(prompt, output, curve),
     }
-    categories = sorted({category for category, _, _ in runs})
+    categories = sorted({run.category for run in runs})
     print("| policy | " + " | ".join(categories) + " | overall |")
     print("|---" * (len(categories) + 2) + "|")
     for name, milliseconds_for in rows.items():
         ratios = defaultdict(list)
-        for category, prompt, output in runs:
-            ratios[category].append(len(output) * plain_ms / milliseconds_for(prompt, output))
+        for run in runs:
+            decode = milliseconds_for(run.prompt, run.output) / (len(run.output) * plain_ms)
+            ratios[run.category].append(run.speed_up(decode, args.with_prefill))
         every = [ratio for values in ratios.values() for ratio in values]
         cells = [f"{geometric_mean(ratios[c]):.2f}x" for c in categories]
         print(f"| {name} | " + " | ".join(cells) + f" | {geometric_mean(every):.2f}x |")
 
 
-def recorded_runs(
-    results: str, suite: str, model: str, method: str
-) -> list[tuple[str, list[int], list[int]]]:
-    """(category, prompt ids, output ids) of every record of `method` with token ids."""
+@dataclass
+class RecordedRun:
+    category: str
+    prompt: list[int]
+    output: list[int]
+    prefill_seconds: float
+    decode_seconds: float  # the recorded run's, after its prefill
+
+    def speed_up(self, decode_fraction: float, with_prefill: bool) -> float:
+        """The speed-up of a policy that decodes in `decode_fraction` of plain decoding's time."""
+        if not with_prefill:
+            return 1.0 / decode_fraction
+        plain = self.prefill_seconds + self.decode_seconds
+        return plain / (self.prefill_seconds + decode_fraction * self.decode_seconds)
+
+
+def recorded_runs(results: str, suite: str, model: str, method: str) -> list[RecordedRun]:
+    """Every record of `method` with token ids."""
     tokenizer = load_tokenizer(model)
     prompts = {prompt.id: prompt for prompt in load_suite(suite)}
     runs = []
@@ -246,7 +269,16 @@ def recorded_runs(
             if record["method"] == method and record.get("token_ids"):
                 chat = tokenizer.apply_chat_template(prompts[record["prompt_id"]].chat())
                 prompt = tokenizer.encode(chat, add_special_tokens=False)
-                runs.append((record["category"], prompt, record["token_ids"]))
+                prefill = record.get("prefill_seconds") or 0.0
+                runs.append(
+                    RecordedRun(
+                        record["category"],
+                        prompt,
+                        record["token_ids"],
+                        prefill,
+                        record["seconds"] - prefill,
+                    )
+                )
     return runs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,7 @@ def load_replay_script():
     path = Path(__file__).parent.parent / "benchmarks" / "replay_prompt_lookup.py"
     spec = importlib.util.spec_from_file_location("replay_prompt_lookup", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -124,6 +126,15 @@ def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
     drafter = replay.drafter_policy(PromptLookupDrafter(), 16)
     # A 1-token match drafts 3 tokens, then the heuristic grows the draft: slower than the oracle.
     assert replay.cost_ms(curve, 12) < replay.replay(prompt, output, drafter, curve) < plain
+
+
+def test_the_replay_counts_prefill_as_the_benchmark_does() -> None:
+    replay = load_replay_script()
+    # 1 s of prefill, 9 s of plain decoding; a policy that decodes in a third of the time.
+    run = replay.RecordedRun("code-editing", [1], [2], prefill_seconds=1.0, decode_seconds=9.0)
+    assert run.speed_up(1 / 3, with_prefill=False) == pytest.approx(3.0)
+    assert run.speed_up(1 / 3, with_prefill=True) == pytest.approx(10.0 / 4.0)
+    assert run.speed_up(1.0, with_prefill=True) == pytest.approx(1.0)
 
 
 def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> None:
