@@ -206,6 +206,8 @@ def main() -> None:
         curve = {int(k): float(ms) for k, ms in (pair.split(":") for pair in args.costs.split(","))}
     except ValueError:
         parser.error(f"--costs takes k:ms pairs separated by commas, got {args.costs!r}")
+    if args.with_prefill and args.method != "none":
+        parser.error("--with-prefill scales plain decoding's recorded seconds: use --method none")
     plain_ms = args.plain_ms or cost_ms(curve, 1)
     try:
         runs = recorded_runs(args.results, args.suite, args.model, args.method)
