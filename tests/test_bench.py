@@ -575,6 +575,39 @@ def test_llamacpp_peer_runs_beside_ours(tmp_path: Path) -> None:
     assert "`llamacpp-ar`" in (out / "report.md").read_text()
 
 
+def test_llamacpp_peer_samples_the_same_distribution_as_ours() -> None:
+    """llama-cpp-python's generate() narrows sampling with min_p 0.05 unless told otherwise; the
+    peer must sample the plain temperature / top-k / top-p distribution our methods sample."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="install the extra: pip install -e '.[llamacpp]'"
+    )
+    import inspect
+
+    from specdecode.bench.peers import LlamaCppPeer
+    from specdecode.config import SamplingParams
+
+    calls: list[dict] = []
+
+    class RecordingLlama:
+        def reset(self) -> None:
+            pass
+
+        def generate(self, tokens, **options):
+            calls.append(options)
+            yield from (11, 12)
+
+    peer = LlamaCppPeer.__new__(LlamaCppPeer)  # no model: only the call's options are checked
+    peer.llm = RecordingLlama()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=2)
+    output = peer.generate("llamacpp-ar", [1, 2, 3], sampling, frozenset())
+    assert output.token_ids == [11, 12]
+    (options,) = calls
+    accepted = inspect.signature(llama_cpp.Llama.generate).parameters
+    assert set(options) <= set(accepted)  # the names the real generate() takes
+    assert options["min_p"] == 0.0 and options["temp"] == 1.0
+    assert options["top_k"] == 0 and options["top_p"] == 1.0
+
+
 def test_a_method_on_another_backend_is_checked_against_that_backends_baseline(
     tmp_path: Path,
 ) -> None:

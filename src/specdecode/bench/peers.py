@@ -188,6 +188,7 @@ class LlamaCppPeer:
             temp=sampling.temperature,
             top_k=sampling.top_k or 0,
             top_p=sampling.top_p,
+            min_p=0.0,  # llama-cpp-python's default 0.05 would narrow sampling beyond ours
             reset=True,
         ):
             if first_token_at is None:
