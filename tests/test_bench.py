@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import signal
@@ -18,11 +19,13 @@ from specdecode.api import BACKENDS
 from specdecode.bench import runner as runner_module
 from specdecode.bench import settings as run_settings
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
+from specdecode.bench.peers import LlamaCppPeer
 from specdecode.bench.report import report as render_report
 from specdecode.bench.report import speedups
 from specdecode.bench.runner import Record, read_records, this_machine
 from specdecode.bench.suites import load_suite
 from specdecode.cli import main
+from specdecode.config import SamplingParams
 from specdecode.errors import SpecDecodeError
 from specdecode.verify import VERIFIERS
 from specdecode.verify.base import Verdict, Verifier
@@ -581,11 +584,6 @@ def test_llamacpp_peer_samples_the_same_distribution_as_ours() -> None:
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="install the extra: pip install -e '.[llamacpp]'"
     )
-    import inspect
-
-    from specdecode.bench.peers import LlamaCppPeer
-    from specdecode.config import SamplingParams
-
     calls: list[dict] = []
 
     class RecordingLlama:
