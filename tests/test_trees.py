@@ -4,6 +4,10 @@ joint law of a short sequence), while deliberately broken verifiers fail the sam
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_rejection_sampling import LENGTH, VOCAB, chi_square_pvalue, exact_joint, markov_table
@@ -312,3 +316,68 @@ def test_residual_is_normalised() -> None:
     probs = torch.tensor([0.5, 0.3, 0.2])
     proposal = torch.tensor([0.2, 0.6, 0.2])
     assert torch.allclose(residual(probs, proposal), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def load_headroom_script():
+    path = Path(__file__).parent.parent / "benchmarks" / "tree_headroom.py"
+    spec = importlib.util.spec_from_file_location("tree_headroom", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_headroom_script_replays_chains_and_bounds_every_greedy_tree() -> None:
+    """benchmarks/tree_headroom.py, from the draft's rank of each emitted token: its chain is the
+    engine's fixed chain forward for forward, and no tree the engine builds beats its bound."""
+    headroom = load_headroom_script()
+    prompt, count, nodes = [0, 1, 2], 60, 6
+    output = plain_greedy(ToyBackend(seed=1, vocab_size=6), prompt, count)
+    draft = ToyBackend(seed=1, order=2, vocab_size=6)
+    ranks = []
+    for t in range(count):
+        logits = draft.logits_after(prompt + output[:t])
+        ranks.append(1 + int((logits > logits[output[t]]).sum()))
+    assert 1 in ranks and max(ranks) > 1  # the draft agrees and disagrees: both paths tested
+
+    def engine_forwards(tree: str) -> int:
+        engine = Engine(
+            ToyBackend(seed=1, vocab_size=6),
+            ToyTokenizer(),
+            draft_model=ToyBackend(seed=1, order=2, vocab_size=6),
+        )
+        spec = SpecConfig(
+            drafter="draft-model",
+            controller="fixed",
+            num_draft_tokens=nodes,
+            tree=tree,
+            tree_width=2,
+            tree_nodes=nodes,
+        )
+        ids, _, stats = engine.generate(prompt, SamplingParams(max_new_tokens=count), spec)
+        assert ids == output
+        return stats.target_forwards
+
+    def simulated(accepts) -> int:
+        return headroom.tokens_per_forward(ranks, accepts)[1]
+
+    chain = simulated(lambda r, s: headroom.chain_accepts(r, s, nodes))
+    assert engine_forwards("chain") == chain
+    bound = simulated(lambda r, s: headroom.best_tree_accepts(r, s, nodes, 2))
+    assert bound < chain  # the bound sees the branches a chain misses
+    for tree in ("static", "dynamic", "delayed"):
+        assert engine_forwards(tree) >= bound, tree
+
+
+def test_the_headroom_bound_spends_a_node_per_better_ranked_sibling() -> None:
+    headroom = load_headroom_script()
+    ranks = [1, 2, 1, 3, 1, 1]
+    assert headroom.chain_accepts(ranks, 0, 8) == 1
+    assert headroom.best_tree_accepts(ranks, 0, 4) == 3  # 1 + 2 + 1 nodes
+    assert headroom.best_tree_accepts(ranks, 0, 7) == 4  # 1 + 2 + 1 + 3
+    assert headroom.best_tree_accepts(ranks, 0, 7, width=2) == 3  # rank 3 is no child of 2
+    assert headroom.best_tree_accepts(ranks, 0, 100) == 5  # the last token is the bonus
+    assert headroom.tokens_per_forward(ranks, lambda r, s: headroom.chain_accepts(r, s, 8)) == (
+        6,
+        3,  # from 0, 2 and 4: one rank-1 draft accepted, then the target's token
+    )

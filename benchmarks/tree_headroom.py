@@ -1,0 +1,207 @@
+"""How many tokens per forward could any tree of the draft model's candidates accept, at best?
+
+Issue 4 asks a greedy dynamic tree for 30% more tokens per target forward than the best chain with
+the same number of nodes. This script bounds what any such tree can reach with a given draft
+model, from recorded greedy outputs and without the target model.
+
+Greedy decoding is deterministic, so the token ids that plain decoding wrote into a benchmark run's
+`results.jsonl` (method `none`) are what every exact method emits. One forward of the draft model
+over each prompt and output (teacher forcing, as the draft sees the accepted text) gives the rank
+of every emitted token among the draft's next-token candidates, 1 for its argmax. A step that
+starts at output position `t` emits the drafted tokens it accepts plus the target's own token:
+
+- a chain of `N` nodes accepts the run of rank-1 tokens from `t`, at most `N` of them;
+- a tree whose children are the draft's best-ranked candidates (the static top-k tree, EAGLE-2's
+  dynamic tree, delayed expansion: every tree the draft-model drafter builds) holds a path only
+  with each path node's better-ranked siblings, since those have the higher cumulative draft
+  probability too; a path whose tokens have ranks `r_t, ..., r_{t+m-1}` costs at least their
+  sum in nodes. Knowing the output, the best such tree of `N` nodes accepts the longest path
+  whose ranks sum to at most `N`. `--width W` adds the drafter's limit of `W` children per node.
+
+No drafter knows the output, so the bound is loose, but no tree of draft candidates can beat it.
+
+    python benchmarks/tree_headroom.py \\
+        benchmarks/results/reference-spec-bench-1.5b-greedy-ddec75f/results.jsonl \\
+        --suite spec-bench --draft-model qwen2.5-coder-0.5b-instruct --nodes 8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from specdecode.backends.torch import TorchBackend
+from specdecode.bench.suites import load_suite
+from specdecode.errors import SpecDecodeError
+from specdecode.models import load_checkpoint, load_tokenizer
+
+#: tokens per draft forward when teacher forcing (small: a forward's logits are [T, vocab])
+_CHUNK = 64
+
+
+def chain_accepts(ranks: Sequence[int], start: int, nodes: int) -> int:
+    """Drafted tokens a chain of `nodes` accepts from output position `start`."""
+    limit = min(nodes, len(ranks) - start - 1)  # the last token comes as the bonus
+    accepted = 0
+    while accepted < limit and ranks[start + accepted] == 1:
+        accepted += 1
+    return accepted
+
+
+def best_tree_accepts(
+    ranks: Sequence[int], start: int, nodes: int, width: int | None = None
+) -> int:
+    """Drafted tokens the best tree of `nodes` draft candidates accepts from `start`, knowing
+    the output: the longest path whose ranks sum to at most `nodes` (each rank at most `width`)."""
+    limit = len(ranks) - start - 1
+    accepted, spent = 0, 0
+    while accepted < limit:
+        rank = ranks[start + accepted]
+        if (width is not None and rank > width) or spent + rank > nodes:
+            break
+        spent += rank
+        accepted += 1
+    return accepted
+
+
+def tokens_per_forward(ranks: Sequence[int], accepts) -> tuple[int, int]:
+    """(tokens emitted, target forwards) decoding the whole output, step after step."""
+    position, forwards = 0, 0
+    while position < len(ranks):
+        position += accepts(ranks, position) + 1
+        forwards += 1
+    return len(ranks), forwards
+
+
+def draft_ranks(model, prompt: Sequence[int], output: Sequence[int]) -> list[int]:
+    """The draft model's rank of each output token, given the prompt and the output before it."""
+    model.reset()
+    model.extend(prompt[:-1])
+    fed = [prompt[-1], *output[:-1]]  # each one's logits predict the next output token
+    ranks: list[int] = []
+    with torch.inference_mode():
+        for begin in range(0, len(fed), _CHUNK):
+            logits = model.forward(torch.tensor(fed[begin : begin + _CHUNK]))  # [T, V]
+            wanted = torch.tensor(output[begin : begin + _CHUNK])
+            chosen = logits.gather(1, wanted[:, None])  # [T, 1]
+            ranks.extend((1 + (logits > chosen).sum(dim=1)).tolist())
+    return ranks
+
+
+@dataclass
+class Recorded:
+    prompt_id: str
+    category: str
+    prompt: list[int]
+    output: list[int]
+
+
+def recorded_outputs(results: str, suite: str, tokenizer_model: str) -> list[Recorded]:
+    """Plain decoding's outputs (method `none`, first repeat) with their prompts' token ids; a
+    prompt recorded twice (cut off and run again on --resume) counts once."""
+    tokenizer = load_tokenizer(tokenizer_model)
+    prompts = {prompt.id: prompt for prompt in load_suite(suite)}
+    runs: dict[str, Recorded] = {}
+    with open(results) as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["method"] != "none" or record["repeat"] != 0 or not record.get("token_ids"):
+                continue
+            chat = tokenizer.apply_chat_template(prompts[record["prompt_id"]].chat())
+            prompt = tokenizer.encode(chat, add_special_tokens=False)
+            prompt_id = record["prompt_id"]
+            runs[prompt_id] = Recorded(prompt_id, record["category"], prompt, record["token_ids"])
+    return list(runs.values())
+
+
+def ranks_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, list[int]]:
+    longest = max(len(run.prompt) + len(run.output) for run in runs)
+    checkpoint = load_checkpoint(draft_model, dtype=torch.bfloat16)
+    model = TorchBackend.from_checkpoint(
+        checkpoint,
+        dtype=torch.bfloat16,
+        max_context=longest + 1,
+        quantize=None if quantize == "none" else quantize,
+    )
+    progress = tqdm(runs, desc="draft forwards", unit="output")
+    return {run.prompt_id: draft_ranks(model, run.prompt, run.output) for run in progress}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a greedy benchmark run's results.jsonl")
+    parser.add_argument("--suite", required=True, help="the suite the run used")
+    parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument(
+        "--draft-quantize",
+        choices=["int8", "none"],
+        default="int8",
+        help="the draft's weights, as the benchmark loads them (default int8)",
+    )
+    parser.add_argument("--nodes", default="8,16", help="node budgets, comma-separated")
+    parser.add_argument("--width", type=int, default=2, help="children per node of the drafter")
+    parser.add_argument("--ranks-out", help="write each output's draft ranks to this JSON file")
+    parser.add_argument(
+        "--ranks-in", help="read the ranks from a --ranks-out file instead of running the draft"
+    )
+    args = parser.parse_args()
+    try:
+        budgets = [int(n) for n in args.nodes.split(",")]
+    except ValueError:
+        parser.error(f"--nodes takes integers separated by commas, got {args.nodes!r}")
+    if any(n < 1 for n in budgets) or args.width < 1:
+        parser.error("--nodes and --width must be at least 1")
+
+    try:
+        runs = recorded_outputs(args.results, args.suite, args.draft_model)
+        if not runs:
+            sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
+        if args.ranks_in:
+            with open(args.ranks_in) as saved:
+                ranks = json.load(saved)
+        else:
+            ranks = ranks_of_draft(runs, args.draft_model, args.draft_quantize)
+    except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
+        sys.exit(f"error: {exc}")
+    if args.ranks_out:
+        with open(args.ranks_out, "w") as out:
+            json.dump(ranks, out)
+
+    policies = {}
+    for n in budgets:
+        policies[f"chain-{n}"] = lambda r, s, n=n: chain_accepts(r, s, n)
+        policies[f"best tree, {n} nodes, {args.width} wide"] = lambda r, s, n=n: best_tree_accepts(
+            r, s, n, args.width
+        )
+        policies[f"best tree, {n} nodes, any width"] = lambda r, s, n=n: best_tree_accepts(r, s, n)
+    categories = sorted({run.category for run in runs})
+    print(f"tokens per target forward, {len(runs)} recorded outputs of {args.results}")
+    print("| policy | " + " | ".join(categories) + " | overall |")
+    print("|---" * (len(categories) + 2) + "|")
+    for name, accepts in policies.items():
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for run in runs:
+            tokens, forwards = tokens_per_forward(ranks[run.prompt_id], accepts)
+            for key in (run.category, "overall"):
+                totals[key][0] += tokens
+                totals[key][1] += forwards
+        cells = [f"{totals[c][0] / totals[c][1]:.2f}" for c in [*categories, "overall"]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    share = [sum(r == k for rs in ranks.values() for r in rs) for k in (1, 2, 3)]
+    total = sum(len(rs) for rs in ranks.values())
+    print(
+        f"draft rank of the emitted token: 1 in {share[0] / total:.1%},"
+        f" 2 in {share[1] / total:.1%}, 3 in {share[2] / total:.1%},"
+        f" worse in {1 - sum(share) / total:.1%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
