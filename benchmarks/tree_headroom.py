@@ -182,18 +182,18 @@ def main() -> None:
         )
         policies[f"best tree, {n} nodes, any width"] = lambda r, s, n=n: best_tree_accepts(r, s, n)
     categories = sorted({run.category for run in runs})
-    print(f"tokens per target forward, {len(runs)} recorded outputs of {args.results}")
+    print(f"tokens per target forward, mean over {len(runs)} recorded outputs of {args.results}")
     print("| policy | " + " | ".join(categories) + " | overall |")
     print("|---" * (len(categories) + 2) + "|")
     for name, accepts in policies.items():
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        # one value per output, averaged as the benchmark's tokens/forward column is
+        per_forward: dict[str, list[float]] = defaultdict(list)
         for run in runs:
             tokens, forwards = tokens_per_forward(ranks[run.prompt_id], accepts)
             for key in (run.category, "overall"):
-                totals[key][0] += tokens
-                totals[key][1] += forwards
-        cells = [f"{totals[c][0] / totals[c][1]:.2f}" for c in [*categories, "overall"]]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+                per_forward[key].append(tokens / forwards)
+        values = [per_forward[c] for c in [*categories, "overall"]]
+        print(f"| {name} | " + " | ".join(f"{sum(v) / len(v):.2f}" for v in values) + " |")
     share = [sum(r == k for rs in ranks.values() for r in rs) for k in (1, 2, 3)]
     total = sum(len(rs) for rs in ranks.values())
     print(

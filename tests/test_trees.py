@@ -381,3 +381,31 @@ def test_the_headroom_bound_spends_a_node_per_better_ranked_sibling() -> None:
         6,
         3,  # from 0, 2 and 4: one rank-1 draft accepted, then the target's token
     )
+
+
+def test_the_replay_target_counts_the_forwards_the_real_target_would() -> None:
+    """benchmarks/replay_trees.py's stand-in target, which knows only the greedy output, gives
+    every chain and tree the same steps as the target that produced it."""
+    path = Path(__file__).parent.parent / "benchmarks" / "replay_trees.py"
+    spec_of_file = importlib.util.spec_from_file_location("replay_trees", path)
+    replay = importlib.util.module_from_spec(spec_of_file)
+    spec_of_file.loader.exec_module(replay)
+    prompt, count = [0, 1, 2], 50
+    output = plain_greedy(ToyBackend(seed=1, vocab_size=6), prompt, count)
+    for tree in ("chain", "static", "dynamic", "delayed"):
+        spec = SpecConfig(
+            drafter="draft-model", num_draft_tokens=5, tree=tree, tree_width=2, tree_nodes=6
+        )
+        sampling = SamplingParams(max_new_tokens=count)
+        forwards = []
+        for target in (
+            ToyBackend(seed=1, vocab_size=6),
+            replay.ReplayTarget(6, prompt, output, max_context=512),
+        ):
+            engine = Engine(
+                target, ToyTokenizer(), draft_model=ToyBackend(seed=1, order=2, vocab_size=6)
+            )
+            ids, _, stats = engine.generate(prompt, sampling, spec)
+            assert ids == output, tree
+            forwards.append(stats.target_forwards)
+        assert forwards[0] == forwards[1] < count, tree
