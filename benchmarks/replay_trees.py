@@ -107,7 +107,10 @@ def main() -> None:
         default="int8",
         help="the draft's weights, as the benchmark loads them (default int8)",
     )
-    parser.add_argument("--prompts", type=int, help="replay only the first N recorded outputs")
+    parser.add_argument(
+        "--per-category", type=int, help="replay only the first N recorded outputs of each category"
+    )
+    parser.add_argument("--only", help="replay only these methods of the file (comma-separated)")
     args = parser.parse_args()
 
     # The recorded-output reader is shared with the bound on trees.
@@ -116,9 +119,22 @@ def main() -> None:
 
     try:
         methods = replayable(load_methods_file(Path(args.methods)))
+        if args.only:
+            wanted = args.only.split(",")
+            unknown = set(wanted) - {method.name for method in methods}
+            if unknown:
+                sys.exit(f"error: no replayable method named {sorted(unknown)} in {args.methods}")
+            methods = [method for method in methods if method.name in wanted]
         if not methods:
             sys.exit(f"error: {args.methods} has no method of ours to replay")
-        runs = recorded_outputs(args.results, args.suite, args.draft_model)[: args.prompts]
+        runs = recorded_outputs(args.results, args.suite, args.draft_model)
+        if args.per_category:
+            kept, taken = [], defaultdict(int)
+            for run in runs:
+                taken[run.category] += 1
+                if taken[run.category] <= args.per_category:
+                    kept.append(run)
+            runs = kept
         if not runs:
             sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
         longest = max(len(run.prompt) + len(run.output) for run in runs) + 64
