@@ -127,14 +127,7 @@ def main() -> None:
             methods = [method for method in methods if method.name in wanted]
         if not methods:
             sys.exit(f"error: {args.methods} has no method of ours to replay")
-        runs = recorded_outputs(args.results, args.suite, args.draft_model)
-        if args.per_category:
-            kept, taken = [], defaultdict(int)
-            for run in runs:
-                taken[run.category] += 1
-                if taken[run.category] <= args.per_category:
-                    kept.append(run)
-            runs = kept
+        runs = recorded_outputs(args.results, args.suite, args.draft_model, args.per_category)
         if not runs:
             sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
         longest = max(len(run.prompt) + len(run.output) for run in runs) + 64

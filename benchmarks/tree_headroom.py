@@ -103,9 +103,12 @@ class Recorded:
     output: list[int]
 
 
-def recorded_outputs(results: str, suite: str, tokenizer_model: str) -> list[Recorded]:
-    """Plain decoding's outputs (method `none`, first repeat) with their prompts' token ids; a
-    prompt recorded twice (cut off and run again on --resume) counts once."""
+def recorded_outputs(
+    results: str, suite: str, tokenizer_model: str, per_category: int | None = None
+) -> list[Recorded]:
+    """Plain decoding's outputs (method `none`, first repeat) with their prompts' token ids, the
+    first `per_category` of each category if given; a prompt recorded twice (cut off and run again
+    on --resume) counts once."""
     tokenizer = load_tokenizer(tokenizer_model)
     prompts = {prompt.id: prompt for prompt in load_suite(suite)}
     runs: dict[str, Recorded] = {}
@@ -118,7 +121,14 @@ def recorded_outputs(results: str, suite: str, tokenizer_model: str) -> list[Rec
             prompt = tokenizer.encode(chat, add_special_tokens=False)
             prompt_id = record["prompt_id"]
             runs[prompt_id] = Recorded(prompt_id, record["category"], prompt, record["token_ids"])
-    return list(runs.values())
+    if per_category is None:
+        return list(runs.values())
+    kept, taken = [], defaultdict(int)
+    for run in runs.values():
+        taken[run.category] += 1
+        if taken[run.category] <= per_category:
+            kept.append(run)
+    return kept
 
 
 def ranks_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, list[int]]:
@@ -147,6 +157,9 @@ def main() -> None:
     )
     parser.add_argument("--nodes", default="8,16", help="node budgets, comma-separated")
     parser.add_argument("--width", type=int, default=2, help="children per node of the drafter")
+    parser.add_argument(
+        "--per-category", type=int, help="only the first N recorded outputs of each category"
+    )
     parser.add_argument("--ranks-out", help="write each output's draft ranks to this JSON file")
     parser.add_argument(
         "--ranks-in", help="read the ranks from a --ranks-out file instead of running the draft"
@@ -160,7 +173,7 @@ def main() -> None:
         parser.error("--nodes and --width must be at least 1")
 
     try:
-        runs = recorded_outputs(args.results, args.suite, args.draft_model)
+        runs = recorded_outputs(args.results, args.suite, args.draft_model, args.per_category)
         if not runs:
             sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
         if args.ranks_in:
@@ -194,8 +207,9 @@ def main() -> None:
                 per_forward[key].append(tokens / forwards)
         values = [per_forward[c] for c in [*categories, "overall"]]
         print(f"| {name} | " + " | ".join(f"{sum(v) / len(v):.2f}" for v in values) + " |")
-    share = [sum(r == k for rs in ranks.values() for r in rs) for k in (1, 2, 3)]
-    total = sum(len(rs) for rs in ranks.values())
+    replayed = [ranks[run.prompt_id] for run in runs]
+    share = [sum(r == k for rs in replayed for r in rs) for k in (1, 2, 3)]
+    total = sum(len(rs) for rs in replayed)
     print(
         f"draft rank of the emitted token: 1 in {share[0] / total:.1%},"
         f" 2 in {share[1] / total:.1%}, 3 in {share[2] / total:.1%},"
