@@ -112,6 +112,8 @@ def main() -> None:
     )
     parser.add_argument("--only", help="replay only these methods of the file (comma-separated)")
     args = parser.parse_args()
+    if args.per_category is not None and args.per_category < 1:
+        parser.error("--per-category must be at least 1")
 
     # The recorded-output reader is shared with the bound on trees.
     sys.path.insert(0, str(Path(__file__).parent))

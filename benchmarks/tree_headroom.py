@@ -165,6 +165,8 @@ def main() -> None:
         "--ranks-in", help="read the ranks from a --ranks-out file instead of running the draft"
     )
     args = parser.parse_args()
+    if args.per_category is not None and args.per_category < 1:
+        parser.error("--per-category must be at least 1")
     try:
         budgets = [int(n) for n in args.nodes.split(",")]
     except ValueError:
