@@ -26,12 +26,15 @@ import torch
 from tqdm import tqdm
 
 from specdecode.backends.base import Backend
-from specdecode.backends.torch import TorchBackend
 from specdecode.bench.methods import Method, load_methods_file
 from specdecode.config import SamplingParams
 from specdecode.engine import Engine
 from specdecode.errors import SpecDecodeError
-from specdecode.models import load_checkpoint, load_tokenizer
+from specdecode.models import load_tokenizer
+
+# The recorded outputs and the draft model are read as the bound on trees reads them.
+sys.path.insert(0, str(Path(__file__).parent))
+from tree_headroom import add_recorded_output_options, load_draft, read_recorded_outputs  # noqa: E402
 
 
 class ReplayTarget(Backend):
@@ -97,27 +100,10 @@ def replayable(methods: list[Method]) -> list[Method]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="a greedy benchmark run's results.jsonl")
-    parser.add_argument("--suite", required=True, help="the suite the run used")
+    add_recorded_output_options(parser)
     parser.add_argument("--methods", required=True, help="a methods file (TOML)")
-    parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument(
-        "--draft-quantize",
-        choices=["int8", "none"],
-        default="int8",
-        help="the draft's weights, as the benchmark loads them (default int8)",
-    )
-    parser.add_argument(
-        "--per-category", type=int, help="replay only the first N recorded outputs of each category"
-    )
     parser.add_argument("--only", help="replay only these methods of the file (comma-separated)")
     args = parser.parse_args()
-    if args.per_category is not None and args.per_category < 1:
-        parser.error("--per-category must be at least 1")
-
-    # The recorded-output reader is shared with the bound on trees.
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tree_headroom import recorded_outputs
 
     try:
         methods = replayable(load_methods_file(Path(args.methods)))
@@ -129,17 +115,9 @@ def main() -> None:
             methods = [method for method in methods if method.name in wanted]
         if not methods:
             sys.exit(f"error: {args.methods} has no method of ours to replay")
-        runs = recorded_outputs(args.results, args.suite, args.draft_model, args.per_category)
-        if not runs:
-            sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
+        runs = read_recorded_outputs(parser, args)
         longest = max(len(run.prompt) + len(run.output) for run in runs) + 64
-        checkpoint = load_checkpoint(args.draft_model, dtype=torch.bfloat16)
-        draft = TorchBackend.from_checkpoint(
-            checkpoint,
-            dtype=torch.bfloat16,
-            max_context=longest,
-            quantize=None if args.draft_quantize == "none" else args.draft_quantize,
-        )
+        draft = load_draft(args.draft_model, args.draft_quantize, longest)
         tokenizer = load_tokenizer(args.draft_model)
     except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
         sys.exit(f"error: {exc}")

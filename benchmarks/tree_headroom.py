@@ -131,21 +131,8 @@ def recorded_outputs(
     return kept
 
 
-def ranks_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, list[int]]:
-    longest = max(len(run.prompt) + len(run.output) for run in runs)
-    checkpoint = load_checkpoint(draft_model, dtype=torch.bfloat16)
-    model = TorchBackend.from_checkpoint(
-        checkpoint,
-        dtype=torch.bfloat16,
-        max_context=longest + 1,
-        quantize=None if quantize == "none" else quantize,
-    )
-    progress = tqdm(runs, desc="draft forwards", unit="output")
-    return {run.prompt_id: draft_ranks(model, run.prompt, run.output) for run in progress}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_recorded_output_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the scripts that read recorded greedy outputs and run the draft model."""
     parser.add_argument("results", help="a greedy benchmark run's results.jsonl")
     parser.add_argument("--suite", required=True, help="the suite the run used")
     parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
@@ -155,18 +142,51 @@ def main() -> None:
         default="int8",
         help="the draft's weights, as the benchmark loads them (default int8)",
     )
-    parser.add_argument("--nodes", default="8,16", help="node budgets, comma-separated")
-    parser.add_argument("--width", type=int, default=2, help="children per node of the drafter")
     parser.add_argument(
         "--per-category", type=int, help="only the first N recorded outputs of each category"
     )
+
+
+def read_recorded_outputs(parser: argparse.ArgumentParser, args) -> list[Recorded]:
+    """The recorded outputs the options name; a bad option or file exits with one line."""
+    if args.per_category is not None and args.per_category < 1:
+        parser.error("--per-category must be at least 1")
+    try:
+        runs = recorded_outputs(args.results, args.suite, args.draft_model, args.per_category)
+    except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
+        sys.exit(f"error: {exc}")
+    if not runs:
+        sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
+    return runs
+
+
+def load_draft(name: str, quantize: str, max_context: int) -> TorchBackend:
+    checkpoint = load_checkpoint(name, dtype=torch.bfloat16)
+    return TorchBackend.from_checkpoint(
+        checkpoint,
+        dtype=torch.bfloat16,
+        max_context=max_context,
+        quantize=None if quantize == "none" else quantize,
+    )
+
+
+def ranks_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, list[int]]:
+    longest = max(len(run.prompt) + len(run.output) for run in runs)
+    model = load_draft(draft_model, quantize, longest + 1)
+    progress = tqdm(runs, desc="draft forwards", unit="output")
+    return {run.prompt_id: draft_ranks(model, run.prompt, run.output) for run in progress}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recorded_output_options(parser)
+    parser.add_argument("--nodes", default="8,16", help="node budgets, comma-separated")
+    parser.add_argument("--width", type=int, default=2, help="children per node of the drafter")
     parser.add_argument("--ranks-out", help="write each output's draft ranks to this JSON file")
     parser.add_argument(
         "--ranks-in", help="read the ranks from a --ranks-out file instead of running the draft"
     )
     args = parser.parse_args()
-    if args.per_category is not None and args.per_category < 1:
-        parser.error("--per-category must be at least 1")
     try:
         budgets = [int(n) for n in args.nodes.split(",")]
     except ValueError:
@@ -174,10 +194,8 @@ def main() -> None:
     if any(n < 1 for n in budgets) or args.width < 1:
         parser.error("--nodes and --width must be at least 1")
 
+    runs = read_recorded_outputs(parser, args)
     try:
-        runs = recorded_outputs(args.results, args.suite, args.draft_model, args.per_category)
-        if not runs:
-            sys.exit(f"error: {args.results} holds no token ids of plain decoding (method none)")
         if args.ranks_in:
             with open(args.ranks_in) as saved:
                 ranks = json.load(saved)
@@ -185,6 +203,9 @@ def main() -> None:
             ranks = ranks_of_draft(runs, args.draft_model, args.draft_quantize)
     except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
         sys.exit(f"error: {exc}")
+    missing = [run.prompt_id for run in runs if run.prompt_id not in ranks]
+    if missing:
+        sys.exit(f"error: {args.ranks_in} has no ranks of {missing[0]}: redo it with --ranks-out")
     if args.ranks_out:
         with open(args.ranks_out, "w") as out:
             json.dump(ranks, out)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_benchmark_script
 
 from specdecode.drafters.prompt_lookup import PRIOR_CONTINUES, PromptLookupDrafter, _group
 from specdecode.errors import SpecDecodeError
@@ -101,17 +99,8 @@ def test_bad_options_are_refused(options: dict) -> None:
         PromptLookupDrafter(**options)
 
 
-def load_replay_script():
-    path = Path(__file__).parent.parent / "benchmarks" / "replay_prompt_lookup.py"
-    spec = importlib.util.spec_from_file_location("replay_prompt_lookup", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
-    replay = load_replay_script()
+    replay = load_benchmark_script("replay_prompt_lookup")
     curve = {1: 100.0, 4: 130.0, 8: 250.0}
     assert replay.cost_ms(curve, 1) == 100.0
     assert replay.cost_ms(curve, 6) == 190.0
@@ -129,7 +118,7 @@ def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
 
 
 def test_the_replay_counts_prefill_as_the_benchmark_does() -> None:
-    replay = load_replay_script()
+    replay = load_benchmark_script("replay_prompt_lookup")
     # 1 s of prefill, 9 s of plain decoding; a policy that decodes in a third of the time.
     run = replay.RecordedRun("code-editing", [1], [2], prefill_seconds=1.0, decode_seconds=9.0)
     assert run.speed_up(1 / 3, with_prefill=False) == pytest.approx(3.0)
@@ -138,7 +127,7 @@ def test_the_replay_counts_prefill_as_the_benchmark_does() -> None:
 
 
 def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> None:
-    replay = load_replay_script()
+    replay = load_benchmark_script("replay_prompt_lookup")
     curve = {1: 150.0, 4: 195.0, 8: 290.0, 16: 440.0}
     rng = random.Random(1)
     cases = [([1, 2, 3], [5] * 6), ([0], [1, 1, 1, 0, 1, 1, 1, 0, 1, 0])]

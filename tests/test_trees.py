@@ -4,12 +4,9 @@ joint law of a short sequence), while deliberately broken verifiers fail the sam
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from scripts import load_benchmark_script
 from test_rejection_sampling import LENGTH, VOCAB, chi_square_pvalue, exact_joint, markov_table
 from toy import ToyBackend, ToyTokenizer, plain_greedy
 
@@ -318,19 +315,10 @@ def test_residual_is_normalised() -> None:
     assert torch.allclose(residual(probs, proposal), torch.tensor([1.0, 0.0, 0.0]))
 
 
-def load_headroom_script():
-    path = Path(__file__).parent.parent / "benchmarks" / "tree_headroom.py"
-    spec = importlib.util.spec_from_file_location("tree_headroom", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_headroom_script_replays_chains_and_bounds_every_greedy_tree() -> None:
     """benchmarks/tree_headroom.py, from the draft's rank of each emitted token: its chain is the
     engine's fixed chain forward for forward, and no tree the engine builds beats its bound."""
-    headroom = load_headroom_script()
+    headroom = load_benchmark_script("tree_headroom")
     prompt, count, nodes = [0, 1, 2], 60, 6
     output = plain_greedy(ToyBackend(seed=1, vocab_size=6), prompt, count)
     draft = ToyBackend(seed=1, order=2, vocab_size=6)
@@ -370,7 +358,7 @@ def test_the_headroom_script_replays_chains_and_bounds_every_greedy_tree() -> No
 
 
 def test_the_headroom_bound_spends_a_node_per_better_ranked_sibling() -> None:
-    headroom = load_headroom_script()
+    headroom = load_benchmark_script("tree_headroom")
     ranks = [1, 2, 1, 3, 1, 1]
     assert headroom.chain_accepts(ranks, 0, 8) == 1
     assert headroom.best_tree_accepts(ranks, 0, 4) == 3  # 1 + 2 + 1 nodes
@@ -386,10 +374,7 @@ def test_the_headroom_bound_spends_a_node_per_better_ranked_sibling() -> None:
 def test_the_replay_target_counts_the_forwards_the_real_target_would() -> None:
     """benchmarks/replay_trees.py's stand-in target, which knows only the greedy output, gives
     every chain and tree the same steps as the target that produced it."""
-    path = Path(__file__).parent.parent / "benchmarks" / "replay_trees.py"
-    spec_of_file = importlib.util.spec_from_file_location("replay_trees", path)
-    replay = importlib.util.module_from_spec(spec_of_file)
-    spec_of_file.loader.exec_module(replay)
+    replay = load_benchmark_script("replay_trees")
     prompt, count = [0, 1, 2], 50
     output = plain_greedy(ToyBackend(seed=1, vocab_size=6), prompt, count)
     for tree in ("chain", "static", "dynamic", "delayed"):
