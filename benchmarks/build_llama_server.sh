@@ -22,6 +22,13 @@ echo "fetching the llama-cpp-python $version source package" >&2
 tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
 source_dir=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
 
+if [ "$(uname -m)" = x86_64 ]; then
+    # Without llama.cpp's AMX kernels, which crash on many virtual machines (see amx_error in
+    # src/specdecode/backends/llamacpp.py); CMake takes these at the first configure.
+    no_amx=$("$python" -c "from specdecode.backends.llamacpp import NO_AMX_FLAGS; print(NO_AMX_FLAGS)")
+    export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
+fi
+
 echo "building llama-server (about 10 minutes on 2 cores)" >&2
 cmake -S "$source_dir" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \

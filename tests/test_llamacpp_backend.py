@@ -22,7 +22,7 @@ import torch
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.backends import llamacpp_matched
-from specdecode.backends.llamacpp import LlamaCppBackend
+from specdecode.backends.llamacpp import ALLOW_AMX, NO_AMX_FLAGS, LlamaCppBackend, amx_error
 from specdecode.certify import CertifyConfig, certify
 from specdecode.cli import CERTIFY_PROMPT
 from specdecode.errors import SpecDecodeError
@@ -240,8 +240,17 @@ def test_a_file_llama_cpp_cannot_load_is_one_clear_error(tmp_path) -> None:
 
 def test_missing_llama_cpp_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
-    with pytest.raises(SpecDecodeError, match=r"pip install 'specdecode\[llamacpp\]'"):
+    with pytest.raises(SpecDecodeError, match=r'pip install "specdecode\[llamacpp\]"'):
         SpecDecoder.load(SMALL, backend="llamacpp")
+
+
+def test_a_build_with_amx_kernels_is_refused_unless_allowed() -> None:
+    with_amx = "CPU : SSE3 = 1 | AVX512 = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 |"
+    problem = amx_error(with_amx, {})
+    assert problem is not None and NO_AMX_FLAGS in problem and "\n" not in problem
+    assert amx_error(with_amx, {ALLOW_AMX: "1"}) is None
+    assert amx_error(with_amx.replace("AMX_INT8 = 1", "AMX_INT8 = 0"), {}) is None
+    assert amx_error("CPU : SSE3 = 1 | AVX512 = 1 | OPENMP = 1 |", {}) is None
 
 
 def test_prompt_longer_than_the_context_is_refused() -> None:

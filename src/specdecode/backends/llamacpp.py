@@ -39,7 +39,14 @@ from specdecode.backends import llamacpp_matched
 from specdecode.backends.base import Backend
 from specdecode.errors import SpecDecodeError
 
-INSTALL_HINT = "pip install 'specdecode[llamacpp]' (builds llama.cpp from source, about 9 minutes)"
+#: The compiler flags that keep llama.cpp's AMX kernels out of a build (x86-64; see `amx_error`).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+INSTALL_HINT = (
+    f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" pip install "specdecode[llamacpp]" '
+    "(builds llama.cpp from source, about 9 minutes)"
+)
+#: Set to 1 to run a llama.cpp built with AMX kernels anyway, on machines where they work.
+ALLOW_AMX = "SPECDECODE_LLAMACPP_AMX"
 
 #: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
 MAX_SEQUENCES = 256
@@ -136,6 +143,9 @@ def import_llama_cpp():
         raise SpecDecodeError(
             f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}"
         ) from None
+    problem = amx_error(llama_cpp.llama_print_system_info().decode(errors="replace"), os.environ)
+    if problem:
+        raise SpecDecodeError(problem)
     if _log_callback is None:
         _log_callback = llama_cpp.llama_log_callback(_silent)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -143,6 +153,22 @@ def import_llama_cpp():
         _imported = True
         _tiled_switch_at_import = os.environ.get(_TILED_SWITCH)
     return llama_cpp
+
+
+def amx_error(system_info: str, environ: dict[str, str] | os._Environ) -> str | None:
+    """Why this llama.cpp build must not run, or None. A build on a machine whose CPU reports
+    Intel AMX compiles llama.cpp's AMX matrix kernels in (`-march=native`), and on virtual
+    machines of that kind they die with a general-protection fault at their first tile
+    instruction (llama.cpp issue #20824; seen on this project's Sapphire Rapids machines): a
+    crash that takes the process, and any half-written benchmark record, with it."""
+    if "AMX_INT8 = 1" not in system_info or environ.get(ALLOW_AMX) == "1":
+        return None
+    return (
+        "llama-cpp-python was built with llama.cpp's AMX kernels, which crash on many virtual "
+        f'machines: rebuild it without them: CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" '
+        "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python "
+        f"(or set {ALLOW_AMX}=1 where they work)"
+    )
 
 
 def require_llama_cpp() -> None:

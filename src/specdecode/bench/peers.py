@@ -30,12 +30,13 @@ from typing import Protocol
 
 import torch
 
+from specdecode.backends.llamacpp import INSTALL_HINT as LLAMACPP_INSTALL_HINT
 from specdecode.config import SamplingParams
 from specdecode.errors import SpecDecodeError
 
 INSTALL_HINTS = {
     "hf": "pip install 'specdecode[hf]'",
-    "llamacpp": "pip install 'specdecode[llamacpp]' (builds llama.cpp, about 9 minutes)",
+    "llamacpp": LLAMACPP_INSTALL_HINT,
 }
 
 
