@@ -80,19 +80,59 @@ def tokens_per_forward(ranks: Sequence[int], accepts) -> tuple[int, int]:
     return len(ranks), forwards
 
 
-def draft_ranks(model, prompt: Sequence[int], output: Sequence[int]) -> list[int]:
-    """The draft model's rank of each output token, given the prompt and the output before it."""
+@dataclass
+class DraftView:
+    """What the draft model says at each output position, teacher-forced."""
+
+    ranks: list[int]  # of the emitted token among the draft's candidates, 1 for its argmax
+    top_probs: list[list[float]]  # the draft's probabilities of its best `_TOP` candidates
+
+
+#: candidates per position whose draft probabilities --calibration reads
+_TOP = 3
+
+
+def draft_view(model, prompt: Sequence[int], output: Sequence[int]) -> DraftView:
+    """The draft model at each output token, given the prompt and the output before it."""
     model.reset()
     model.extend(prompt[:-1])
     fed = [prompt[-1], *output[:-1]]  # each one's logits predict the next output token
-    ranks: list[int] = []
+    view = DraftView([], [])
     with torch.inference_mode():
         for begin in range(0, len(fed), _CHUNK):
-            logits = model.forward(torch.tensor(fed[begin : begin + _CHUNK]))  # [T, V]
+            logits = model.forward(torch.tensor(fed[begin : begin + _CHUNK])).float()  # [T, V]
             wanted = torch.tensor(output[begin : begin + _CHUNK])
             chosen = logits.gather(1, wanted[:, None])  # [T, 1]
-            ranks.extend((1 + (logits > chosen).sum(dim=1)).tolist())
-    return ranks
+            view.ranks.extend((1 + (logits > chosen).sum(dim=1)).tolist())
+            # the dynamic tree ranks candidates by this softmax at temperature 0
+            top = torch.softmax(logits, dim=-1).topk(_TOP, dim=-1).values  # [T, _TOP]
+            view.top_probs.extend(top.tolist())
+    return view
+
+
+def calibration_table(views: Sequence[DraftView], edges: Sequence[float]) -> list[str]:
+    """Markdown rows: for the draft's rank-r candidate with probability in each bin, how often it
+    was the token the target emitted. A tree that ranks nodes by draft probability (EAGLE-2)
+    assumes this equals the probability; where it does not, the ranking misplaces nodes."""
+    bins = list(zip(edges[:-1], edges[1:], strict=False))
+    counts = [[[0, 0.0, 0] for _ in bins] for _ in range(_TOP)]  # [rank][bin] -> n, sum q, hits
+    for view in views:
+        for rank_emitted, probs in zip(view.ranks, view.top_probs, strict=True):
+            for r, q in enumerate(probs):
+                b = next(i for i, (lo, hi) in enumerate(bins) if q < hi or hi == edges[-1])
+                cell = counts[r][b]
+                cell[0] += 1
+                cell[1] += q
+                cell[2] += rank_emitted == r + 1
+    rows = ["| draft probability | " + " | ".join(f"rank {r + 1}" for r in range(_TOP)) + " |"]
+    rows.append("|---" * (_TOP + 1) + "|")
+    for b, (lo, hi) in enumerate(bins):
+        cells = []
+        for r in range(_TOP):
+            n, total_q, hits = counts[r][b]
+            cells.append(f"{hits / n:.3f} vs {total_q / n:.3f} (n={n})" if n else "-")
+        rows.append(f"| {lo:g} to {hi:g} | " + " | ".join(cells) + " |")
+    return rows
 
 
 @dataclass
@@ -170,11 +210,11 @@ def load_draft(name: str, quantize: str, max_context: int) -> TorchBackend:
     )
 
 
-def ranks_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, list[int]]:
+def views_of_draft(runs: list[Recorded], draft_model: str, quantize: str) -> dict[str, DraftView]:
     longest = max(len(run.prompt) + len(run.output) for run in runs)
     model = load_draft(draft_model, quantize, longest + 1)
     progress = tqdm(runs, desc="draft forwards", unit="output")
-    return {run.prompt_id: draft_ranks(model, run.prompt, run.output) for run in progress}
+    return {run.prompt_id: draft_view(model, run.prompt, run.output) for run in progress}
 
 
 def main() -> None:
@@ -186,7 +226,15 @@ def main() -> None:
     parser.add_argument(
         "--ranks-in", help="read the ranks from a --ranks-out file instead of running the draft"
     )
+    parser.add_argument(
+        "--calibration",
+        action="store_true",
+        help="also print how often the draft's best candidates were the emitted token, by their"
+        " draft probability (needs the draft: not with --ranks-in)",
+    )
     args = parser.parse_args()
+    if args.calibration and args.ranks_in:
+        parser.error("--calibration needs the draft's probabilities: drop --ranks-in")
     try:
         budgets = [int(n) for n in args.nodes.split(",")]
     except ValueError:
@@ -200,7 +248,8 @@ def main() -> None:
             with open(args.ranks_in) as saved:
                 ranks = json.load(saved)
         else:
-            ranks = ranks_of_draft(runs, args.draft_model, args.draft_quantize)
+            views = views_of_draft(runs, args.draft_model, args.draft_quantize)
+            ranks = {prompt_id: view.ranks for prompt_id, view in views.items()}
     except (OSError, KeyError, ValueError, SpecDecodeError) as exc:
         sys.exit(f"error: {exc}")
     missing = [run.prompt_id for run in runs if run.prompt_id not in ranks]
@@ -238,6 +287,13 @@ def main() -> None:
         f" 2 in {share[1] / total:.1%}, 3 in {share[2] / total:.1%},"
         f" worse in {1 - sum(share) / total:.1%}"
     )
+    if args.calibration:
+        print(
+            "\nhow often the draft's rank-r candidate was the emitted token vs its mean draft"
+            " probability, by draft probability"
+        )
+        edges = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1]
+        print("\n".join(calibration_table([views[run.prompt_id] for run in runs], edges)))
 
 
 if __name__ == "__main__":

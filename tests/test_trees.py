@@ -394,3 +394,15 @@ def test_the_replay_target_counts_the_forwards_the_real_target_would() -> None:
             assert ids == output, tree
             forwards.append(stats.target_forwards)
         assert forwards[0] == forwards[1] < count, tree
+
+
+def test_the_calibration_table_counts_each_candidate_where_its_probability_falls() -> None:
+    headroom = load_benchmark_script("tree_headroom")
+    view = headroom.DraftView(
+        ranks=[1, 2, 1, 5],
+        top_probs=[[0.95, 0.03, 0.01], [0.6, 0.3, 0.05], [0.92, 0.05, 0.01], [0.5, 0.2, 0.1]],
+    )
+    rows = headroom.calibration_table([view], [0, 0.5, 0.9, 1])
+    assert rows[2] == "| 0 to 0.5 | - | 0.250 vs 0.145 (n=4) | 0.000 vs 0.043 (n=4) |"
+    assert rows[3] == "| 0.5 to 0.9 | 0.000 vs 0.550 (n=2) | - | - |"
+    assert rows[4] == "| 0.9 to 1 | 1.000 vs 0.935 (n=2) | - | - |"
