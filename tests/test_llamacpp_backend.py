@@ -240,7 +240,8 @@ def test_a_file_llama_cpp_cannot_load_is_one_clear_error(tmp_path) -> None:
 
 def test_missing_llama_cpp_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
-    with pytest.raises(SpecDecodeError, match=r'pip install "specdecode\[llamacpp\]"'):
+    hint = r'pip install --no-cache-dir "specdecode\[llamacpp\]"'
+    with pytest.raises(SpecDecodeError, match=hint):
         SpecDecoder.load(SMALL, backend="llamacpp")
 
 

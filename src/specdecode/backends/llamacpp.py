@@ -42,7 +42,8 @@ from specdecode.errors import SpecDecodeError
 #: The compiler flags that keep llama.cpp's AMX kernels out of a build (x86-64; see `amx_error`).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 INSTALL_HINT = (
-    f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" pip install "specdecode[llamacpp]" '
+    f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" '
+    'pip install --no-cache-dir "specdecode[llamacpp]" '
     "(builds llama.cpp from source, about 9 minutes)"
 )
 #: Set to 1 to run a llama.cpp built with AMX kernels anyway, on machines where they work.
