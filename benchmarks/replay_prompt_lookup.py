@@ -8,6 +8,9 @@ for a forward of k tokens) turns the steps into decode time. Beside the drafter'
 cuts drafts by their forecasts) and llama.cpp's `ngram-simple` policy, it prints the bound for
 any drafter that copies earlier text: an oracle that may copy from any earlier occurrence of the
 last token, knows how far each copy will be accepted, and picks the cheapest sequence of steps.
+Two rows between them split the gap: prompt lookup's own copy drafted exactly as far as it will be
+accepted (a perfect draft length), and the best of the copies its longest match offers (a perfect
+choice of which earlier occurrence to copy), both up to `--max-draft` tokens.
 
 Drafting time and prefill are left out. Speed-ups are relative to plain decoding at `--plain-ms`
 per token (default: the curve's 1-token cost). `--with-prefill` counts each prompt's prefill as
@@ -28,6 +31,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from specdecode.bench.suites import load_suite
 from specdecode.control.base import StepTimings
@@ -94,6 +99,35 @@ def cost_aware_policy(
         seconds = cost_ms(curve, len(tokens) + 1) / 1000
         controller.observe(verdict, StepTimings(0.0, seconds))
         return tokens
+
+    return propose
+
+
+def known_length_policy(drafter: PromptLookupDrafter, maximum: int) -> Policy:
+    """The drafter's own copy (the latest occurrence of its longest match), drafted exactly as far
+    as it will be accepted: what a perfect choice of draft length would give this drafter."""
+
+    def propose(context: list[int], future: Sequence[int]) -> list[int]:
+        tokens = drafter.propose(context, Budget.chain(maximum)).tokens.tolist()
+        return tokens[: accepted_length(tokens, future)]
+
+    return propose
+
+
+def best_occurrence_policy(drafter: PromptLookupDrafter, maximum: int) -> Policy:
+    """Like `known_length_policy`, but copying from whichever occurrence of the longest match will
+    be accepted furthest: what a perfect choice among the drafter's candidate copies would add."""
+
+    def propose(context: list[int], future: Sequence[int]) -> list[int]:
+        _, ends = drafter.longest_match(torch.as_tensor(context, dtype=torch.long))
+        best: list[int] = []
+        for end in ends.tolist():
+            period = len(context) - end  # a copy that reaches the present repeats itself
+            copy = [context[end + offset % period] for offset in range(maximum)]
+            copy = copy[: accepted_length(copy, future)]
+            if len(copy) > len(best):
+                best = copy
+        return best
 
     return propose
 
@@ -225,6 +259,12 @@ def main() -> None:
         ),
         "prompt-lookup, cost-aware": lambda prompt, output: replay(
             prompt, output, cost_aware_policy(PromptLookupDrafter(), args.max_draft, curve), curve
+        ),
+        "prompt-lookup's copy, known length": lambda prompt, output: replay(
+            prompt, output, known_length_policy(PromptLookupDrafter(), args.max_draft), curve
+        ),
+        "best occurrence of its match, known length": lambda prompt, output: replay(
+            prompt, output, best_occurrence_policy(PromptLookupDrafter(), args.max_draft), curve
         ),
         "llama.cpp ngram-simple (12-token match, up to 48)": lambda prompt, output: replay(
             prompt, output, lambda context, future: ngram_simple(context, 48), curve

@@ -117,6 +117,24 @@ def test_the_replay_script_costs_steps_and_bounds_lookup() -> None:
     assert replay.cost_ms(curve, 12) < replay.replay(prompt, output, drafter, curve) < plain
 
 
+def test_the_replay_splits_the_oracle_into_draft_length_and_choice_of_copy() -> None:
+    replay = load_benchmark_script("replay_prompt_lookup")
+    curve = {1: 100.0, 4: 130.0, 8: 250.0}
+    # Token 7 occurs twice; the latest occurrence is followed by 9s, the earlier one by the text
+    # that comes: only the choice among the copies finds it.
+    right = list(range(20, 30))
+    prompt = [7, *right, 3, 7, 9, 9, 9, 9, 5, 7]
+    output = right[:8]
+    drafter = PromptLookupDrafter()
+    known = replay.known_length_policy(drafter, 16)
+    best = replay.best_occurrence_policy(drafter, 16)
+    assert known(prompt, output) == []  # its copy (9, 9, ...) fails at once
+    assert best(prompt, output) == output
+    # The replay drafts 7 of them, and the bonus brings the last: one 8-token forward.
+    assert replay.replay(prompt, output, best, curve) == replay.cost_ms(curve, 8)
+    assert replay.replay(prompt, output, best, curve) < replay.replay(prompt, output, known, curve)
+
+
 def test_the_replay_counts_prefill_as_the_benchmark_does() -> None:
     replay = load_benchmark_script("replay_prompt_lookup")
     # 1 s of prefill, 9 s of plain decoding; a policy that decodes in a third of the time.
@@ -144,6 +162,8 @@ def test_the_replay_oracle_bounds_the_drafter_on_random_and_periodic_text() -> N
         for policy in (
             replay.drafter_policy(PromptLookupDrafter(), 16),
             replay.controlled(replay.stop12_lookup, 16),
+            replay.known_length_policy(PromptLookupDrafter(), 16),
+            replay.best_occurrence_policy(PromptLookupDrafter(), 16),
             lambda context, future: [],
         ):
             assert bound <= replay.replay(prompt, output, policy, curve) + 1e-9, (prompt, output)
