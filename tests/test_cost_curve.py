@@ -42,7 +42,7 @@ def test_measured_once_then_read_from_the_cache(cache, monkeypatch) -> None:
     # A forward of k + 1 tokens was timed for each length, after the synthetic context.
     assert {k + 1 for k in cost_curve.MEASURED_LENGTHS} <= set(backend.all_forward_sizes)
     assert backend.num_cached == 0  # measuring leaves the backend empty
-    saved = json.loads((cache / "costs" / "toy-costs-test.json").read_text())
+    saved = json.loads(cost_curve.cache_path("toy-costs-test").read_text())
     assert saved["key"] == "toy-costs-test"
 
     def no_measuring(*args, **kwargs):
@@ -52,8 +52,22 @@ def test_measured_once_then_read_from_the_cache(cache, monkeypatch) -> None:
     assert cost_curve.load_or_measure(KeyedToy()) == curve
 
 
+def test_another_cpu_measures_its_own_curve(cache, monkeypatch) -> None:
+    this_cpu = cost_curve.cpu_identity
+    curve = cost_curve.load_or_measure(KeyedToy())
+    monkeypatch.setattr(cost_curve, "cpu_identity", lambda: "another-cpu")
+    backend = KeyedToy()
+    assert cost_curve.load_or_measure(backend) is not None
+    assert backend.all_forward_sizes  # measured, not read from the first CPU's file
+    assert len(list((cache / "costs").glob("toy-costs-test-cpu*.json"))) == 2
+    monkeypatch.setattr(cost_curve, "cpu_identity", this_cpu)
+    backend = KeyedToy()
+    assert cost_curve.load_or_measure(backend) == curve
+    assert not backend.all_forward_sizes  # this CPU's file was read back
+
+
 def test_a_damaged_cache_file_is_measured_again(cache) -> None:
-    path = cache / "costs" / "toy-costs-test.json"
+    path = cost_curve.cache_path("toy-costs-test")
     path.parent.mkdir(parents=True)
     path.write_text('{"seconds": {"1": "fast"')
     curve = cost_curve.load_or_measure(KeyedToy())

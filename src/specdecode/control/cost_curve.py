@@ -5,13 +5,19 @@ drafts. It could learn every point online, but it would then spend the start of 
 trying lengths that do not pay. Instead the curve is measured once per backend, model and thread
 count: a short synthetic context is prefilled and a forward of `k + 1` tokens is timed for a few
 draft lengths (the fastest of a few runs: a shared machine only ever adds time). The curve is
-cached on disk under a key the backend gives (`Backend.cost_key`), so later processes start from
-it at once; the controller keeps refining it from the steps it times.
+cached on disk under a key the backend gives (`Backend.cost_key`) and one for the CPU, so later
+processes on this machine start from it at once, and a cache shared by different machines (a home
+directory on a cluster) keeps a curve for each; the controller keeps refining it from the steps
+it times.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -29,6 +35,27 @@ def cache_dir() -> Path:
     from specdecode.models.install import cache_root
 
     return cache_root() / "costs"
+
+
+@functools.cache
+def cpu_identity() -> str:
+    """A short digest of this CPU: its model name, instruction-set flags and the cores this process
+    may use (the same file on another machine could be twice as fast or slow)."""
+    described = [platform.machine()]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")) and line not in described:
+                described.append(line)
+    except OSError:
+        described.append(platform.processor())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    described.append(f"cores {cores}")
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
+
+
+def cache_path(key: str) -> Path:
+    """Where the curve of the backend configuration `key` is cached for this CPU."""
+    return cache_dir() / f"{key}-cpu{cpu_identity()}.json"
 
 
 def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> dict[int, float]:
@@ -58,7 +85,7 @@ def load_or_measure(backend: Backend) -> dict[int, float] | None:
     key = backend.cost_key
     if key is None:
         return None
-    path = cache_dir() / f"{key}.json"
+    path = cache_path(key)
     try:
         raw = json.loads(path.read_text())
         return {int(length): float(value) for length, value in raw["seconds"].items()}
