@@ -38,7 +38,7 @@ from specdecode.bench.suites import load_suite
 from specdecode.control.base import StepTimings
 from specdecode.control.cost_aware import CostAwareController
 from specdecode.control.heuristic import HeuristicController
-from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.prompt_lookup import PromptLookupDrafter, copy_after
 from specdecode.errors import SpecDecodeError
 from specdecode.models import load_tokenizer
 from specdecode.tree import Budget
@@ -119,11 +119,11 @@ def best_occurrence_policy(drafter: PromptLookupDrafter, maximum: int) -> Policy
     be accepted furthest: what a perfect choice among the drafter's candidate copies would add."""
 
     def propose(context: list[int], future: Sequence[int]) -> list[int]:
-        _, ends = drafter.longest_match(torch.as_tensor(context, dtype=torch.long))
+        tokens = torch.as_tensor(context, dtype=torch.long)  # [L]
+        _, ends = drafter.longest_match(tokens)
         best: list[int] = []
         for end in ends.tolist():
-            period = len(context) - end  # a copy that reaches the present repeats itself
-            copy = [context[end + offset % period] for offset in range(maximum)]
+            copy = copy_after(tokens, end, maximum).tolist()
             copy = copy[: accepted_length(copy, future)]
             if len(copy) > len(best):
                 best = copy

@@ -118,15 +118,11 @@ class PromptLookupDrafter(Drafter):
             want = min(want, self.weak_draft)
         if want == 0:
             return DraftTree.empty()
-        # Copy what followed the most recent occurrence. Where that copy reaches the present (the
-        # text repeats with period `length - end`), it goes on copying its own draft.
-        end = int(ends[-1])
-        offsets = torch.arange(want) % (length - end)  # [want]
         self.last_match = match_length
         confidence = torch.tensor(  # [want]
             [self.continues(match_length + depth) for depth in range(want)], dtype=torch.float32
         )
-        return DraftTree.chain(tokens[end + offsets], confidence=confidence)
+        return DraftTree.chain(copy_after(tokens, int(ends[-1]), want), confidence=confidence)
 
     def longest_match(self, tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(n, ends): the longest n <= max_ngram such that the last n tokens occurred earlier, and
@@ -145,6 +141,14 @@ class PromptLookupDrafter(Drafter):
         if matched == 0:
             return 0, last
         return matched, found + 1
+
+
+def copy_after(tokens: torch.Tensor, end: int, length: int) -> torch.Tensor:
+    """The `length` tokens that follow index `end - 1` of `tokens` (the most recent occurrence is
+    the drafter's choice). Where the copy reaches the present, the text repeats with period
+    `len(tokens) - end`, so it goes on copying its own draft. [length]"""
+    offsets = torch.arange(length) % (tokens.numel() - end)  # [length]
+    return tokens[end + offsets]
 
 
 def _group(match_length: int) -> int:
