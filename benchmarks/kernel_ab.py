@@ -10,6 +10,12 @@ model's do). It also checks that both give the same bits.
     python benchmarks/kernel_ab.py --baseline a59b322~1 --current a59b322
     python benchmarks/kernel_ab.py --baseline-file old_rowwise_linear.cpp --rows 1,2
 
+With `--tiles` (on a CPU with AMX) it compares instead, in the working tree's kernel, the
+dot-product path of bfloat16 rows (baseline) with the tile path (current), on weights packed once
+for it: the two round differently, so it checks that they agree to float32 precision, not bits.
+
+    python benchmarks/kernel_ab.py --tiles --rows 1,2,4,8,16
+
 With `--kernel attention` it does the same for `rowwise_attention.cpp`: the attention of one
 forward of the 1.5B (28 layers, 12 query heads on 2 key/value heads of 128) whose rows see a
 cached context of `--context` tokens and, causally, each other.
@@ -108,6 +114,11 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--baseline", help="git revision of the earlier kernel")
     which.add_argument("--baseline-file", help="or a file holding the earlier kernel's source")
+    which.add_argument(
+        "--tiles",
+        action="store_true",
+        help="compare the working tree's dot-product and AMX tile paths (bfloat16 rows)",
+    )
     parser.add_argument(
         "--current", help="git revision of the later kernel (default: the working tree's)"
     )
@@ -127,6 +138,9 @@ def main() -> None:
         parser.error(f"--rows takes integers separated by commas, got {args.rows!r}")
     if min(rows_list) < 1 or args.repeats < 1 or args.threads < 1 or args.context < 1:
         parser.error("--rows, --repeats, --threads and --context must be at least 1")
+    if args.tiles:
+        compare_tiles(rows_list, args.repeats, args.threads)
+        return
     source = KERNELS / f"rowwise_{args.kernel}.cpp"
     op = f"rowwise_{args.kernel}"
     if args.baseline_file:
@@ -162,17 +176,50 @@ def main() -> None:
             if not all(map(torch.equal, first, second)):
                 sys.exit(f"error: the two kernels give different bits for {rows} rows")
             del first, second
-            times: dict[str, list[float]] = {name: [] for name in kernels}
-            for _ in range(args.repeats):
-                for name, kernel in kernels.items():
-                    start = time.perf_counter()
-                    forward(kernel)
-                    times[name].append((time.perf_counter() - start) * 1000)
-            cells = [
-                f"{name} median {sorted(ms)[len(ms) // 2]:.0f} best {min(ms):.0f} ms"
-                for name, ms in times.items()
-            ]
-            print(f"{rows} rows: " + " | ".join(cells))
+            print(f"{rows} rows: " + time_alternately(forward, kernels, args.repeats))
+
+
+def time_alternately(forward, kernels: dict, repeats: int) -> str:
+    """Time `forward` with each kernel in turn, `repeats` rounds; median and best per kernel."""
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(repeats):
+        for name, kernel in kernels.items():
+            start = time.perf_counter()
+            forward(kernel)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return " | ".join(
+        f"{name} median {sorted(ms)[len(ms) // 2]:.0f} best {min(ms):.0f} ms"
+        for name, ms in times.items()
+    )
+
+
+def compare_tiles(rows_list: list[int], repeats: int, threads: int) -> None:
+    """The `--tiles` comparison: dot-product path against tile path, one process."""
+    import torch
+
+    from specdecode.backends.torch import kernels
+
+    torch.set_num_threads(threads)
+    dot_product, tiles = kernels.rowwise_linear(), kernels.rowwise_linear_tiles()
+    if dot_product is None or tiles is None:
+        sys.exit("error: --tiles needs the kernels on a CPU with AMX that the OS lets us use")
+    workload = linear_workload()
+    packed: dict[int, torch.Tensor] = {}
+
+    def by_tiles(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if id(weight) not in packed:  # once per weight, before any timing (see below)
+            packed[id(weight)] = kernels.pack_for_tiles(weight)
+        return tiles(x, packed[id(weight)], weight.shape[0])
+
+    paths = {"dot-product": dot_product, "tiles": by_tiles}
+    for rows in rows_list:
+        forward = workload(rows)
+        first, second = (forward(path) for path in paths.values())
+        for a, b in zip(first, second, strict=True):
+            if not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * a.abs().max().item()):
+                sys.exit(f"error: the two paths disagree beyond rounding for {rows} rows")
+        del first, second
+        print(f"{rows} rows: " + time_alternately(forward, paths, repeats))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,28 @@ def test_tree_drafts_greedy_are_exact_on_the_1p5b_0p5b_pair(shape: str, pair: Sp
         assert fast.stats.mean_accepted_tokens > 1.5
 
 
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])
+def test_greedy_is_exact_with_the_amx_tile_kernel(
+    drafter: str, pair: SpecDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `SPECDECODE_TILES=1` on an AMX CPU every product of the target's bfloat16 rows takes
+    the tile kernel, which rounds its own way: plain decoding and speculation, both through it,
+    still agree token for token (chains and a tree)."""
+    from specdecode.backends.torch import kernels
+
+    if kernels.rowwise_linear_tiles() is None:
+        pytest.skip("needs a CPU with AMX tile instructions (Intel Sapphire Rapids or later)")
+    monkeypatch.setitem(kernels._state, "tiles_chosen", True)
+    for prompt in (EDIT_PROMPT, QUESTION_PROMPT):
+        plain = generate(pair, prompt, "none", 40)
+        fast = generate(pair, prompt, drafter, 40)
+        assert fast.token_ids == plain.token_ids, prompt
+        if drafter == "draft-model":
+            tree = generate(pair, prompt, drafter, 40, tree="dynamic", tree_width=2, tree_nodes=12)
+            assert tree.token_ids == plain.token_ids, prompt
+            assert tree.stats.mean_accepted_tokens > 1.5
+
+
 @pytest.mark.parametrize(
     ("shape", "verifier"),
     [

@@ -83,8 +83,17 @@ def small_bf16() -> TorchBackend:
     )
 
 
-def test_logits_do_not_depend_on_forward_size(small_bf16: TorchBackend) -> None:
-    """bfloat16: one token at a time and chunks of 2..16 give bitwise-identical logits."""
+@pytest.mark.parametrize("products", ["dot-product", "tiles"])
+def test_logits_do_not_depend_on_forward_size(
+    small_bf16: TorchBackend, products: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16: one token at a time and chunks of 2..16 give bitwise-identical logits, with
+    either kernel for the products (the AMX tiles where the CPU has them)."""
+    from specdecode.backends.torch import kernels
+
+    if products == "tiles" and kernels.rowwise_linear_tiles() is None:
+        pytest.skip("needs a CPU with AMX tile instructions (Intel Sapphire Rapids or later)")
+    monkeypatch.setitem(kernels._state, "tiles_chosen", products == "tiles")
     backend = small_bf16
     ids = torch.randint(10, 100_000, (160,), generator=torch.Generator().manual_seed(2))
     backend.reset()
@@ -348,6 +357,65 @@ def test_rowwise_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -
                 assert torch.equal(rowwise(inputs[:rows], weight), alone[:rows]), rows
             exact = inputs.double() @ weight.double().T
             assert torch.allclose(alone.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
+
+
+def test_weights_packed_for_tiles_put_each_value_where_the_tile_instruction_reads_it() -> None:
+    """Output n = 64 g + 16 j + c and input i = 32 s + 2 p + e of the weight sit at
+    [g, j, s, p, 2 c + e] of the packed tensor, with zeros past the weight's edges."""
+    from specdecode.backends.torch import kernels
+
+    outputs, inputs = 70, 45  # ragged: 2 groups of 64 outputs, 2 steps of 32 inputs
+    weight = torch.arange(outputs * inputs, dtype=torch.float32).view(outputs, inputs)
+    packed = kernels.pack_for_tiles(weight.bfloat16())
+    assert packed.shape == (2, 4, 2, 16, 32)
+    exact = kernels.pack_for_tiles(weight)  # float32 holds the indices exactly
+    for n, i in [(0, 0), (1, 0), (0, 1), (17, 3), (63, 31), (64, 32), (69, 44), (40, 33)]:
+        g, j, c = n // 64, n % 64 // 16, n % 16
+        s, p, e = i // 32, i % 32 // 2, i % 2
+        assert exact[g, j, s, p, 2 * c + e] == weight[n, i], (n, i)
+    assert exact.sum() == weight.sum()  # everything else is padding, and zero
+
+
+def test_tile_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> None:
+    """On a CPU with AMX, bfloat16 rows are multiplied by tiles of up to 16 rows: a row's result
+    is the same alone, in a tile with others, or in a later tile of a larger product; ragged
+    shapes are padded with zeros; and it is close to a float64 product."""
+    from specdecode.backends.torch import kernels
+
+    tiles = kernels.rowwise_linear_tiles()
+    if tiles is None:
+        pytest.skip("needs a CPU with AMX tile instructions (Intel Sapphire Rapids or later)")
+    torch.manual_seed(0)
+    for in_features, out_features in [(896, 4864), (100, 37), (4864, 9), (33, 5)]:
+        weight = (torch.randn(out_features, in_features) * 0.05).bfloat16()
+        packed = kernels.pack_for_tiles(weight)
+        inputs = torch.randn(40, in_features) * torch.logspace(-2, 1, in_features)
+        inputs = inputs.bfloat16()
+        alone = torch.cat([tiles(inputs[i : i + 1], packed, out_features) for i in range(40)])
+        assert alone.shape == (40, out_features) and alone.dtype == torch.float32
+        for rows in (2, 3, 5, 8, 15, 16, 17, 31, 40):
+            assert torch.equal(tiles(inputs[:rows], packed, out_features), alone[:rows]), rows
+        exact = inputs.double() @ weight.double().T
+        assert torch.allclose(alone.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
+
+
+def test_batch_invariant_linear_takes_the_tiles_on_an_amx_cpu_and_repacks_a_changed_weight() -> (
+    None
+):
+    from specdecode.backends.torch import invariance, kernels
+
+    if kernels.rowwise_linear_tiles() is None:
+        pytest.skip("needs a CPU with AMX tile instructions (Intel Sapphire Rapids or later)")
+    torch.manual_seed(0)
+    layer = invariance.BatchInvariantLinear(256, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 256).bfloat16()
+    with torch.inference_mode():
+        out = layer(x)
+        packed = kernels.pack_for_tiles(layer.weight)
+        by_tiles = kernels.rowwise_linear_tiles()(x, packed, 96) + layer.bias
+        assert torch.equal(out, by_tiles.bfloat16())
+        layer.weight.mul_(2)  # in place: the packed copy must follow
+        assert torch.equal(layer(x), (2 * by_tiles - layer.bias).bfloat16())
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "library-pieces"])

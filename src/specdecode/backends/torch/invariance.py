@@ -8,11 +8,12 @@ EPYC with AVX-512 BF16 every count from 2 up agrees in bfloat16; on an Intel Xeo
 2 and 3 do for some shapes).
 
 The first choice is the C++ kernel of `kernels/rowwise_linear.cpp`, which sums every output in one
-fixed order whatever the row count, so the question does not arise. Where it is unavailable (no
-AVX-512, no compiler, CUDA), nothing is assumed: each layer measures, on this machine and at this
-thread count, which row counts give the same bits per row as a two-row product (the shape a
-one-token forward is then padded to, see `model.py`), and splits a product into chunks of such
-counts.
+fixed order whatever the row count, so the question does not arise. (On a CPU with AMX, and with
+`SPECDECODE_TILES=1`, bfloat16 rows take its tile path, for which each layer keeps a copy of its
+weight in the tiles' layout.) Where it is unavailable (no AVX-512, no compiler, CUDA), nothing is
+assumed: each layer measures, on this machine and at this thread count, which row counts give the
+same bits per row as a two-row product (the shape a one-token forward is then padded to, see
+`model.py`), and splits a product into chunks of such counts.
 
 Forwards larger than `MAX_INVARIANT_ROWS` (prompt prefill) are not split: plain and speculative
 decoding prefill the same way, so their bits agree without it.
@@ -107,6 +108,14 @@ class BatchInvariantLinear(nn.Linear):
     row counts that match two-row products on this machine.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The weight in AMX tile layout, made on first use where the tiles are chosen (a second
+        # copy of the weight: prefill's library products read the original), and the weight's
+        # (storage, version) it was made from, so that a changed weight is packed again.
+        self.tiled_weight: torch.Tensor | None = None
+        self.tiled_from: tuple[int, int] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [R, in] -> [R, out]
         rows = x.shape[0]
         if x.dim() == 2 and rows <= MAX_INVARIANT_ROWS and kernel_applies(self.weight):
@@ -116,7 +125,12 @@ class BatchInvariantLinear(nn.Linear):
             native = (
                 x.dtype == self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
             )
-            out = rowwise((x if native else x.float()).contiguous(), self.weight)  # [R, out] fp32
+            if native and kernels.tiles_chosen():
+                tiles = kernels.rowwise_linear_tiles()
+                out = tiles(x.contiguous(), self.weight_in_tiles(), self.out_features)
+            else:
+                out = rowwise((x if native else x.float()).contiguous(), self.weight)
+            # out: [R, out] float32
             if self.bias is not None:
                 out += self.bias
             return out.to(x.dtype)
@@ -141,6 +155,15 @@ class BatchInvariantLinear(nn.Linear):
             start += size
         return torch.cat(out)
 
+    def weight_in_tiles(self) -> torch.Tensor:
+        """The weight packed for `kernels.rowwise_linear_tiles`, packed again if it changed."""
+        source = (self.weight.data_ptr(), self.weight._version)
+        if self.tiled_weight is None or self.tiled_from != source:
+            with torch.no_grad():
+                self.tiled_weight = kernels.pack_for_tiles(self.weight.detach())
+            self.tiled_from = source
+        return self.tiled_weight
+
     def pieces(self, rows: int) -> list[int]:
         """Row counts, summing to `rows`, each of which agrees with two-row products (or is 1)."""
         if rows <= 2 or self.agrees(rows):
@@ -158,8 +181,12 @@ class BatchInvariantLinear(nn.Linear):
         return _AGREES[key]
 
     def warm_up(self, max_rows: int) -> None:
-        """Probe every row count up to `max_rows` now rather than during the first forwards."""
+        """Probe every row count up to `max_rows` (or pack the weight for the tile kernel) now
+        rather than during the first forwards."""
         if kernel_applies(self.weight):
+            native = self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
+            if native and kernels.tiles_chosen():
+                self.weight_in_tiles()
             return
         counts = list(range(3, min(max_rows, MAX_INVARIANT_ROWS) + 1))
         missing = [rows for rows in counts if _key(self.weight, self.bias, rows) not in _AGREES]

@@ -4,6 +4,10 @@
 number of rows, and is faster than the library products for the 1-16 rows of decoding and
 verification (with bfloat16 dot products where the CPU has them); where the CPU has integer dot
 products it also multiplies a quantized draft model's int8 weights by rows rounded to int8.
+Where the CPU has AMX tile instructions and `SPECDECODE_TILES=1` asks for it, bfloat16 rows are
+multiplied by tiles instead (`rowwise_linear_tiles`, on weights repacked once by
+`pack_for_tiles`), with the same promise: verification forwards cost much less, one-token
+forwards somewhat more (see rowwise_linear.cpp).
 `rowwise_attention.cpp` gives each query row the same bits whatever the other rows and wherever
 its visible keys sit (a tree's nodes). They are compiled once per machine with the system's C++
 compiler into `~/.cache/specdecode/kernels/` (about 20 seconds), keyed by the sources, the
@@ -16,8 +20,10 @@ why, once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import mmap
 import os
 import shutil
 import sys
@@ -36,7 +42,14 @@ REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 BF16_CPU_FLAG = "avx512_bf16"
 # The CPU flag for integer (byte) dot products (rowwise_linear_int8).
 VNNI_CPU_FLAG = "avx512_vnni"
+# The CPU flags for tile matrix instructions on bfloat16 (rowwise_linear_tiles).
+TILE_CPU_FLAGS = ("amx_tile", "amx_bf16")
 ENV_SWITCH = "SPECDECODE_KERNELS"
+# `SPECDECODE_TILES=1` puts bfloat16 rows on the tile kernel where the CPU has AMX.
+TILES_ENV_SWITCH = "SPECDECODE_TILES"
+# Tile layout: outputs per group of 4 tiles, inputs per step (see rowwise_linear.cpp).
+TILE_GROUP_OUTPUTS = 64
+TILE_STEP_INPUTS = 32
 # Products of more rows (prompt prefill) are faster in the libraries' blocked GEMMs, except the
 # integer ones, which take a prefill in chunks of this many rows.
 MAX_ROWS = 128
@@ -64,6 +77,7 @@ def compiler_flags() -> list[str]:
         BASE_FLAGS
         + (["-mavx512bf16"] if BF16_CPU_FLAG in flags else [])
         + (["-mavx512vnni"] if VNNI_CPU_FLAG in flags else [])
+        + (["-mamx-tile", "-mamx-bf16"] if set(TILE_CPU_FLAGS) <= flags else [])
     )
 
 
@@ -104,6 +118,71 @@ def rowwise_linear_int8() -> Callable[..., torch.Tensor] | None:
     if VNNI_CPU_FLAG not in cpu_flags() or not _loaded():
         return None
     return torch.ops.specdecode_kernels.rowwise_linear_int8
+
+
+def rowwise_linear_tiles() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """The compiled `rowwise_linear_tiles(x [R, K] bfloat16, packed, n) -> [R, n] float32` for
+    weights packed by `pack_for_tiles`, or None where the CPU lacks AMX or the OS does not lend a
+    process its registers. Whether products take it is `tiles_chosen()`."""
+    if "tiles" not in _state:
+        _state["tiles"] = (
+            set(TILE_CPU_FLAGS) <= cpu_flags()
+            and _loaded()
+            and bool(torch.ops.specdecode_kernels.tiles_enabled())
+        )
+    return torch.ops.specdecode_kernels.rowwise_linear_tiles if _state["tiles"] else None
+
+
+def tiles_chosen() -> bool:
+    """Whether every product of bfloat16 rows with bfloat16 weights takes the tile kernel in this
+    process: asked for with `SPECDECODE_TILES=1`, and available. Fixed for the process, since
+    the two kernels round differently and all forwards of a model must round alike."""
+    if "tiles_chosen" not in _state:
+        asked = os.environ.get(TILES_ENV_SWITCH, "0") == "1"
+        _state["tiles_chosen"] = asked and rowwise_linear_tiles() is not None
+        if asked and not _state["tiles_chosen"]:
+            warnings.warn(
+                f"specdecode: {TILES_ENV_SWITCH}=1 is ignored: this CPU or OS offers no AMX "
+                "tiles (or the kernels are off)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return bool(_state["tiles_chosen"])
+
+
+def pack_for_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] bfloat16 in the layout `rowwise_linear_tiles` reads:
+    [ceil(N / 64), 4, ceil(K / 32), 16, 16, 2], zeros past N and K. Output n = 64 g + 16 j + c
+    and input i = 32 s + 2 p + e sit at [g, j, s, p, c, e]: each [p, c, e] block is one tile of
+    16 input pairs by 16 outputs, and the tiles of 16 outputs follow each other step by step."""
+    outputs, inputs = weight.shape
+    padded = torch.nn.functional.pad(
+        weight, (0, -inputs % TILE_STEP_INPUTS, 0, -outputs % TILE_GROUP_OUTPUTS)
+    )
+    groups = padded.shape[0] // TILE_GROUP_OUTPUTS
+    steps = padded.shape[1] // TILE_STEP_INPUTS
+    blocks = padded.view(groups, 4, 16, steps, 16, 2)  # [g, j, c, s, p, e]
+    packed = _on_huge_pages(padded.numel(), weight.dtype).view(groups, 4, steps, 16, 16, 2)
+    packed.copy_(blocks.permute(0, 1, 3, 4, 2, 5))
+    return packed.view(groups, 4, steps, 16, 32)
+
+
+def _on_huge_pages(count: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of `count` values in memory the kernel is asked to back with 2 MB pages.
+
+    The tile kernel streams 8 places of the weights at once (4 per thread); on 4 KB pages each
+    stream needs a new address translation every 4 tiles, and a forward of one row took 1.3 times
+    as long as on a model file's large pages (measured on the 2.0 GHz Xeon). Where the advice is
+    not available the pages are ordinary; nothing else changes.
+    """
+    size = count * torch.empty((), dtype=dtype).element_size()
+    if size == 0:
+        return torch.empty(count, dtype=dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    # The tensor keeps `memory` alive; its pages return to the system with the tensor.
+    return torch.frombuffer(memory, dtype=dtype, count=count)
 
 
 def rowwise_attention() -> Callable[..., torch.Tensor] | None:
