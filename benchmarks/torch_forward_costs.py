@@ -12,11 +12,18 @@ controller measures them: `specdecode.control.cost_curve.measure`).
 
 instead profiles forwards of 16 tokens after a context of 1024 and prints where their time goes,
 by operator (self time, torch's profiler), to find the work outside the matrix products.
+
+    python benchmarks/torch_forward_costs.py --compare-tiles 3
+
+on a CPU with AMX times the forwards with the products on the AMX tile kernel and on the
+dot-product kernel (`SPECDECODE_TILES`), alternately in one process, for 3 rounds: two processes
+run one after the other on a shared machine differ by more than the kernels do.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main() -> None:
@@ -33,11 +40,19 @@ def main() -> None:
     parser.add_argument(
         "--context", type=int, default=128, help="tokens already cached (--profile; default 128)"
     )
+    parser.add_argument(
+        "--compare-tiles",
+        type=int,
+        metavar="ROUNDS",
+        help="alternate the AMX tile kernel and the dot-product kernel, ROUNDS times each",
+    )
     args = parser.parse_args()
     if args.profile is not None and not 1 <= args.profile <= 128:
         parser.error("--profile takes a token count from 1 to 128 (the row-wise kernels' range)")
     if args.context < 1:
         parser.error("--context must be at least 1")
+    if args.compare_tiles is not None and args.compare_tiles < 1:
+        parser.error("--compare-tiles takes a number of rounds, at least 1")
 
     import torch
 
@@ -54,8 +69,21 @@ def main() -> None:
         profile(model, args.profile, args.context)
         return
     tokens = (1, 2, 4, 8, 16, 32)
-    seconds = measure(model, tuple(count - 1 for count in tokens))
-    print(" | ".join(f"{count}: {seconds[count - 1] * 1000:.0f} ms" for count in tokens))
+    if args.compare_tiles is None:
+        seconds = measure(model, tuple(count - 1 for count in tokens))
+        print(" | ".join(f"{count}: {seconds[count - 1] * 1000:.0f} ms" for count in tokens))
+        return
+    from specdecode.backends.torch import kernels
+
+    if kernels.rowwise_linear_tiles() is None or args.dtype != "bfloat16" or quantize:
+        sys.exit("error: --compare-tiles needs a CPU with AMX and a bfloat16 model (no --quantize)")
+    for _ in range(args.compare_tiles):
+        for tiles in (True, False):
+            # What SPECDECODE_TILES decides once per process, switched here between rounds.
+            kernels._state["tiles_chosen"] = tiles
+            seconds = measure(model, tuple(count - 1 for count in tokens))
+            cells = " | ".join(f"{count}: {seconds[count - 1] * 1000:.0f} ms" for count in tokens)
+            print(f"{'tiles' if tiles else 'dot-product':>11}  {cells}", flush=True)
 
 
 def profile(model, tokens: int, context: int, forwards: int = 5) -> None:

@@ -399,6 +399,19 @@ def test_tile_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> N
         assert torch.allclose(alone.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
 
 
+def test_asking_for_tiles_without_amx_warns_once_and_keeps_the_dot_product_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from specdecode.backends.torch import kernels
+
+    monkeypatch.setenv(kernels.TILES_ENV_SWITCH, "1")
+    monkeypatch.setattr(kernels, "rowwise_linear_tiles", lambda: None)
+    monkeypatch.setattr(kernels, "_state", {})  # as in a fresh process
+    with pytest.warns(RuntimeWarning, match="SPECDECODE_TILES=1 is ignored"):
+        assert not kernels.tiles_chosen()
+    assert not kernels.tiles_chosen()  # decided once per process: no second warning
+
+
 def test_batch_invariant_linear_takes_the_tiles_on_an_amx_cpu_and_repacks_a_changed_weight() -> (
     None
 ):

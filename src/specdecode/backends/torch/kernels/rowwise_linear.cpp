@@ -341,10 +341,10 @@ at::Tensor rowwise_linear_int8(const at::Tensor& x, const at::Tensor& weight,
 // puts every product of bfloat16 rows on this path, whatever the row count, or none. Within the
 // instruction the rows of a tile never meet: a row's sums are the same sequence of operations
 // whether the tile holds it alone or with 15 others (tested in tests/test_torch_backend.py).
-// On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.2 one-token forwards this
-// way, against 3.6 on the dot-product tile above; but a one-token forward costs 1.3 times the
-// dot-product tile's, whose plain loads keep more of memory's bandwidth busy. So it is asked
-// for, with SPECDECODE_TILES=1 (README, "What limits these numbers").
+// On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.1-1.4 one-token forwards
+// this way, against 3.3-4.7 on the dot-product tile above; but a one-token forward costs 1.3-1.6
+// times the dot-product tile's, whose plain loads keep more of memory's bandwidth busy. So it is
+// asked for, with SPECDECODE_TILES=1 (README, "What limits these numbers").
 //
 // The weights are repacked once (invariance.py) into the layout the instruction reads: for each
 // group of 64 outputs, for each of its 4 tiles of 16 outputs, for each step of 32 inputs, a tile
