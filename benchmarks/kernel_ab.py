@@ -207,7 +207,7 @@ def compare_tiles(rows_list: list[int], repeats: int, threads: int) -> None:
     packed: dict[int, torch.Tensor] = {}
 
     def by_tiles(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if id(weight) not in packed:  # once per weight, before any timing (see below)
+        if id(weight) not in packed:  # once per weight, in the untimed first forward
             packed[id(weight)] = kernels.pack_for_tiles(weight)
         return tiles(x, packed[id(weight)], weight.shape[0])
 

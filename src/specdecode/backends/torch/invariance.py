@@ -122,9 +122,7 @@ class BatchInvariantLinear(nn.Linear):
             rowwise = kernels.rowwise_linear()
             # bfloat16 rows stay bfloat16 where the CPU multiplies them natively (widening them
             # is exact, so the two paths differ only in how they sum).
-            native = (
-                x.dtype == self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
-            )
+            native = x.dtype == torch.bfloat16 and self.takes_bfloat16_rows()
             if native and kernels.tiles_chosen():
                 tiles = kernels.rowwise_linear_tiles()
                 out = tiles(x.contiguous(), self.weight_in_tiles(), self.out_features)
@@ -155,12 +153,15 @@ class BatchInvariantLinear(nn.Linear):
             start += size
         return torch.cat(out)
 
+    def takes_bfloat16_rows(self) -> bool:
+        """Whether bfloat16 rows meet this bfloat16 weight natively in the row-wise kernel."""
+        return self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
+
     def weight_in_tiles(self) -> torch.Tensor:
         """The weight packed for `kernels.rowwise_linear_tiles`, packed again if it changed."""
         source = (self.weight.data_ptr(), self.weight._version)
         if self.tiled_weight is None or self.tiled_from != source:
-            with torch.no_grad():
-                self.tiled_weight = kernels.pack_for_tiles(self.weight.detach())
+            self.tiled_weight = kernels.pack_for_tiles(self.weight.detach())
             self.tiled_from = source
         return self.tiled_weight
 
@@ -184,8 +185,7 @@ class BatchInvariantLinear(nn.Linear):
         """Probe every row count up to `max_rows` (or pack the weight for the tile kernel) now
         rather than during the first forwards."""
         if kernel_applies(self.weight):
-            native = self.weight.dtype == torch.bfloat16 and kernels.takes_bfloat16_rows()
-            if native and kernels.tiles_chosen():
+            if self.takes_bfloat16_rows() and kernels.tiles_chosen():
                 self.weight_in_tiles()
             return
         counts = list(range(3, min(max_rows, MAX_INVARIANT_ROWS) + 1))

@@ -20,10 +20,8 @@ why, once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import mmap
 import os
 import shutil
 import sys
@@ -162,27 +160,7 @@ def pack_for_tiles(weight: torch.Tensor) -> torch.Tensor:
     groups = padded.shape[0] // TILE_GROUP_OUTPUTS
     steps = padded.shape[1] // TILE_STEP_INPUTS
     blocks = padded.view(groups, 4, 16, steps, 16, 2)  # [g, j, c, s, p, e]
-    packed = _on_huge_pages(padded.numel(), weight.dtype).view(groups, 4, steps, 16, 16, 2)
-    packed.copy_(blocks.permute(0, 1, 3, 4, 2, 5))
-    return packed.view(groups, 4, steps, 16, 32)
-
-
-def _on_huge_pages(count: int, dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor of `count` values in memory the kernel is asked to back with 2 MB pages.
-
-    The tile kernel streams 8 places of the weights at once (4 per thread); on 4 KB pages each
-    stream needs a new address translation every 4 tiles, and a forward of one row took 1.3 times
-    as long as on a model file's large pages (measured on the 2.0 GHz Xeon). Where the advice is
-    not available the pages are ordinary; nothing else changes.
-    """
-    size = count * torch.empty((), dtype=dtype).element_size()
-    if size == 0:
-        return torch.empty(count, dtype=dtype)
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    # The tensor keeps `memory` alive; its pages return to the system with the tensor.
-    return torch.frombuffer(memory, dtype=dtype, count=count)
+    return blocks.permute(0, 1, 3, 4, 2, 5).contiguous().view(groups, 4, steps, 16, 32)
 
 
 def rowwise_attention() -> Callable[..., torch.Tensor] | None:

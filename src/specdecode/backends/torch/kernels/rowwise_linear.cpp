@@ -341,10 +341,10 @@ at::Tensor rowwise_linear_int8(const at::Tensor& x, const at::Tensor& weight,
 // puts every product of bfloat16 rows on this path, whatever the row count, or none. Within the
 // instruction the rows of a tile never meet: a row's sums are the same sequence of operations
 // whether the tile holds it alone or with 15 others (tested in tests/test_torch_backend.py).
-// On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.1-1.4 one-token forwards
-// this way, against 3.3-4.7 on the dot-product tile above; but a one-token forward costs 1.3-1.6
-// times the dot-product tile's, whose plain loads keep more of memory's bandwidth busy. So it is
-// asked for, with SPECDECODE_TILES=1 (README, "What limits these numbers").
+// On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.1-1.6 one-token forwards
+// this way, against 3.7-3.8 on the dot-product tile above; but plain decoding through it ran 0.85
+// times as fast (the dot-product tile's plain loads keep more of memory's bandwidth busy). So it
+// is asked for, with SPECDECODE_TILES=1 (README, "What limits these numbers").
 //
 // The weights are repacked once (invariance.py) into the layout the instruction reads: for each
 // group of 64 outputs, for each of its 4 tiles of 16 outputs, for each step of 32 inputs, a tile
@@ -422,7 +422,7 @@ void multiply(const c10::BFloat16* x, int64_t rows, int64_t depth, const c10::BF
         _tile_zero(2);
         _tile_zero(3);
         // The 4 output tiles' weights are 4 streams from memory: a core keeps several streams
-        // in flight where one would wait (about 1.5 times the bandwidth measured here).
+        // in flight where one would wait (4 read 1.2-1.5 times as fast as 1 in a test here).
         const c10::BFloat16* w0 = group_weights;
         const c10::BFloat16* w1 = w0 + steps * kTileValues;
         const c10::BFloat16* w2 = w1 + steps * kTileValues;
@@ -479,16 +479,17 @@ at::Tensor rowwise_linear_tiles(const at::Tensor& x, const at::Tensor& packed, i
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "rowwise_linear_tiles: CPU");
   const int64_t rows = x.size(0), k = x.size(1), groups = packed.size(0);
   const int64_t depth = packed.size(2) * tiles::kStepInputs;
-  TORCH_CHECK(k <= depth && depth - k < tiles::kStepInputs && n <= groups * 64 &&
-                  groups * 64 - n < 64,
+  const int64_t outputs = groups * tiles::kGroupOutputs;
+  TORCH_CHECK(k <= depth && depth - k < tiles::kStepInputs && n <= outputs &&
+                  outputs - n < tiles::kGroupOutputs,
               "rowwise_linear_tiles: packed weights of another shape");
   // Padded inputs read as zeros, whose products add nothing, the same for every row count.
   at::Tensor rows_in = k == depth ? x : at::constant_pad_nd(x, {0, depth - k});
-  at::Tensor out = at::empty({rows, groups * tiles::kGroupOutputs}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({rows, outputs}, x.options().dtype(at::kFloat));
   if (rows > 0)
     tiles::multiply(rows_in.data_ptr<c10::BFloat16>(), rows, depth,
                     packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
-  return n == out.size(1) ? out : out.narrow(1, 0, n).contiguous();
+  return n == outputs ? out : out.narrow(1, 0, n).contiguous();
 #else
   TORCH_CHECK(false, "rowwise_linear_tiles: needs a build with AMX");
   return x;
@@ -510,4 +511,3 @@ TORCH_LIBRARY_IMPL(specdecode_kernels, CPU, m) {
   m.impl("rowwise_linear_int8", &rowwise_linear_int8);
   m.impl("rowwise_linear_tiles", &rowwise_linear_tiles);
 }
-
