@@ -377,9 +377,10 @@ def test_weights_packed_for_tiles_put_each_value_where_the_tile_instruction_read
 
 
 def test_tile_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> None:
-    """On a CPU with AMX, bfloat16 rows are multiplied by tiles of up to 16 rows: a row's result
-    is the same alone, in a tile with others, or in a later tile of a larger product; ragged
-    shapes are padded with zeros; and it is close to a float64 product."""
+    """On a CPU with AMX, bfloat16 rows are multiplied by tiles of up to 16 rows, and a lone row
+    on the vector unit in the tile instruction's arithmetic: a row's result is the same alone, in
+    a tile with others, or in a later tile of a larger product, denormals included; ragged shapes
+    are padded with zeros; and it is close to a float64 product."""
     from specdecode.backends.torch import kernels
 
     tiles = kernels.rowwise_linear_tiles()
@@ -387,9 +388,13 @@ def test_tile_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> N
         pytest.skip("needs a CPU with AMX tile instructions (Intel Sapphire Rapids or later)")
     torch.manual_seed(0)
     for in_features, out_features in [(896, 4864), (100, 37), (4864, 9), (33, 5)]:
-        weight = (torch.randn(out_features, in_features) * 0.05).bfloat16()
+        weight = torch.randn(out_features, in_features) * 0.05
+        weight[0] *= 1e-20  # with row 4 below: products under float32's normals, flushed to zero
+        weight = weight.bfloat16()
         packed = kernels.pack_for_tiles(weight)
         inputs = torch.randn(40, in_features) * torch.logspace(-2, 1, in_features)
+        inputs[3, ::7] = 1e-39  # bfloat16 denormals, which the tile instruction reads as zero
+        inputs[4] *= 1e-17
         inputs = inputs.bfloat16()
         alone = torch.cat([tiles(inputs[i : i + 1], packed, out_features) for i in range(40)])
         assert alone.shape == (40, out_features) and alone.dtype == torch.float32
