@@ -342,9 +342,9 @@ at::Tensor rowwise_linear_int8(const at::Tensor& x, const at::Tensor& weight,
 // instruction the rows of a tile never meet: a row's sums are the same sequence of operations
 // whether the tile holds it alone or with 15 others (tested in tests/test_torch_backend.py).
 // On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.1-1.6 one-token forwards
-// this way, against 3.7-3.8 on the dot-product tile above. A lone row (plain decoding) takes the
-// vector unit instead, in the same arithmetic (multiply_one_row), since the tile loads stream it
-// more slowly. It is asked for, with SPECDECODE_TILES=1, since the packed copy doubles the memory
+// this way, against 3.7-3.8 on the dot-product tile above. One or two rows (plain decoding)
+// take the vector unit instead, in the same arithmetic (multiply_few_rows), since the tile loads
+// stream the weights more slowly. It is asked for, with SPECDECODE_TILES=1, since the packed copy doubles the memory
 // of the weights (README, "What limits these numbers").
 //
 // The weights are repacked once (invariance.py) into the layout the instruction reads: for each
@@ -455,18 +455,21 @@ void multiply(const c10::BFloat16* x, int64_t rows, int64_t depth, const c10::BF
   });
 }
 
-// One row on the vector unit, in the tile instruction's arithmetic, which Intel's manual states
-// and which matches the instruction bit for bit here (tests/test_torch_backend.py): within a step
-// of 32 inputs the products of the even inputs and those of the odd ones are summed apart, each
-// from zero in input order by fused multiply-adds, then their sum is added to the output's. A
-// product of two bfloat16 values is exact in float32, so each multiply-add rounds only its sum, as
-// the instruction's does; its flush-to-zero and denormals-are-zero modes are set meanwhile.
-// Why: the tile loads stream a single row's weights from memory at about two thirds of the
-// rate of plain vector loads (README, "What limits these numbers"), and decoding is one row.
-void multiply_one_row(const c10::BFloat16* x, int64_t depth, const c10::BFloat16* packed,
-                      int64_t groups, float* out) {
+// One or two rows on the vector unit, in the tile instruction's arithmetic, which Intel's manual
+// states and which matches the instruction bit for bit here (tests/test_torch_backend.py): within
+// a step of 32 inputs the products of the even inputs and those of the odd ones are summed apart,
+// each from zero in input order by fused multiply-adds, then their sum is added to the output's.
+// A product of two bfloat16 values is exact in float32, so each multiply-add rounds only its sum,
+// as the instruction's does; its flush-to-zero and denormals-are-zero modes are set meanwhile.
+// Why: the tile loads stream the weights from memory at about two thirds of the rate of plain
+// vector loads (benchmarks/kernel_ab.py --tiles), which only many rows per tile make up for.
+template <int Rows>
+void multiply_few_rows(const c10::BFloat16* x, int64_t depth, const c10::BFloat16* packed,
+                       int64_t groups, float* out) {
   const int64_t steps = depth / kStepInputs;
-  const uint32_t* input_pairs = reinterpret_cast<const uint32_t*>(x);  // [depth / 2]
+  const int64_t out_stride = groups * kGroupOutputs;
+  // Row r's inputs as pairs of bfloat16: [Rows][depth / 2].
+  const uint32_t* input_pairs = reinterpret_cast<const uint32_t*>(x);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     const unsigned int saved_modes = _mm_getcsr();
     _mm_setcsr(saved_modes | 0x8040);  // flush to zero (bit 15), denormals are zero (bit 6)
@@ -477,30 +480,40 @@ void multiply_one_row(const c10::BFloat16* x, int64_t depth, const c10::BFloat16
       const c10::BFloat16* w[4];
       w[0] = packed + g * 4 * steps * kTileValues;
       for (int j = 1; j < 4; ++j) w[j] = w[j - 1] + steps * kTileValues;
-      __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                        _mm512_setzero_ps()};
+      __m512 sums[Rows][4];
+      for (int r = 0; r < Rows; ++r)
+        for (int j = 0; j < 4; ++j) sums[r][j] = _mm512_setzero_ps();
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t at = s * kTileValues;
         // No software fetch ahead: the hardware prefetcher keeps up with these 4 streams, and
         // fetching into L2 or L1 ahead measured slower here (benchmarks/kernel_ab.py --tiles).
-        __m512 even[4], odd[4];
-        for (int j = 0; j < 4; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+        __m512 even[Rows][4], odd[Rows][4];
+        for (int r = 0; r < Rows; ++r)
+          for (int j = 0; j < 4; ++j) even[r][j] = odd[r][j] = _mm512_setzero_ps();
         for (int p = 0; p < 16; ++p) {
-          const uint32_t pair = input_pairs[s * 16 + p];
-          const __m512 x_even = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair << 16)));
-          const __m512 x_odd =
-              _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
+          __m512 x_even[Rows], x_odd[Rows];
+          for (int r = 0; r < Rows; ++r) {
+            const uint32_t pair = input_pairs[r * (depth / 2) + s * 16 + p];
+            x_even[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair << 16)));
+            x_odd[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
+          }
           for (int j = 0; j < 4; ++j) {
             const __m512i line = _mm512_loadu_si512(w[j] + at + p * 32);
-            even[j] = _mm512_fmadd_ps(x_even, _mm512_castsi512_ps(_mm512_slli_epi32(line, 16)),
-                                      even[j]);
-            odd[j] = _mm512_fmadd_ps(x_odd, _mm512_castsi512_ps(_mm512_and_si512(line, odd_half)),
-                                     odd[j]);
+            const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
+            const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(line, odd_half));
+            for (int r = 0; r < Rows; ++r) {
+              even[r][j] = _mm512_fmadd_ps(x_even[r], w_even, even[r][j]);
+              odd[r][j] = _mm512_fmadd_ps(x_odd[r], w_odd, odd[r][j]);
+            }
           }
         }
-        for (int j = 0; j < 4; ++j) sums[j] = _mm512_add_ps(sums[j], _mm512_add_ps(even[j], odd[j]));
+        for (int r = 0; r < Rows; ++r)
+          for (int j = 0; j < 4; ++j)
+            sums[r][j] = _mm512_add_ps(sums[r][j], _mm512_add_ps(even[r][j], odd[r][j]));
       }
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + g * kGroupOutputs + 16 * j, sums[j]);
+      for (int r = 0; r < Rows; ++r)
+        for (int j = 0; j < 4; ++j)
+          _mm512_storeu_ps(out + r * out_stride + g * kGroupOutputs + 16 * j, sums[r][j]);
     }
     _mm_setcsr(saved_modes);
   });
@@ -538,10 +551,14 @@ at::Tensor rowwise_linear_tiles(const at::Tensor& x, const at::Tensor& packed, i
   // Padded inputs read as zeros, whose products add nothing, the same for every row count.
   at::Tensor rows_in = k == depth ? x : at::constant_pad_nd(x, {0, depth - k});
   at::Tensor out = at::empty({rows, outputs}, x.options().dtype(at::kFloat));
+  // One or two rows (plain decoding, a draft of one token) on the vector unit; more on tiles.
   if (rows == 1)
-    tiles::multiply_one_row(rows_in.data_ptr<c10::BFloat16>(), depth,
-                            packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
-  else if (rows > 1)
+    tiles::multiply_few_rows<1>(rows_in.data_ptr<c10::BFloat16>(), depth,
+                                packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
+  else if (rows == 2)
+    tiles::multiply_few_rows<2>(rows_in.data_ptr<c10::BFloat16>(), depth,
+                                packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
+  else if (rows > 2)
     tiles::multiply(rows_in.data_ptr<c10::BFloat16>(), rows, depth,
                     packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
   return n == outputs ? out : out.narrow(1, 0, n).contiguous();
