@@ -89,6 +89,8 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
     assert "## Overall" in report and "## code-editing" in report and "## rag" in report
     assert "EXACTNESS" not in report and "Command: `specdecode bench" in report
     assert (out / "speedup.png").stat().st_size > 0 and (out / "accepted.png").exists()
+    products = run_settings.recorded(out, "torch_products")
+    assert products in ("library", "row-wise kernels") and f"products on {products}" in report
 
 
 def test_every_run_prefills_its_own_prompt(monkeypatch) -> None:
@@ -337,6 +339,27 @@ def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) ->
     stored = json.loads((tmp_path / "settings.json").read_text())["settings"]
     # what a command did not load stays on record
     assert stored["llamacpp_kernels"] == {"llamacpp": "narrow", "llamacpp-wide": "wide"}
+
+
+def test_a_run_resumes_only_on_the_torch_products_it_ran(tmp_path: Path, monkeypatch) -> None:
+    """The AMX tiles round differently from the row-wise kernels: records of one are not resumed
+    on the other, and a report of a run on the tiles says so and gives the switch in its command."""
+    code, out = bench(tmp_path, "--methods", "prompt-lookup")
+    assert code == 0
+    stored = json.loads((out / "settings.json").read_text())
+    ran = stored["settings"]["torch_products"]
+    assert ran in ("library", "row-wise kernels")
+    loaded = json.loads(json.dumps(stored))
+    loaded["settings"]["torch_products"] = run_settings.AMX_TILES
+    with pytest.raises(SpecDecodeError, match=f"SPECDECODE_TILES.* {ran}, this command has AMX"):
+        run_settings.check(out, loaded, {"prompt-lookup"})
+    run_settings.check(out, loaded, set())  # nothing measured: nothing to keep apart
+
+    (out / "settings.json").write_text(json.dumps(loaded))
+    assert bench(tmp_path, "--methods", "prompt-lookup", "--report-only")[0] == 0
+    report = (out / "report.md").read_text()
+    assert "products on AMX tiles" in report
+    assert "Command: `SPECDECODE_TILES=1 specdecode bench" in report
 
 
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:

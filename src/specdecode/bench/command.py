@@ -306,6 +306,9 @@ def _write_report(args: argparse.Namespace, records, methods, prompts, out_dir) 
         print("no prompt has been run by every method yet: nothing to report", file=sys.stderr)
         return 1
     precision = "GGUF as quantized" if args.backend.startswith("llamacpp") else args.dtype
+    products = run_settings.recorded(out_dir, "torch_products") if out_dir is not None else None
+    if products is not None and args.backend == "torch":
+        precision += f", products on {products}"
     settings = (
         f"Target `{args.model}` ({args.backend} backend, {precision})"
         + (f", draft `{args.draft_model}`" if any(m.needs_draft_model for m in methods) else "")
@@ -325,7 +328,8 @@ def _write_report(args: argparse.Namespace, records, methods, prompts, out_dir) 
         )
     # The command that reproduces the run: resuming and re-reporting do not change it.
     argv = [a for a in args.argv if a not in ("--resume", "--report-only")]
-    text = report(records, "specdecode " + shlex.join(argv), settings)
+    tiles = "SPECDECODE_TILES=1 " if products == run_settings.AMX_TILES else ""
+    text = report(records, tiles + "specdecode " + shlex.join(argv), settings)
     print(text)
     if out_dir is not None:
         (out_dir / "report.md").write_text(text)

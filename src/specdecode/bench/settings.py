@@ -38,9 +38,17 @@ FLAGS = {
     "llamacpp_specdecode_kernels": "specdecode's kernels in llama.cpp (with matched kernels)",
     "llamacpp_tiled_kernel": "llama.cpp's tiled kernel (off with wide kernels, or with "
     "GGML_CPU_TILED_MM=0)",
+    "torch_products": "the torch backend's matrix products (SPECDECODE_TILES, SPECDECODE_KERNELS)",
 }
 # Settings known only after the models load; None before.
-LOADED_SETTINGS = ("llamacpp_kernels", "llamacpp_specdecode_kernels", "llamacpp_tiled_kernel")
+LOADED_SETTINGS = (
+    "llamacpp_kernels",
+    "llamacpp_specdecode_kernels",
+    "llamacpp_tiled_kernel",
+    "torch_products",
+)
+# What `torch_products` says when the products ran on the AMX tiles, which SPECDECODE_TILES=1 asks.
+AMX_TILES = "AMX tiles"
 # The kernels each llamacpp backend ran before the settings kept them (from 9b4e3ad on).
 LEGACY_KERNELS = {"llamacpp": "narrow", "llamacpp-wide": "wide", "llamacpp-stock": "stock"}
 # Settings that matter only to methods with a draft model; None when no method has one.
@@ -58,18 +66,36 @@ def of_loaded(decoders: dict, llamacpp_ar: bool) -> dict:
     from specdecode.backends import llamacpp_matched
     from specdecode.backends.llamacpp import LlamaCppBackend, tiled_kernel_off
 
+    loaded = dict.fromkeys(LOADED_SETTINGS)
+    loaded["torch_products"] = _torch_products(decoders)
     kernels = {
         backend: decoder.target.kernels
         for backend, decoder in sorted(decoders.items())
         if isinstance(decoder.target, LlamaCppBackend)
     }
-    if not kernels and not llamacpp_ar:
-        return dict.fromkeys(LOADED_SETTINGS)
-    return {
-        "llamacpp_kernels": kernels or None,
-        "llamacpp_specdecode_kernels": llamacpp_matched.loaded(),
-        "llamacpp_tiled_kernel": "off" if tiled_kernel_off() else "on",
-    }
+    if kernels or llamacpp_ar:
+        loaded["llamacpp_kernels"] = kernels or None
+        loaded["llamacpp_specdecode_kernels"] = llamacpp_matched.loaded()
+        loaded["llamacpp_tiled_kernel"] = "off" if tiled_kernel_off() else "on"
+    return loaded
+
+
+def _torch_products(decoders: dict) -> str | None:
+    """Which products the torch backend's forwards ran on (each rounds its own way, so greedy
+    outputs are compared only with a baseline on the same), or None where no target is torch."""
+    from specdecode.backends.torch import TorchBackend, kernels
+
+    if not any(isinstance(decoder.target, TorchBackend) for decoder in decoders.values()):
+        return None
+    if kernels.rowwise_linear() is None:
+        return "library"
+    return AMX_TILES if kernels.tiles_chosen() else "row-wise kernels"
+
+
+def recorded(out_dir: Path, key: str) -> object:
+    """The value of setting `key` kept in `out_dir`, or None."""
+    stored = _read(out_dir)
+    return None if stored is None else stored["settings"].get(key)
 
 
 def _legacy_llamacpp_settings(stored: dict) -> dict:
