@@ -341,27 +341,6 @@ def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) ->
     assert stored["llamacpp_kernels"] == {"llamacpp": "narrow", "llamacpp-wide": "wide"}
 
 
-def test_a_run_resumes_only_on_the_torch_products_it_ran(tmp_path: Path, monkeypatch) -> None:
-    """The AMX tiles round differently from the row-wise kernels: records of one are not resumed
-    on the other, and a report of a run on the tiles says so and gives the switch in its command."""
-    code, out = bench(tmp_path, "--methods", "prompt-lookup")
-    assert code == 0
-    stored = json.loads((out / "settings.json").read_text())
-    ran = stored["settings"]["torch_products"]
-    assert ran in ("library", "row-wise kernels")
-    loaded = json.loads(json.dumps(stored))
-    loaded["settings"]["torch_products"] = run_settings.AMX_TILES
-    with pytest.raises(SpecDecodeError, match=f"SPECDECODE_TILES.* {ran}, this command has AMX"):
-        run_settings.check(out, loaded, {"prompt-lookup"})
-    run_settings.check(out, loaded, set())  # nothing measured: nothing to keep apart
-
-    (out / "settings.json").write_text(json.dumps(loaded))
-    assert bench(tmp_path, "--methods", "prompt-lookup", "--report-only")[0] == 0
-    report = (out / "report.md").read_text()
-    assert "products on AMX tiles" in report
-    assert "Command: `SPECDECODE_TILES=1 specdecode bench" in report
-
-
 def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
     stop_at_run(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, out = bench(tmp_path, "--methods", "prompt-lookup")
@@ -388,6 +367,22 @@ def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeyp
     assert "--report-only" not in rewritten
     # Fewer methods than were run: the report keeps to the methods asked for.
     assert bench(tmp_path, "--methods", "prompt-lookup-k10", "--report-only")[0] == 1
+
+    # The AMX tiles round differently from the row-wise kernels: records of one are not resumed
+    # on the other, and a report of a run on the tiles says so and gives the switch in its command.
+    stored = json.loads((out / "settings.json").read_text())
+    ran = stored["settings"]["torch_products"]
+    assert ran in ("library", "row-wise kernels")
+    on_tiles = json.loads(json.dumps(stored))
+    on_tiles["settings"]["torch_products"] = run_settings.AMX_TILES
+    with pytest.raises(SpecDecodeError, match=f"SPECDECODE_TILES.* {ran}, this command has AMX"):
+        run_settings.check(out, on_tiles, {"prompt-lookup"})
+    run_settings.check(out, on_tiles, set())  # nothing measured: nothing to keep apart
+    (out / "settings.json").write_text(json.dumps(on_tiles))
+    assert bench(tmp_path, "--methods", "prompt-lookup", "--report-only")[0] == 0
+    report = (out / "report.md").read_text()
+    assert "products on AMX tiles" in report
+    assert "Command: `SPECDECODE_TILES=1 specdecode bench" in report
 
 
 def test_a_run_resumes_only_on_the_machine_it_ran_on(tmp_path: Path, capsys) -> None:
