@@ -468,8 +468,6 @@ void multiply_few_rows(const c10::BFloat16* x, int64_t depth, const c10::BFloat1
                        int64_t groups, float* out) {
   const int64_t steps = depth / kStepInputs;
   const int64_t out_stride = groups * kGroupOutputs;
-  // Row r's inputs as pairs of bfloat16: [Rows][depth / 2].
-  const uint32_t* input_pairs = reinterpret_cast<const uint32_t*>(x);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     const unsigned int saved_modes = _mm_getcsr();
     _mm_setcsr(saved_modes | 0x8040);  // flush to zero (bit 15), denormals are zero (bit 6)
@@ -493,7 +491,8 @@ void multiply_few_rows(const c10::BFloat16* x, int64_t depth, const c10::BFloat1
         for (int p = 0; p < 16; ++p) {
           __m512 x_even[Rows], x_odd[Rows];
           for (int r = 0; r < Rows; ++r) {
-            const uint32_t pair = input_pairs[r * (depth / 2) + s * 16 + p];
+            uint32_t pair;  // inputs 2p and 2p + 1 of this step, the even one in the low half
+            std::memcpy(&pair, x + r * depth + s * kStepInputs + 2 * p, sizeof pair);
             x_even[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair << 16)));
             x_odd[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
           }
