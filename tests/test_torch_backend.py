@@ -377,10 +377,10 @@ def test_weights_packed_for_tiles_put_each_value_where_the_tile_instruction_read
 
 
 def test_tile_kernel_gives_every_row_the_same_bits_whatever_the_row_count() -> None:
-    """On a CPU with AMX, bfloat16 rows are multiplied by tiles of up to 16 rows, and a lone row
-    on the vector unit in the tile instruction's arithmetic: a row's result is the same alone, in
-    a tile with others, or in a later tile of a larger product, denormals included; ragged shapes
-    are padded with zeros; and it is close to a float64 product."""
+    """On a CPU with AMX, bfloat16 rows are multiplied by tiles of up to 16 rows, and one or two
+    rows on the vector unit in the tile instruction's arithmetic: a row's result is the same
+    alone, beside another, in a tile with others, or in a later tile of a larger product,
+    denormals included; ragged shapes are padded with zeros; it is close to a float64 product."""
     from specdecode.backends.torch import kernels
 
     tiles = kernels.rowwise_linear_tiles()

@@ -82,14 +82,19 @@ def of_loaded(decoders: dict, llamacpp_ar: bool) -> dict:
 
 def _torch_products(decoders: dict) -> str | None:
     """Which products the torch backend's forwards ran on (each rounds its own way, so greedy
-    outputs are compared only with a baseline on the same), or None where no target is torch."""
+    outputs are compared only with a baseline on the same), or None where no target is torch.
+    The tiles take bfloat16 rows only: a float32 model stays on the row-wise kernels."""
+    import torch
+
     from specdecode.backends.torch import TorchBackend, kernels
 
-    if not any(isinstance(decoder.target, TorchBackend) for decoder in decoders.values()):
+    torch_decoders = [d for d in decoders.values() if isinstance(d.target, TorchBackend)]
+    if not torch_decoders:
         return None
     if kernels.rowwise_linear() is None:
         return "library"
-    return AMX_TILES if kernels.tiles_chosen() else "row-wise kernels"
+    bfloat16 = any(d.target_dtype == torch.bfloat16 for d in torch_decoders)
+    return AMX_TILES if bfloat16 and kernels.tiles_chosen() else "row-wise kernels"
 
 
 def recorded(out_dir: Path, key: str) -> object:

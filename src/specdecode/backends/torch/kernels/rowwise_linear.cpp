@@ -344,8 +344,8 @@ at::Tensor rowwise_linear_int8(const at::Tensor& x, const at::Tensor& weight,
 // On 2 cores of a 2.0 GHz Xeon a 16-token forward of the 1.5B costs 1.1-1.6 one-token forwards
 // this way, against 3.7-3.8 on the dot-product tile above. One or two rows (plain decoding)
 // take the vector unit instead, in the same arithmetic (multiply_few_rows), since the tile loads
-// stream the weights more slowly. It is asked for, with SPECDECODE_TILES=1, since the packed copy doubles the memory
-// of the weights (README, "What limits these numbers").
+// stream the weights more slowly. It is asked for, with SPECDECODE_TILES=1, since the packed
+// copy doubles the memory of the weights (README, "What limits these numbers").
 //
 // The weights are repacked once (invariance.py) into the layout the instruction reads: for each
 // group of 64 outputs, for each of its 4 tiles of 16 outputs, for each step of 32 inputs, a tile
@@ -494,7 +494,8 @@ void multiply_few_rows(const c10::BFloat16* x, int64_t depth, const c10::BFloat1
             uint32_t pair;  // inputs 2p and 2p + 1 of this step, the even one in the low half
             std::memcpy(&pair, x + r * depth + s * kStepInputs + 2 * p, sizeof pair);
             x_even[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair << 16)));
-            x_odd[r] = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
+            x_odd[r] =
+                _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
           }
           for (int j = 0; j < 4; ++j) {
             const __m512i line = _mm512_loadu_si512(w[j] + at + p * 32);
@@ -551,12 +552,10 @@ at::Tensor rowwise_linear_tiles(const at::Tensor& x, const at::Tensor& packed, i
   at::Tensor rows_in = k == depth ? x : at::constant_pad_nd(x, {0, depth - k});
   at::Tensor out = at::empty({rows, outputs}, x.options().dtype(at::kFloat));
   // One or two rows (plain decoding, a draft of one token) on the vector unit; more on tiles.
-  if (rows == 1)
-    tiles::multiply_few_rows<1>(rows_in.data_ptr<c10::BFloat16>(), depth,
-                                packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
-  else if (rows == 2)
-    tiles::multiply_few_rows<2>(rows_in.data_ptr<c10::BFloat16>(), depth,
-                                packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
+  if (rows == 1 || rows == 2)
+    (rows == 1 ? tiles::multiply_few_rows<1> : tiles::multiply_few_rows<2>)(
+        rows_in.data_ptr<c10::BFloat16>(), depth, packed.data_ptr<c10::BFloat16>(), groups,
+        out.data_ptr<float>());
   else if (rows > 2)
     tiles::multiply(rows_in.data_ptr<c10::BFloat16>(), rows, depth,
                     packed.data_ptr<c10::BFloat16>(), groups, out.data_ptr<float>());
