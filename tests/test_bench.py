@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdecode.api import BACKENDS
+from specdecode.api import BACKEND_NAMES
 from specdecode.bench import runner as runner_module
 from specdecode.bench import settings as run_settings
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
@@ -39,6 +40,20 @@ def bench(tmp_path: Path, *extra: str) -> tuple[int, Path]:
     out = tmp_path / "run"
     code = main(["bench", *FAST, *CATEGORIES, "--out", str(out), *extra])
     return code, out
+
+
+@pytest.fixture(scope="module")
+def lookup_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished run of prompt lookup beside its baseline, which several tests start from:
+    each works on its own copy (`copy_of`)."""
+    code, out = bench(tmp_path_factory.mktemp("lookup"), "--methods", "prompt-lookup")
+    assert code == 0
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run where `bench(tmp_path, ...)` writes, to resume or report on."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def test_every_suite_has_its_categories_and_origins() -> None:
@@ -240,9 +255,8 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     assert "Partial run" not in final and "--resume" not in final.split("Command:")[1]
 
 
-def test_a_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys) -> None:
-    code, out = bench(tmp_path, "--methods", "prompt-lookup")
-    assert code == 0
+def test_a_run_resumes_only_with_its_own_settings(lookup_run: Path, tmp_path: Path, capsys) -> None:
+    out = copy_of(lookup_run, tmp_path)
     results = (out / "results.jsonl").read_text()
     changed = tmp_path / "changed.toml"
     changed.write_text(
@@ -341,18 +355,34 @@ def test_a_run_resumes_only_with_the_llama_cpp_kernels_it_ran(tmp_path: Path) ->
     assert stored["llamacpp_kernels"] == {"llamacpp": "narrow", "llamacpp-wide": "wide"}
 
 
-def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path, monkeypatch) -> None:
-    stop_at_run(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    code, out = bench(tmp_path, "--methods", "prompt-lookup")
-    assert code == 130
-    assert len(read_records(out / "results.jsonl")) >= 2
+def test_a_stop_request_ends_the_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) on a bench in its own process, as a user or a job scheduler sends it."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "specdecode", "bench", *FAST]
+    command += ["--methods", "prompt-lookup", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        results = out / "results.jsonl"
+        while not (results.is_file() and results.read_text().count("\n") >= 3):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no record in 10 minutes"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    records = read_records(results)
+    assert 3 <= len(records) < 2 * len(load_suite("quick"))  # stopped early
     assert "Partial run" in (out / "report.md").read_text()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeypatch) -> None:
-    code, out = bench(tmp_path, "--methods", "prompt-lookup")
-    assert code == 0
+def test_report_only_rewrites_the_report_without_running(
+    lookup_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = copy_of(lookup_run, tmp_path)
     written = (out / "report.md").read_text()
     (out / "report.md").unlink()
 
@@ -385,9 +415,10 @@ def test_report_only_rewrites_the_report_without_running(tmp_path: Path, monkeyp
     assert "Command: `SPECDECODE_TILES=1 specdecode bench" in report
 
 
-def test_a_run_resumes_only_on_the_machine_it_ran_on(tmp_path: Path, capsys) -> None:
-    code, out = bench(tmp_path, "--methods", "prompt-lookup")
-    assert code == 0
+def test_a_run_resumes_only_on_the_machine_it_ran_on(
+    lookup_run: Path, tmp_path: Path, capsys
+) -> None:
+    out = copy_of(lookup_run, tmp_path)
     results = out / "results.jsonl"
     moved = [{**json.loads(line), "machine": "Other CPU, 8 threads"} for line in results.open()]
     results.write_text("".join(json.dumps(raw) + "\n" for raw in moved))
@@ -665,7 +696,7 @@ def test_committed_methods_files_parse_and_name_known_parts(path: Path) -> None:
             assert method.peer in PEERS
             continue
         assert method.spec is not None
-        assert method.backend is None or method.backend in BACKENDS
+        assert method.backend is None or method.backend in BACKEND_NAMES
         assert method.spec.drafter in DRAFTERS
         assert method.spec.tree == CHAIN or method.spec.tree in TREE_SHAPES
         assert method.spec.verifier is None or method.spec.verifier in VERIFIERS

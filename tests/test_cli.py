@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from specdecode.cli import main
+from specdecode.cli import build_parser, main
 
 SMALL = "qwen2.5-coder-0.5b-instruct"
+TOKENIZER_SOURCE = "smollm2-135m-instruct"  # the smallest registry model: its tokenizer is cheap
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -42,6 +45,34 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
         (["generate", "hi", "--model", "no-such-model"], "no-such-model"),
         (["generate", "hi", "--drafter", "draft-model"], "--draft-model"),
         (["bench", "--methods", "warp-drive"], "unknown method"),
+        # Each of these fails before a model loads.
+        (["generate", "hi", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+        (["generate", "hi", "--threads", "0"], "argument --threads: must be at least 1"),
+        (["bench", "--threads", "0"], "argument --threads: must be at least 1"),
+        (["generate", "hi", "--stop", ""], "stop string (--stop) must not be empty"),
+        (["generate", "hi", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
+        (["generate", "hi", "--verifier", "nope"], "argument --verifier: invalid choice"),
+        (["generate", "hi", "--controller", "nope"], "argument --controller: invalid choice"),
+        (["generate", "hi", "--drafter", "nope"], "argument --drafter: invalid choice"),
+        (["generate", "hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["certify", "--temperature", "0"], "give --temperature above 0"),
+        (["analyze"], "give --draft-model"),
+        (
+            ["generate", "hi", "--backend", "llamacpp-narrow"],
+            "use --backend llamacpp --kernels narrow",
+        ),
+        (["bench", "--backend", "llamacpp-stock"], "use --backend llamacpp --kernels stock"),
+        (["generate", "hi", "--backend", "vulkan"], "invalid choice: 'vulkan'"),
+        (["generate", "hi", "--kernels", "narrow"], "goes with --backend llamacpp"),
+        (["bench", "--backend", "hf", "--kernels", "wide"], "goes with --backend llamacpp"),
+        (["generate", "hi", "--min-ngram", "4", "--max-ngram", "2"], "--min-ngram <= --max-ngram"),
+        (["generate", "hi", "--min-ngram", "0"], "1 <= --min-ngram"),
+        (["generate", "hi", "--draft-min-confidence", "0.4"], "the drafter is prompt-lookup"),
+        (
+            ["generate", "hi", "--draft-model", SMALL, "--draft-min-confidence", "1.5"],
+            "--draft-min-confidence must be in [0, 1)",
+        ),
+        (["generate", "hi", "--draft-model", SMALL, "--max-ngram", "8"], "drafter is draft-model"),
     ],
 )
 def test_bad_input_gives_one_line_error(capsys, argv, fragment) -> None:
@@ -96,6 +127,7 @@ def test_json_output(capsys) -> None:
         assert key in stats
     assert 0 < stats["new_tokens"] == len(result["token_ids"]) <= 8
     assert sum(stats["acceptance_histogram"]) == stats["target_forwards"]
+    assert stats["controller"] == "cost-aware"  # the default for a chain
 
 
 def test_models_list(capsys) -> None:
@@ -114,3 +146,130 @@ def test_no_traceback_from_a_real_process() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_device_cuda_without_cuda_is_one_line(capsys) -> None:
+    code, _, err = run(capsys, "generate", "hi", "--device", "cuda")
+    assert_one_line_error(code, err, "--device cuda: ")
+    assert "use --device cpu" in err
+
+
+def test_llamacpp_backend_refuses_a_hugging_face_directory(capsys, tmp_path) -> None:
+    model = tmp_path / "some-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    code, _, err = run(capsys, "generate", "hi", "--model", str(model), "--backend", "llamacpp")
+    assert_one_line_error(code, err, "the llamacpp backend needs a GGUF file")
+
+
+def test_help_speaks_of_the_project_only() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    texts = [parser.format_help(), *(p.format_help() for p in subparsers.choices.values())]
+    for text in texts:
+        assert "issue" not in text.lower(), text
+
+
+def _spec(*argv: str):
+    from specdecode.cli import _spec_from_args
+
+    return _spec_from_args(build_parser().parse_args(["generate", "hi", *argv]))
+
+
+def test_generate_exposes_the_drafters_options() -> None:
+    assert _spec().drafter_options == {}
+    assert _spec("--min-ngram", "2", "--max-ngram", "8").drafter_options == {
+        "min_ngram": 2,
+        "max_ngram": 8,
+    }
+    # Below the length at which a match counts as strong, the longest match counts as strong.
+    assert _spec("--max-ngram", "2").drafter_options == {"max_ngram": 2, "strong_ngram": 2}
+    adaptive = _spec("--draft-model", SMALL, "--draft-min-confidence", "0.4")
+    assert adaptive.drafter == "draft-model"
+    assert adaptive.drafter_options == {"min_confidence": 0.4}
+
+
+def test_default_controller_is_cost_aware_for_chains_and_heuristic_for_trees() -> None:
+    assert _spec().controller == "cost-aware"
+    assert _spec("--draft-model", SMALL).controller == "cost-aware"
+    assert _spec("--draft-model", SMALL, "--tree", "static").controller == "heuristic"
+    assert _spec("--controller", "fixed").controller == "fixed"
+    certify = build_parser().parse_args(["certify"])
+    assert certify.controller == "heuristic"  # a certificate needs drafts to test
+
+
+def tiny_hf_model(directory: Path) -> Path:
+    """A tiny random Llama as transformers saves it, with a real tokenizer: a Hugging Face
+    directory that loads in a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specdecode import models
+
+    tokenizer = models.load_tokenizer(TOKENIZER_SOURCE)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    (directory / "tokenizer.json").write_text(tokenizer.to_json())
+    return directory
+
+
+def fake_hub_cache(root: Path, model_id: str) -> Path:
+    """The local Hugging Face cache's layout for `model_id`: models--ORG--NAME/refs/main naming a
+    snapshot folder; returns the (empty) snapshot folder."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + model_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hugging_face_id_resolves_from_the_local_cache(capsys, tmp_path, monkeypatch) -> None:
+    from specdecode.models import resolve_model
+
+    hub = tmp_path / "hub"
+    snapshot = tiny_hf_model(fake_hub_cache(hub, "tiny-org/Tiny-Llama"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert resolve_model("tiny-org/Tiny-Llama") == str(snapshot)
+    argv = ["--no-chat", "--max-new-tokens", "6", "--format", "json"]
+    code, out, err = run(
+        capsys, "generate", "one two one two", "--model", "tiny-org/Tiny-Llama", *argv
+    )
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 6
+
+
+def test_hugging_face_id_not_in_the_cache_says_what_to_pass(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "other-org/Other")  # another model is there
+    code, _, err = run(capsys, "generate", "hi", "--model", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert_one_line_error(code, err, "'Qwen/Qwen2.5-0.5B-Instruct' is not in the local Hugging")
+    for what in ("does not download", "a .gguf file", "registry name from `specdecode models`"):
+        assert what in err
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="PyTorch finds no CUDA device on this machine"
+)
+def test_generation_runs_on_cuda(capsys, tmp_path) -> None:
+    """--device cuda: the same greedy tokens with and without speculation, on the GPU."""
+    model = tiny_hf_model(tmp_path)
+    argv = ["--model", str(model), "--device", "cuda", "--no-chat", "--format", "json"]
+    prompt = "one two three one two three one two three one two"
+    outputs = []
+    for drafter in ("none", "prompt-lookup"):
+        code, out, err = run(capsys, "generate", prompt, *argv, "--drafter", drafter)
+        assert code == 0, err
+        outputs.append(json.loads(out)["token_ids"])
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 0

@@ -30,6 +30,35 @@ def test_greedy_matches_plain_decoding(drafter: str, controller: str) -> None:
     assert stats.emitted_tokens >= stats.new_tokens
     if drafter == "none":
         assert stats.target_forwards == 40 and stats.mean_accepted_tokens == 1.0
+    elif (drafter, controller) != ("prompt-lookup", "cost-aware"):
+        # Drafts were accepted: the identity above is not plain decoding's by default. (The toy's
+        # forwards take microseconds, less than looking up a draft, so cost-aware prompt lookup
+        # rightly drafts nothing here; test_drafts_cut_by_their_forecasts_keep_the_output_exact
+        # runs it on a cost curve where drafts pay.)
+        assert stats.target_forwards < 40
+
+
+class _KeepsTheWrongPath(ToyBackend):
+    """Broken: a commit truncates after as many nodes as were accepted instead of moving the
+    accepted path's entries into place (right for a chain, wrong for a tree's other branches)."""
+
+    def keep(self, start: int, offsets) -> None:
+        self.truncate(start + len(offsets))
+
+
+def test_a_commit_that_keeps_the_wrong_nodes_breaks_the_identity() -> None:
+    """Negative control of the greedy identity tests: a cache bookkeeping bug in a tree's commit
+    changes the output, so those tests can fail."""
+    engine = Engine(
+        _KeepsTheWrongPath(seed=1, vocab_size=6),
+        ToyTokenizer(),
+        draft_model=ToyBackend(seed=1, order=2, vocab_size=6),
+    )
+    spec = SpecConfig(
+        drafter="draft-model", controller="fixed", num_draft_tokens=3, tree="static", tree_width=2
+    )
+    ids, _, _ = engine.generate([0, 1, 2], SamplingParams(max_new_tokens=40), spec)
+    assert ids != plain_greedy(ToyBackend(seed=1, vocab_size=6), [0, 1, 2], 40)
 
 
 def test_draft_model_that_agrees_is_fully_accepted() -> None:
@@ -49,7 +78,9 @@ def test_eos_stops_and_is_not_emitted() -> None:
     eos = reference[7]
     first = reference.index(eos)
     engine = Engine(target, ToyTokenizer(eos=eos))
-    ids, _, stats = engine.generate([3], SamplingParams(max_new_tokens=30), SpecConfig())
+    ids, _, stats = engine.generate(
+        [3], SamplingParams(max_new_tokens=30), SpecConfig(controller="heuristic")
+    )
     assert ids == reference[:first]
     assert stats.stop_reason == "eos"
 
@@ -61,7 +92,7 @@ def test_stop_string_cuts_text() -> None:
     cut = text.find(stop)
     engine = Engine(ToyBackend(seed=3), ToyTokenizer())
     sampling = SamplingParams(max_new_tokens=30, stop=(stop,))
-    _, out, stats = engine.generate([0], sampling, SpecConfig())
+    _, out, stats = engine.generate([0], sampling, SpecConfig(controller="heuristic"))
     assert out == text[:cut]
     assert stats.stop_reason == "stop"
 
@@ -69,7 +100,7 @@ def test_stop_string_cuts_text() -> None:
 def test_streaming_concatenates_to_the_whole() -> None:
     engine = Engine(ToyBackend(seed=4), ToyTokenizer())
     sampling = SamplingParams(max_new_tokens=20)
-    steps = list(engine.stream(REPETITIVE_PROMPT, sampling, SpecConfig()))
+    steps = list(engine.stream(REPETITIVE_PROMPT, sampling, SpecConfig(controller="heuristic")))
     assert steps[-1].finished
     ids = [t for s in steps for t in s.token_ids]
     assert ids == plain_greedy(ToyBackend(seed=4), REPETITIVE_PROMPT, 20)
@@ -127,7 +158,9 @@ def test_bad_requests_are_refused() -> None:
 def test_generation_stops_at_the_context_limit() -> None:
     engine = Engine(ToyBackend(max_context=20), ToyTokenizer())
     ids, _, stats = engine.generate(
-        REPETITIVE_PROMPT, SamplingParams(max_new_tokens=50, ignore_eos=True), SpecConfig()
+        REPETITIVE_PROMPT,
+        SamplingParams(max_new_tokens=50, ignore_eos=True),
+        SpecConfig(controller="heuristic"),
     )
     assert len(REPETITIVE_PROMPT) + len(ids) == 20
     assert stats.stop_reason == "context"

@@ -47,5 +47,23 @@ def test_greedy_prompt_lookup_is_exact_on_the_hf_backend(backend: HFBackend) -> 
     llm = SpecDecoder(backend, load_tokenizer(NAME))
     prompt = "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry."
     plain = llm.generate(prompt, SamplingParams(max_new_tokens=32), SpecConfig(drafter="none"))
-    fast = llm.generate(prompt, SamplingParams(max_new_tokens=32), SpecConfig())
+    fast = llm.generate(
+        prompt, SamplingParams(max_new_tokens=32), SpecConfig(controller="heuristic")
+    )
     assert fast.token_ids == plain.token_ids
+    assert fast.stats.target_forwards < plain.stats.target_forwards  # drafts were accepted
+
+
+def test_a_cache_that_kept_a_wrong_token_is_seen(backend: HFBackend) -> None:
+    """Negative control of the first test: had the commit kept a node that is not the text's
+    (here the draft's second token is wrong and kept anyway), the next logits leave the plain
+    forward's, so that comparison can fail."""
+    ids = torch.randint(10, 40_000, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        full = backend.model(torch.tensor([ids])).logits[0].float()  # [30, V]
+    backend.prefill(ids[:20])
+    wrong = [ids[20], (ids[21] + 1) % 40_000, ids[22]]
+    backend.forward_tree(DraftTree.chain(wrong))
+    backend.commit([0, 1], next_token=ids[22])  # keeps the wrong second token
+    after = backend.forward_tree(DraftTree.chain(ids[23:26]))
+    assert not torch.allclose(after, full[22:26], atol=1e-3, rtol=0)

@@ -3,17 +3,20 @@
 Target and drafter are order-1 Markov models over a small vocabulary (tables of logits). A sequence
 of `LENGTH` tokens is produced by repeated draft -> verify steps, exactly as the engine does it; the
 histogram of sequences is compared with the target's exact joint distribution by a chi-square test.
-Seeds are fixed, so the tests are deterministic. Deliberately broken verifiers (a wrong residual, a
-wrong bonus token, no residual at all) must fail the same test: that is what shows it has power.
+Seeds are fixed, so the tests are deterministic (significance levels: `significance.py`).
+Deliberately broken verifiers (a wrong residual, a wrong bonus token, rows off by one, a target not
+truncated by top-k / top-p) must fail the same test: that is what shows it has power.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 from scipy.stats import chisquare
+from significance import ALPHA, BROKEN
 
 from specdecode.config import SamplingParams
 from specdecode.sampling import sample_from, shaped_probs
@@ -75,11 +78,17 @@ def speculative_histogram(
     return counts
 
 
-def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    # Pool outcomes the target cannot produce, and the rare ones, into one bin so the test is valid.
+def chi_square_pvalue(
+    counts: torch.Tensor, expected_probs: torch.Tensor, impossible_is_zero: bool = False
+) -> float:
+    """p-value of the counts under the exact law. A sequence the target gives zero probability
+    fails the assertion, or gives p = 0 with `impossible_is_zero` (for broken variants)."""
     expected = expected_probs * counts.sum()
     impossible = expected_probs == 0
+    if impossible_is_zero and counts[impossible].sum() > 0:
+        return 0.0
     assert counts[impossible].sum() == 0, "produced a sequence the target gives zero probability"
+    # Pool the rare outcomes into one bin so the test is valid.
     common = expected >= 5
     observed = torch.cat([counts[common], counts[~common & ~impossible].sum().reshape(1)])
     wanted = torch.cat([expected[common], expected[~common & ~impossible].sum().reshape(1)])
@@ -114,7 +123,9 @@ CASES = {
 }
 
 
-def run_case(verifier, case: dict, draft_len: int, point_mass: bool = False) -> float:
+def run_case(
+    verifier, case: dict, draft_len: int, point_mass: bool = False, broken: bool = False
+) -> float:
     sampling = (
         SamplingParams(temperature=1.0, **case["sampling"])
         if "temperature" not in case["sampling"]
@@ -123,26 +134,26 @@ def run_case(verifier, case: dict, draft_len: int, point_mass: bool = False) -> 
     target = markov_table(case["target_seed"], case["target_sharp"])
     draft = markov_table(case["draft_seed"], case["draft_sharp"])
     counts = speculative_histogram(verifier, target, draft, sampling, draft_len, point_mass)
-    return chi_square_pvalue(counts, exact_joint(target, sampling, root=0))
+    return chi_square_pvalue(counts, exact_joint(target, sampling, root=0), broken)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rejection_sampling_keeps_the_target_distribution(name: str) -> None:
-    assert run_case(RejectionVerifier(), CASES[name], draft_len=2) > 1e-3
+    assert run_case(RejectionVerifier(), CASES[name], draft_len=2) > ALPHA
 
 
 def test_point_mass_drafts_keep_the_target_distribution() -> None:
-    assert run_case(RejectionVerifier(), CASES["random"], draft_len=3, point_mass=True) > 1e-3
+    assert run_case(RejectionVerifier(), CASES["random"], draft_len=3, point_mass=True) > ALPHA
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_block_verification_of_chains_keeps_the_target_distribution(name: str) -> None:
     """`traversal` on a chain is block verification: paths judged as a whole."""
-    assert run_case(TraversalVerifier(), CASES[name], draft_len=2) > 1e-3
+    assert run_case(TraversalVerifier(), CASES[name], draft_len=2) > ALPHA
 
 
 def test_block_verification_of_point_mass_chains_keeps_the_target_distribution() -> None:
-    assert run_case(TraversalVerifier(), CASES["random"], draft_len=3, point_mass=True) > 1e-3
+    assert run_case(TraversalVerifier(), CASES["random"], draft_len=3, point_mass=True) > ALPHA
 
 
 class SampledDraftAsPointMass(RejectionVerifier):
@@ -154,7 +165,7 @@ class SampledDraftAsPointMass(RejectionVerifier):
 
 
 def test_ignoring_draft_probs_is_still_lossless() -> None:
-    assert run_case(SampledDraftAsPointMass(), CASES["random"], draft_len=2) > 1e-3
+    assert run_case(SampledDraftAsPointMass(), CASES["random"], draft_len=2) > ALPHA
 
 
 # ---- deliberately broken verifiers: the same test must reject them ------------------------------
@@ -216,8 +227,39 @@ class BlockValueNotLowered(TraversalVerifier):
             module._Traversal.reject = original
 
 
+class DraftProbsMisreported(RejectionVerifier):
+    """Broken drafter: it samples from its distribution but hands the verifier a uniform one as
+    `draft_probs` (the drafter -> verifier contract says: the distribution it sampled from)."""
+
+    def verify(self, tree, target_logits, sampling, rng) -> Verdict:
+        uniform = torch.full_like(tree.draft_probs, 1.0 / tree.draft_probs.shape[-1])
+        return super().verify(DraftTree.chain(tree.tokens, uniform), target_logits, sampling, rng)
+
+
 @pytest.mark.parametrize(
-    "broken", [ResidualIsTarget, BonusFromDraft, TargetRowsShifted, BlockValueNotLowered]
+    "broken",
+    [
+        ResidualIsTarget,
+        BonusFromDraft,
+        TargetRowsShifted,
+        BlockValueNotLowered,
+        DraftProbsMisreported,
+    ],
 )
 def test_broken_verifiers_fail(broken) -> None:
-    assert run_case(broken(), CASES["random"], draft_len=2) < 1e-6
+    assert run_case(broken(), CASES["random"], draft_len=2, broken=True) < BROKEN
+
+
+class TargetNotTruncated(RejectionVerifier):
+    """Broken: the target's distribution gets the temperature but not top-k / top-p (the draft's
+    does), so the output follows the untruncated target. Right at temperature 1 alone."""
+
+    def verify(self, tree, target_logits, sampling, rng) -> Verdict:
+        return super().verify(tree, target_logits, replace(sampling, top_k=0, top_p=1.0), rng)
+
+
+@pytest.mark.parametrize("name", ["temperature and top-k", "top-p"])
+def test_a_verifier_that_ignores_top_k_or_top_p_fails(name: str) -> None:
+    assert run_case(TargetNotTruncated(), CASES[name], draft_len=2, broken=True) < BROKEN
+    # The same bug is invisible without truncation: only these cases can catch it.
+    assert run_case(TargetNotTruncated(), CASES["random"], draft_len=2) > ALPHA

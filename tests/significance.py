@@ -1,0 +1,24 @@
+"""The significance level of every statistical test in the suite, and why it is this small.
+
+Each statistical test draws its samples from fixed seeds, so a run is deterministic. What is left
+to chance is the draw itself: any change to how random numbers are consumed (a refactor of a
+verifier, a new torch) redraws every sample, and a correct implementation then fails a test with
+probability ALPHA (its p-value is uniform under the null hypothesis; pooling rare outcomes only
+makes the chi-square test more conservative). By the union bound the default tier, with K such
+tests, fails by chance with probability at most K * ALPHA.
+
+K in the default tier (count them again when adding one):
+- test_rejection_sampling.py: 15 (5 cases x rejection, 5 x block verification, 3 more, and the
+  2 checks that a verifier ignoring top-k / top-p passes at temperature 1 alone)
+- test_trees.py: 32 (8 verifier / tree pairs x 4 cases)
+- test_certify.py: 9 (8 lossless configurations through `certify`, 1 homogeneity test)
+- test_lossless_real.py: 2 (rejection on a real model's next-token distributions)
+K = 58, so K * ALPHA = 5.8e-4: the default tier fails by chance less than once in a thousand runs.
+(The slow tier's statistical tests on real models use their own, stated levels.)
+
+A deliberately broken variant counts as caught when its p-value is below BROKEN; the margin
+between the two levels keeps a redraw from turning a caught variant into a missed one.
+"""
+
+ALPHA = 1e-5  # a correct implementation passes when p > ALPHA
+BROKEN = 1e-8  # a broken variant is caught when p < BROKEN
