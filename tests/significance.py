@@ -10,11 +10,13 @@ tests, fails by chance with probability at most K * ALPHA.
 K in the default tier (count them again when adding one):
 - test_rejection_sampling.py: 15 (5 cases x rejection, 5 x block verification, 3 more, and the
   2 checks that a verifier ignoring top-k / top-p passes at temperature 1 alone)
-- test_trees.py: 32 (8 verifier / tree pairs x 4 cases)
+- test_trees.py: 11 (8 verifier / tree pairs on the plain case, 3 on a harder case; the slow tier
+  runs the other 21 combinations)
 - test_certify.py: 9 (8 lossless configurations through `certify`, 1 homogeneity test)
 - test_lossless_real.py: 2 (rejection on a real model's next-token distributions)
-K = 58, so K * ALPHA = 5.8e-4: the default tier fails by chance less than once in a thousand runs.
-(The slow tier's statistical tests on real models use their own, stated levels.)
+K = 37, so K * ALPHA = 3.7e-4: the default tier fails by chance less than once in a thousand runs.
+The slow tier adds 21 such tests at ALPHA (K = 58 with them: 5.8e-4) and its statistical tests on
+real models, which use their own, stated levels.
 
 A deliberately broken variant counts as caught when its p-value is below BROKEN; the margin
 between the two levels keeps a redraw from turning a caught variant into a missed one.

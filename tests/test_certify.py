@@ -95,12 +95,9 @@ class _NoResidual(SpecInferVerifier):
     def verify(self, tree, target_logits, sampling, rng):
         import specdecode.verify.specinfer as module
 
-        original = module.residual
-        module.residual = lambda probs, proposal: probs
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, "residual", lambda probs, proposal: probs)
             return super().verify(tree, target_logits, sampling, rng)
-        finally:
-            module.residual = original
 
 
 def test_a_broken_verifier_fails_certify(monkeypatch) -> None:

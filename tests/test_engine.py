@@ -30,11 +30,11 @@ def test_greedy_matches_plain_decoding(drafter: str, controller: str) -> None:
     assert stats.emitted_tokens >= stats.new_tokens
     if drafter == "none":
         assert stats.target_forwards == 40 and stats.mean_accepted_tokens == 1.0
-    elif (drafter, controller) != ("prompt-lookup", "cost-aware"):
-        # Drafts were accepted: the identity above is not plain decoding's by default. (The toy's
-        # forwards take microseconds, less than looking up a draft, so cost-aware prompt lookup
-        # rightly drafts nothing here; test_drafts_cut_by_their_forecasts_keep_the_output_exact
-        # runs it on a cost curve where drafts pay.)
+    elif controller != "cost-aware":
+        # Drafts were accepted: the identity above is not plain decoding's by default. (What the
+        # cost-aware controller drafts depends on the times it measures, and the toy's forwards
+        # take microseconds, less than drafting: it may rightly draft nothing here.
+        # test_drafts_cut_by_their_forecasts_keep_the_output_exact runs it on a cost curve.)
         assert stats.target_forwards < 40
 
 

@@ -112,9 +112,37 @@ def test_missing_package_is_a_clear_error(fake_index, tmp_path) -> None:
     assert cache_files(tmp_path) == []
 
 
-def test_registry_lists_the_four_models() -> None:
-    names = {info.name for info in models.list_models()}
-    assert names == set(REGISTRY) and len(names) == 4
+def test_registry_lists_the_four_models_and_whether_each_is_installed(
+    tmp_path, monkeypatch
+) -> None:
+    """The listing against what the docs promise (names, families, sizes), not against the
+    registry it is made from; `installed` follows the files, in the cache or a read-only folder."""
+    expected = {
+        ("qwen2.5-coder-1.5b-instruct", "qwen2", "1.5B"),
+        ("qwen2.5-coder-0.5b-instruct", "qwen2", "0.5B"),
+        ("gemma-3-270m", "gemma3", "270M"),
+        ("smollm2-135m-instruct", "llama", "135M"),
+    }
+    listed = models.list_models()
+    assert {(info.name, info.family, info.parameters) for info in listed} == expected
+    assert all(50e6 < info.size_bytes < 2e9 for info in listed)  # quantized GGUF files
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPECDECODE_MODEL_DIRS", str(tmp_path / "elsewhere"))
+    assert not any(info.installed for info in models.list_models())
+    entry = REGISTRY["smollm2-135m-instruct"]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / f"{entry.name}.gguf").write_bytes(b"short")  # wrong size
+    assert not any(info.installed for info in models.list_models())
+    with (tmp_path / "elsewhere" / f"{entry.name}.gguf").open("r+b") as f:
+        f.truncate(entry.size_bytes)  # the right size, read from the read-only folder
+    installed = {info.name for info in models.list_models() if info.installed}
+    assert installed == {entry.name}
+    assert install.ensure_installed(entry) == tmp_path / "elsewhere" / f"{entry.name}.gguf"
+    assert not (tmp_path / "cache" / "models").exists()  # nothing written to the cache
+    # Its checksum is wrong: `models verify` says so and leaves a read-only folder alone.
+    with pytest.raises(ModelIntegrityError, match="read-only folder"):
+        install.verify_installed(entry)
+    assert (tmp_path / "elsewhere" / f"{entry.name}.gguf").is_file()
 
 
 def test_unknown_model_names_the_known_ones() -> None:

@@ -220,11 +220,9 @@ class BlockValueNotLowered(TraversalVerifier):
             original(walk, slot)
             walk.value[parent] = kept
 
-        module._Traversal.reject = reject
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module._Traversal, "reject", reject)
             return super().verify(tree, target_logits, sampling, rng)
-        finally:
-            module._Traversal.reject = original
 
 
 class DraftProbsMisreported(RejectionVerifier):

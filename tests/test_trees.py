@@ -225,9 +225,30 @@ PAIRS = [  # (verifier, tree shape): each lossless verifier with the trees it is
 ]
 
 
-@pytest.mark.parametrize(("verifier", "shape"), PAIRS)
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_tree_verifiers_keep_the_target_distribution(verifier: str, shape: str, case: str) -> None:
+# The default tier runs every pair on the plain case and each harder case on one pair (these are
+# pure-Python loops of 12,000 trees, up to a minute each); the slow tier runs every combination.
+DEFAULT_TIER = {("plain", verifier, shape) for verifier, shape in PAIRS} | {
+    ("near-degenerate", "rrs-without-replacement", "without-replacement"),
+    ("top-k", "specinfer", "iid"),
+    ("top-p", "traversal", "without-replacement"),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "verifier", "shape"),
+    [
+        pytest.param(
+            case,
+            verifier,
+            shape,
+            marks=() if (case, verifier, shape) in DEFAULT_TIER else pytest.mark.slow,
+            id=f"{case}-{verifier}-{shape}",
+        )
+        for case in sorted(CASES)
+        for verifier, shape in PAIRS
+    ],
+)
+def test_tree_verifiers_keep_the_target_distribution(case: str, verifier: str, shape: str) -> None:
     target_sharpness, draft_sharpness, sampling = CASES[case]
     target_table, draft_table = markov_table(1, target_sharpness), markov_table(2, draft_sharpness)
     counts = tree_histogram(
@@ -243,12 +264,9 @@ class _NoResidual(SpecInferVerifier):
     def verify(self, tree, target_logits, sampling, rng):
         import specdecode.verify.specinfer as module
 
-        original = module.residual
-        module.residual = lambda probs, proposal: probs
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module, "residual", lambda probs, proposal: probs)
             return super().verify(tree, target_logits, sampling, rng)
-        finally:
-            module.residual = original
 
 
 class _KeepsRejectedInProposal(RecursiveRejectionVerifier):
@@ -280,11 +298,9 @@ class _TraversalKeepsRejectedInDraft(TraversalVerifier):
             walk.draft[parent] = kept
             walk.refresh_below(parent)
 
-        module._Traversal.reject = reject
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module._Traversal, "reject", reject)
             return super().verify(tree, target_logits, sampling, rng)
-        finally:
-            module._Traversal.reject = original
 
 
 @pytest.mark.parametrize(
@@ -294,9 +310,9 @@ class _TraversalKeepsRejectedInDraft(TraversalVerifier):
         (_KeepsRejectedInProposal(), "without-replacement"),
         (SpecInferVerifier(), "without-replacement"),
         (_UnscaledSpecTr(), "iid"),
-        (SpecTrVerifier(), "without-replacement"),
+        pytest.param(SpecTrVerifier(), "without-replacement", marks=pytest.mark.slow),
         (_TraversalKeepsRejectedInDraft(), "without-replacement"),
-        (TraversalVerifier(), "iid"),
+        pytest.param(TraversalVerifier(), "iid", marks=pytest.mark.slow),
     ],
     ids=[
         "no-residual",
@@ -322,7 +338,7 @@ class _SpecInferTargetNotTruncated(SpecInferVerifier):
         return super().verify(tree, target_logits, replace(sampling, top_k=0, top_p=1.0), rng)
 
 
-@pytest.mark.parametrize("case", ["top-k", "top-p"])
+@pytest.mark.parametrize("case", ["top-k", pytest.param("top-p", marks=pytest.mark.slow)])
 def test_a_tree_verifier_that_ignores_top_k_or_top_p_is_caught(case: str) -> None:
     target_sharpness, draft_sharpness, sampling = CASES[case]
     target_table, draft_table = markov_table(1, target_sharpness), markov_table(2, draft_sharpness)
@@ -400,8 +416,13 @@ def test_the_replay_target_counts_the_forwards_the_real_target_would() -> None:
     prompt, count = [0, 1, 2], 50
     output = plain_greedy(ToyBackend(seed=1, vocab_size=6), prompt, count)
     for tree in ("chain", "static", "dynamic", "delayed"):
-        spec = SpecConfig(
-            drafter="draft-model", num_draft_tokens=5, tree=tree, tree_width=2, tree_nodes=6
+        spec = SpecConfig(  # a controller whose lengths do not depend on measured times
+            drafter="draft-model",
+            controller="heuristic",
+            num_draft_tokens=5,
+            tree=tree,
+            tree_width=2,
+            tree_nodes=6,
         )
         sampling = SamplingParams(max_new_tokens=count)
         forwards = []
