@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_llama
 
 from specdecode.cli import build_parser, main
 
 SMALL = "qwen2.5-coder-0.5b-instruct"
-TOKENIZER_SOURCE = "smollm2-135m-instruct"  # the smallest registry model: its tokenizer is cheap
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -200,26 +200,7 @@ def test_default_controller_is_cost_aware_for_chains_and_heuristic_for_trees() -
 
 
 def tiny_hf_model(directory: Path) -> Path:
-    """A tiny random Llama as transformers saves it, with a real tokenizer: a Hugging Face
-    directory that loads in a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from specdecode import models
-
-    tokenizer = models.load_tokenizer(TOKENIZER_SOURCE)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    (directory / "tokenizer.json").write_text(tokenizer.to_json())
+    save_tiny_llama(directory)
     return directory
 
 

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_llama
 
 from specdecode import models
 from specdecode.errors import ModelIntegrityError, ModelNotFoundError
@@ -197,25 +198,10 @@ def test_second_load_comes_from_the_cache(monkeypatch) -> None:
 def test_local_hugging_face_directory_loads_and_matches(tmp_path) -> None:
     """A tiny random Llama saved by transformers loads through the same path as the zoo."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from specdecode.backends.torch import TorchBackend
 
-    tokenizer_json = models.load_tokenizer("smollm2-135m-instruct").to_json()
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    reference = LlamaForCausalLM(config).eval()
-    reference.save_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_text(tokenizer_json)
+    reference = save_tiny_llama(tmp_path)
     checkpoint = models.load_checkpoint(str(tmp_path), dtype=torch.float32)
     assert checkpoint.config.num_layers == 2 and checkpoint.config.tie_word_embeddings
     assert checkpoint.tokenizer.encode("hello world") == models.load_tokenizer(
