@@ -108,6 +108,27 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
     assert products in ("library", "row-wise kernels") and f"products on {products}" in report
 
 
+def test_built_in_methods_keep_the_controllers_their_records_were_made_with(
+    tmp_path: Path,
+) -> None:
+    """The default controller of generate changed to cost-aware; the benchmark's names did not
+    change meaning: a name says cost-aware or a fixed length, or the method is heuristic (the
+    plain-decoding baseline too, which drafts nothing)."""
+    for name, method in BUILTIN.items():
+        if method.spec is None:  # a peer
+            continue
+        if "cost-aware" in name:
+            expected = "cost-aware"
+        elif name.endswith(("-k10", "-k4")):
+            expected = "fixed"
+        else:
+            expected = "heuristic"
+        assert method.spec.controller == expected, name
+    path = tmp_path / "m.toml"
+    path.write_text('[[method]]\nname = "m"\ndrafter = "prompt-lookup"\n')
+    assert parse_methods(str(path))[0].spec.controller == "heuristic"  # a file's names none
+
+
 def test_every_run_prefills_its_own_prompt(monkeypatch) -> None:
     """The backend keeps a prompt cached for the next generation of the same prompt; in the
     benchmark that would hand every method after the baseline a free prefill."""
@@ -231,6 +252,7 @@ def test_interrupted_run_keeps_its_records_and_resumes(tmp_path: Path, monkeypat
     measure = stop_at_run(monkeypatch, 4, ctrl_c)
     code, out = bench(tmp_path, "--methods", "prompt-lookup")
     assert code == 130
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the bench's handler is undone
     kept = read_records(out / "results.jsonl")
     assert len(kept) == 3
     # The report covers the one prompt both methods finished, and says the run is partial.

@@ -258,6 +258,6 @@ class TargetNotTruncated(RejectionVerifier):
 
 @pytest.mark.parametrize("name", ["temperature and top-k", "top-p"])
 def test_a_verifier_that_ignores_top_k_or_top_p_fails(name: str) -> None:
+    # Without top-k / top-p this bug is invisible (it is the rejection verifier itself, which
+    # passes the "random" case above): only these cases can catch it.
     assert run_case(TargetNotTruncated(), CASES[name], draft_len=2, broken=True) < BROKEN
-    # The same bug is invisible without truncation: only these cases can catch it.
-    assert run_case(TargetNotTruncated(), CASES["random"], draft_len=2) > ALPHA

@@ -17,6 +17,7 @@ import inspect
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from specdecode.api import (
     BACKEND_NAMES,
@@ -48,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line, `error: ...` (exit 2), like every other
     input error, rather than the usage text and a line prefixed with the program's name."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise _UsageError(message)
 
 

@@ -241,7 +241,7 @@ def _backend_of_table(entry: dict[str, Any], where: str) -> str | None:
         if kernels is not None:
             raise SpecDecodeError(f'{where}: kernels = {kernels!r} needs backend = "llamacpp"')
         return None
-    if backend not in BACKEND_NAMES:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise SpecDecodeError(
             f"{where}: unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
         )
@@ -252,7 +252,7 @@ def _backend_of_table(entry: dict[str, Any], where: str) -> str | None:
             f"{where}: backend {backend!r} already names its kernels: write backend = "
             f'"llamacpp" with kernels = {kernels!r}'
         )
-    if kernels not in KERNELS:
+    if not isinstance(kernels, str) or kernels not in KERNELS:
         raise SpecDecodeError(
             f"{where}: unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}"
         )

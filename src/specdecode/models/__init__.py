@@ -86,13 +86,16 @@ _HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def hf_cache_dir() -> Path:
-    """The local Hugging Face hub cache, found as huggingface_hub finds it (read now, not at
-    import, so that a changed environment counts)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    """The local Hugging Face hub cache, found in the order huggingface_hub looks (read now, not
+    at import, so that a changed environment counts): HF_HUB_CACHE, its older name
+    HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
 def _cached_snapshot(model_id: str, cache: Path) -> Path | None:
@@ -138,6 +141,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             raise ModelNotFoundError(
                 f"{text} holds {len(ggufs)} GGUF files: pass one of them, e.g. {ggufs[0]}"
             )
+        raise ModelNotFoundError(
+            f"{text}'s snapshot in the local Hugging Face cache ({snapshot}) holds neither a "
+            "config.json nor a .gguf file: download it whole, or pass a local directory, a .gguf "
+            "file or a registry name from `specdecode models`"
+        )
     raise ModelNotFoundError(
         f"{text!r} is not in the local Hugging Face cache ({cache}), and specdecode does not "
         "download from the Hub: pass a local Hugging Face directory, a .gguf file, or a registry "
