@@ -50,6 +50,17 @@ def test_a_list_of_prompts_gives_a_list_of_results(llm: SpecDecoder, plain) -> N
         assert result.text == plain[prompt].text
 
 
+def test_a_bad_prompt_in_a_list_fails_before_any_is_generated(
+    llm: SpecDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("generated before every prompt was checked")
+
+    monkeypatch.setattr(llm, "_generate_one", must_not_run)
+    with pytest.raises(SpecDecodeError, match="the prompt is empty"):
+        llm.generate([QUESTION, "  "], GREEDY)
+
+
 def test_token_ids_are_still_a_prompt(llm: SpecDecoder, plain) -> None:
     ids = llm.encode_prompt(QUESTION)
     assert llm.generate(ids, GREEDY).token_ids == plain[QUESTION].token_ids
@@ -76,7 +87,7 @@ def test_the_spec_given_at_load_is_the_default_and_a_call_overrides_it(
         ([[1, 2]], "got a list of list"),
         ([1.5], "got a list of float"),
         ([True, False], "got a list of bool"),
-        (7, "got a int"),
+        (7, "got an int"),
     ],
 )
 def test_a_prompt_of_the_wrong_kind_is_one_clear_error(llm: SpecDecoder, prompt, fragment) -> None:

@@ -385,7 +385,10 @@ class SpecDecoder:
         of results, one per text, in order (generated one after another, each as it would be
         alone). `spec` overrides the configuration given at load for this call."""
         if _is_text_list(prompt):
-            return [self._generate_one(text, sampling, spec, chat) for text in prompt]
+            # Every prompt is encoded (and checked) before the first is generated, so that a bad
+            # one fails at once rather than after minutes of work on the others.
+            encoded = [self._prompt_ids(text, chat) for text in prompt]
+            return [self._generate_one(ids, sampling, spec, chat=False) for ids in encoded]
         return self._generate_one(prompt, sampling, spec, chat)
 
     def chat(
@@ -457,8 +460,12 @@ def _describe(value: object) -> str:
         if len(value) == 0:
             return "an empty list"
         kinds = sorted({type(item).__name__ for item in value})
-        return f"a {type(value).__name__} of {', '.join(kinds)}"
-    return f"a {type(value).__name__}"
+        return f"{_article(type(value).__name__)} of {', '.join(kinds)}"
+    return _article(type(value).__name__)
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _checked_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
