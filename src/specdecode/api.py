@@ -62,26 +62,22 @@ LLAMACPP_KERNELS: dict[str, str | None] = {
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def backend_name(backend: str, kernels: str = "auto") -> str:
+def checked_backend(backend: str, kernels: str = "auto", device: str = "cpu") -> str:
     """The benchmark's name for `backend` on `kernels` (`llamacpp-narrow`, or `torch`), after
-    checking the pair: kernels other than auto are llama.cpp's only."""
+    checking the three together, in one line each, before anything loads: kernels other than auto
+    are llama.cpp's, llama.cpp runs on the CPU, and CUDA must be there to be asked for."""
     if backend not in BACKENDS:
         raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if kernels not in KERNELS:
         raise SpecDecodeError(f"unknown kernels {kernels!r}; choose one of: {', '.join(KERNELS)}")
-    if backend != "llamacpp":
-        if kernels != "auto":
-            raise SpecDecodeError(
-                f"kernels {kernels!r} are llama.cpp's: they go with backend llamacpp, not {backend}"
-            )
-        return backend
-    return _LLAMACPP_NAMES[kernels]
-
-
-def check_device(device: str) -> None:
-    """Refuse, in one line, a device this process cannot run on."""
     if device not in DEVICES:
         raise SpecDecodeError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if backend != "llamacpp" and kernels != "auto":
+        raise SpecDecodeError(
+            f"kernels {kernels!r} are llama.cpp's: they go with backend llamacpp, not {backend}"
+        )
+    if backend == "llamacpp" and device != "cpu":
+        raise SpecDecodeError("the llamacpp backend runs on the CPU: use --device cpu")
     if device == "cuda" and not torch.cuda.is_available():
         why = (
             "this PyTorch build has no CUDA support"
@@ -89,6 +85,7 @@ def check_device(device: str) -> None:
             else "PyTorch finds no CUDA device"
         )
         raise SpecDecodeError(f"--device cuda: {why}; use --device cpu")
+    return backend if backend != "llamacpp" else _LLAMACPP_NAMES[kernels]
 
 
 @dataclass(frozen=True)
@@ -129,14 +126,12 @@ def llamacpp_kernels(backend: str, gguf_path: Path) -> str:
     return kernels
 
 
-def _refuse_hf_directory(name_or_path: str, resolved: bool = False) -> None:
-    """llama.cpp reads GGUF files only: refuse a Hugging Face directory (or, once `resolved`
-    found no GGUF file, a Hugging Face id) in one line."""
-    if resolved or Path(name_or_path).expanduser().is_dir():
-        raise SpecDecodeError(
-            f"the llamacpp backend needs a GGUF file; {name_or_path!r} is a Hugging Face "
-            "model: use --backend torch or hf, or give a .gguf file"
-        )
+def _not_a_gguf_file(name_or_path: str) -> SpecDecodeError:
+    """llama.cpp reads GGUF files only: the one line for a Hugging Face directory or id."""
+    return SpecDecodeError(
+        f"the llamacpp backend needs a GGUF file; {name_or_path!r} is a Hugging Face "
+        "model: use --backend torch or hf, or give a .gguf file"
+    )
 
 
 def _load_backend(
@@ -185,11 +180,12 @@ def _load_backend(
                 "the llamacpp backend runs GGUF files as they are quantized: "
                 "use --draft-quantize none"
             )
-        _refuse_hf_directory(name_or_path)  # before asking for llama.cpp, which cannot help
+        if Path(name_or_path).expanduser().is_dir():  # before asking for llama.cpp: no use
+            raise _not_a_gguf_file(name_or_path)
         require_llama_cpp()  # one line on how to install it, before installing a model
         gguf_path = resolve_gguf(name_or_path)
         if gguf_path is None:
-            _refuse_hf_directory(name_or_path, resolved=True)
+            raise _not_a_gguf_file(name_or_path)
         kernels = llamacpp_kernels(backend, gguf_path)
         reserve_kernels([kernels])  # before llama.cpp starts
         model = LlamaCppBackend(
@@ -228,7 +224,6 @@ class SpecDecoder:
         self.engine = Engine(target, tokenizer, draft_model)
         self.target_dtype = target_dtype
         self.spec = spec or self.default_spec()
-        _check_drafter_has_model(self.spec, draft_model is not None)
 
     @classmethod
     def load(
@@ -277,11 +272,8 @@ class SpecDecoder:
                     f"kernels={kernels!r}"
                 )
             backend, kernels = BACKEND_NAMES[backend]
-        name = backend_name(backend, kernels)
-        check_device(device)
-        if backend == "llamacpp" and device != "cpu":
-            raise SpecDecodeError("the llamacpp backend runs on the CPU: use --device cpu")
-        if spec is not None:  # before loading any weights
+        name = checked_backend(backend, kernels, device)
+        if spec is not None:  # before loading any weights (the engine checks it again per call)
             _check_drafter_has_model(spec, draft_model is not None)
         if draft_vocabulary is not None and draft_vocabulary < 1:
             raise SpecDecodeError(
@@ -351,9 +343,7 @@ class SpecDecoder:
         """Yield the output of one prompt (text, or token ids) step by step, as tokens are
         accepted. `spec` overrides the configuration given at load for this call."""
         ids = self._prompt_ids(prompt, chat)
-        spec = spec or self.spec
-        _check_drafter_has_model(spec, self.draft_model is not None)
-        return self.engine.stream(ids, sampling or SamplingParams(), spec)
+        return self.engine.stream(ids, sampling or SamplingParams(), spec or self.spec)
 
     @overload
     def generate(

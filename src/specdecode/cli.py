@@ -28,7 +28,7 @@ from specdecode.api import (
     DTYPES,
     KERNELS,
     SpecDecoder,
-    backend_name,
+    checked_backend,
 )
 from specdecode.config import (
     DEFAULT_CONTROLLER,
@@ -103,13 +103,8 @@ def add_backend_args(p: argparse.ArgumentParser, backend_help: str) -> None:
 
 def backend_from_args(args: argparse.Namespace) -> str:
     """The benchmark's name of the backend on its kernels (`llamacpp-narrow`), after checking
-    that --kernels goes with --backend llamacpp."""
-    if args.kernels != "auto" and args.backend != "llamacpp":
-        raise SpecDecodeError(
-            f"--kernels {args.kernels} chooses llama.cpp's kernels: it goes with --backend "
-            f"llamacpp, not --backend {args.backend}"
-        )
-    return backend_name(args.backend, args.kernels)
+    --backend, --kernels and --device together, before anything loads."""
+    return checked_backend(args.backend, args.kernels, getattr(args, "device", "cpu"))
 
 
 def _generate_parser(sub) -> None:
@@ -399,16 +394,6 @@ def _warn_if_lossy(verifier: str | None, kernels: str = "auto") -> None:
         )
 
 
-def _check_backend_and_device(args: argparse.Namespace) -> None:
-    """Refuse a bad --kernels, --device or --backend pairing before anything loads."""
-    from specdecode.api import check_device
-
-    backend_from_args(args)
-    check_device(args.device)
-    if args.backend == "llamacpp" and args.device != "cpu":
-        raise SpecDecodeError("the llamacpp backend runs on the CPU: use --device cpu")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -422,7 +407,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     spec = _spec_from_args(args)
-    _check_backend_and_device(args)
+    backend_from_args(args)
     llm = _load_from_args(args, spec)
     _warn_if_lossy(args.verifier, args.kernels)
     ids = llm.encode_prompt(prompt, chat=not args.no_chat, system=args.system)
@@ -573,7 +558,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             "must give plain greedy decoding's tokens, which the tests check token for token)"
         )
     spec = _spec_from_args(args)
-    _check_backend_and_device(args)
+    backend_from_args(args)
     llm = _load_from_args(args, spec)
     ids = llm.encode_prompt(args.prompt, chat=args.chat)
     with tqdm(total=2 * config.samples, desc="certify", unit="sample", file=sys.stderr) as bar:
@@ -643,7 +628,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         seed=0 if args.seed is None else args.seed,  # reproducible unless asked otherwise
     )
     prompts = load_suite(args.suite)[: args.prompts]
-    _check_backend_and_device(args)
+    backend_from_args(args)
     llm = _load_from_args(args, SpecConfig(drafter=drafter, controller="fixed"))
     ids = [llm.encode_chat(p.chat()) for p in prompts]
     rows = []
