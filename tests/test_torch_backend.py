@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from tiny_models import to_hf_names
 
 from specdecode.backends.torch import TorchBackend
 from specdecode.models import load_checkpoint, resolve_gguf
@@ -304,44 +305,12 @@ def test_tiny_random_model_runs_every_family() -> None:
         state = Transformer(config)
         for p in state.parameters():
             torch.nn.init.normal_(p, std=0.1)
-        hf_names = _to_hf_names(state, config)
+        hf_names = to_hf_names(state, config)
         backend = TorchBackend(config, hf_names, dtype=torch.float32, max_context=64)
         logits = backend.forward(torch.arange(20))
         assert logits.shape == (20, 64) and torch.isfinite(logits).all()
         backend.truncate(10)
         assert torch.allclose(backend.forward(torch.arange(10, 20)), logits[10:], atol=1e-5)
-
-
-def _to_hf_names(model, config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `Transformer.load_hf_state_dict`, for random test weights."""
-    sd = {
-        "model.embed_tokens.weight": model.embed.weight.detach(),
-        "model.norm.weight": model.final_norm.detach(),
-        "lm_head.weight": model.lm_head.weight.detach(),
-    }
-    d, h, kv = config.head_dim, config.num_heads, config.num_kv_heads
-    for i, block in enumerate(model.blocks):
-        pre = f"model.layers.{i}."
-        q, k, v = block.qkv.weight.detach().split([h * d, kv * d, kv * d])
-        sd |= {
-            pre + "self_attn.q_proj.weight": q,
-            pre + "self_attn.k_proj.weight": k,
-            pre + "self_attn.v_proj.weight": v,
-            pre + "self_attn.o_proj.weight": block.o.weight,
-            pre + "input_layernorm.weight": block.input_norm,
-            pre + "post_attention_layernorm.weight": block.post_attn_norm,
-            pre + "mlp.down_proj.weight": block.down.weight,
-        }
-        gate, up = block.gate_up.weight.detach().chunk(2)
-        sd |= {pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up}
-        if config.family == "gemma3":
-            sd |= {
-                pre + "pre_feedforward_layernorm.weight": block.pre_mlp_norm,
-                pre + "post_feedforward_layernorm.weight": block.post_mlp_norm,
-                pre + "self_attn.q_norm.weight": block.q_norm,
-                pre + "self_attn.k_norm.weight": block.k_norm,
-            }
-    return {k: v.detach().clone() for k, v in sd.items()}
 
 
 def test_rowwise_kernel_is_built_with_its_weight_prefetch() -> None:

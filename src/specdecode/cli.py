@@ -5,6 +5,7 @@
     specdecode certify [--model M] [--drafter D] [--verifier V] [--temperature T] [--samples N]
     specdecode analyze [--model M] [--draft-model D] [--methods TREE/VERIFIER,...] ...
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
+    specdecode train-drafter --model M --kind eagle [--out DIR] [--data FILES...]
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
 `error: ...`, and exit with status 2; no traceback.
@@ -267,9 +268,15 @@ def _add_speculation_args(
         "--draft-min-confidence",
         type=float,
         metavar="P",
-        help="draft model: stop a draft after a token the draft model gives less than "
+        help="draft model and eagle: stop a draft after a token the drafter gives less than "
         "probability P, in [0, 1) (the built-in bench method draft-model-adaptive uses 0.4; "
         "default: 0, never stop early)",
+    )
+    p.add_argument(
+        "--head",
+        metavar="DIR",
+        help="eagle: the EAGLE-3 head to draft with, a folder with config.json and "
+        "model.safetensors (default: the model's own head, made by `specdecode train-drafter`)",
     )
 
 
@@ -305,12 +312,12 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float | int]:
+def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float | int | str]:
     """drafter_options from --min-ngram / --max-ngram (prompt lookup) and --draft-min-confidence
-    (draft model), checked before any model loads."""
+    (draft model, eagle) and --head (eagle), checked before any model loads."""
     from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 
-    options: dict[str, float | int] = {}
+    options: dict[str, float | int | str] = {}
     ngrams = {"min_ngram": args.min_ngram, "max_ngram": args.max_ngram}
     if any(value is not None for value in ngrams.values()):
         if drafter != "prompt-lookup":
@@ -332,15 +339,20 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
         if max_ngram < strong:
             options["strong_ngram"] = max_ngram
     if args.draft_min_confidence is not None:
-        if drafter != "draft-model":
+        if drafter not in ("draft-model", "eagle"):
             raise SpecDecodeError(
-                f"--draft-min-confidence sets the draft model's threshold; the drafter is {drafter}"
+                "--draft-min-confidence sets the draft model's or eagle head's threshold; the "
+                f"drafter is {drafter}"
             )
         if not 0.0 <= args.draft_min_confidence < 1.0:
             raise SpecDecodeError(
                 f"--draft-min-confidence must be in [0, 1), got {args.draft_min_confidence}"
             )
         options["min_confidence"] = args.draft_min_confidence
+    if args.head is not None:
+        if drafter != "eagle":
+            raise SpecDecodeError(f"--head names an eagle head; the drafter is {drafter}")
+        options["head"] = args.head
     return options
 
 
@@ -672,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdecode.bench import command as bench_command
 
     bench_command.add_parser(sub, _add_draft_quantize)
+    from specdecode.train import command as train_command
+
+    train_command.add_parser(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ Per step (see DESIGN.md):
     logits  = target.forward_tree(tree)                  # [N+1, V], one forward
     verdict = verifier.verify(tree, logits, sampling, rng)
     target.commit(verdict.path, verdict.next_token)
-    drafter.update(verdict); controller.observe(verdict, timings)
+    drafter.update(verdict, TargetOutput(logits, target.last_hidden)); controller.observe(...)
 
 Generation stops at an end-of-sequence token (not emitted), at `max_new_tokens`, or once the text
 contains a stop string (the text is cut before it).
@@ -30,7 +30,7 @@ import torch
 from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.control import StepTimings, make_controller
-from specdecode.drafters import Drafter, DrafterResources, make_drafter
+from specdecode.drafters import Drafter, DrafterResources, TargetOutput, make_drafter
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree, SiblingDraws
 from specdecode.trees import CHAIN, TreeShape, make_tree_shape
@@ -186,10 +186,13 @@ class Engine:
         target: Backend,
         tokenizer: TextDecoder | None = None,
         draft_model: Backend | None = None,
+        model_name: str = "",
     ) -> None:
+        """`model_name`: the target's registry name or path (where drafters find its head)."""
         self.target = target
         self.tokenizer = tokenizer
         self.draft_model = draft_model
+        self.model_name = model_name
         self._forward_costs: dict[int, float] | None = None
 
     def forward_costs(self) -> dict[int, float] | None:
@@ -244,8 +247,11 @@ class Engine:
                     f"({self.target.max_context} tokens) after a {len(prompt)}-token prompt: "
                     f"lower --tree-nodes to at most {room}"
                 )
-        resources = DrafterResources(self.target, self.draft_model, shape)
+        resources = DrafterResources(self.target, self.draft_model, shape, self.model_name)
         drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
+        # The layers a trained head reads, captured from the forwards the target runs anyway (none
+        # for other drafters, which then cost the target nothing).
+        self.target.capture_hidden(drafter.hidden_layers)
         verifier = _pick_verifier(spec, sampling, shape, drafter)
         if shape is not None and not self.target.supports_trees:
             raise SpecDecodeError(
@@ -279,7 +285,7 @@ class Engine:
         started = time.perf_counter()
         with torch.inference_mode():
             self.target.prefill(prompt)
-            drafter.begin(prompt, sampling, rng)
+            drafter.begin(prompt, sampling, rng, TargetOutput(None, self.target.prompt_hidden))
             controller.reset()
         stats.prefill_seconds = time.perf_counter() - started
         context = list(prompt)
@@ -309,7 +315,7 @@ class Engine:
                 self.target.commit(verdict.path, verdict.next_token)
                 verified = time.perf_counter()
                 timings = StepTimings(drafted - step_start, verified - drafted)
-                drafter.update(verdict)
+                drafter.update(verdict, TargetOutput(target_logits, self.target.last_hidden))
                 controller.observe(verdict, timings)
                 if observe is not None:  # outside the timed part of the step
                     observe(tree, target_logits, verdict)

@@ -16,6 +16,10 @@ On top of them this base class implements the target-side protocol of the engine
 `prefill(tokens)`, `forward_tree(tree) -> logits [N+1, V]` and `commit(path, next_token)`. The
 cache always holds the committed tokens *but the last*: the last committed token (the root) is fed
 at the head of the next tree, so that one forward yields both its logits and the drafts'.
+
+Hidden states, for trained draft heads: after `capture_hidden(layers)`, a backend that
+`supports_hidden_states` keeps, from the forwards it runs anyway, the hidden state entering each
+listed layer: `prompt_hidden` for the last prefill's rows and `last_hidden` for the last tree's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from specdecode.errors import SpecDecodeError
+from specdecode.models.config import TransformerConfig
 from specdecode.tree import DraftTree
 
 PREFILL_CHUNK = 512
@@ -42,6 +47,10 @@ class Backend(ABC):
     truncate_commits_prefix: bool = True
     #: tokens per forward when caching a prompt; a backend whose batches are smaller lowers it
     prefill_chunk: int = PREFILL_CHUNK
+    #: Whether `capture_hidden` works (the hidden states of inner layers are at hand).
+    supports_hidden_states: bool = False
+    #: Why not, in the one line a user gets when a drafter needs them.
+    hidden_states_refusal: str = "this backend does not hand out its hidden states"
 
     def __init__(self, vocab_size: int, max_context: int) -> None:
         self.vocab_size = vocab_size
@@ -49,6 +58,10 @@ class Backend(ABC):
         self.root_token: int | None = None
         self._last_tree_size = 0
         self._prefilled: list[int] = []  # the tokens the last prefill cached
+        self.hidden_layers: tuple[int, ...] = ()  # the layers whose hidden states are captured
+        self._captured: list[torch.Tensor] = []  # [T, k, H] per forward since the last take
+        self.prompt_hidden: torch.Tensor | None = None  # [P-1, k, H] of the last prefill
+        self.last_hidden: torch.Tensor | None = None  # [N+1, k, H] of the last forward_tree
 
     # ---- primitives every backend implements -------------------------------------------------
 
@@ -74,6 +87,44 @@ class Backend(ABC):
     @abstractmethod
     def keep(self, start: int, offsets: Sequence[int]) -> None:
         """Move cache rows `start + offsets[k]` to `start + k` and truncate after them."""
+
+    @property
+    def num_layers(self) -> int | None:
+        """How many decoder layers the model has (None where the backend cannot say)."""
+        return None
+
+    @property
+    def model_config(self) -> TransformerConfig | None:
+        """The architecture, where the backend runs our compact transformer (None elsewhere)."""
+        return None
+
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        """The input embedding table's rows (unscaled), which trained draft heads share."""
+        raise SpecDecodeError(self.hidden_states_refusal)
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        """From the next prefill on, keep the hidden state entering each of `layers` (0: the
+        embeddings; `num_layers`: the last layer's output before the final norm); `()` stops."""
+        layers = tuple(int(layer) for layer in layers)
+        if layers == self.hidden_layers:
+            return
+        if layers:
+            if not self.supports_hidden_states:
+                raise SpecDecodeError(self.hidden_states_refusal)
+            top = self.num_layers
+            if top is not None and not all(0 <= layer <= top for layer in layers):
+                raise SpecDecodeError(
+                    f"hidden states of layers {list(layers)} were asked for, but the model has "
+                    f"{top} layers (0 to {top})"
+                )
+        self.hidden_layers = layers
+        self._prefilled = []  # a cached prompt's states were captured for other layers
+        self.prompt_hidden = self.last_hidden = None
+
+    def take_captured(self) -> torch.Tensor | None:  # [T, k, H] of the forwards since the last
+        """The hidden states captured by `forward` calls since the last take (None: none)."""
+        rows, self._captured = self._captured, []
+        return torch.cat(rows) if rows else None
 
     @property
     def cost_key(self) -> str | None:
@@ -105,7 +156,9 @@ class Backend(ABC):
             self.truncate(len(head))
         else:
             self.reset()
+            self._captured = []
             self.extend(head)
+            self.prompt_hidden = self.take_captured()
             self._prefilled = head
         self.root_token = int(tokens[-1])
         self._last_tree_size = 0
@@ -131,7 +184,9 @@ class Backend(ABC):
         if tree_mask is not None and not self.supports_trees:
             raise SpecDecodeError(f"the {type(self).__name__} backend verifies chains only")
         self._last_tree_size = tree.num_nodes
+        self._captured = []
         logits = self.forward(ids, positions, tree_mask)
+        self.last_hidden = self.take_captured()
         assert logits is not None
         return logits
 

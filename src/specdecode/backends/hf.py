@@ -16,6 +16,10 @@ from specdecode.errors import SpecDecodeError
 
 class HFBackend(Backend):
     supports_trees = False
+    hidden_states_refusal = (
+        "the hf backend does not hand out hidden states for trained draft heads yet: use "
+        "--backend torch"
+    )
 
     def __init__(self, model, max_context: int | None = None) -> None:
         context = max_context or model.config.get_text_config().max_position_embeddings

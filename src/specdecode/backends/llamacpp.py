@@ -324,6 +324,11 @@ class LlamaCppBackend(Backend):
     cheaper per token, but a near-tie can resolve differently in a batch than alone.
     """
 
+    hidden_states_refusal = (
+        "llama.cpp's Python binding hands out the last layer's output only, not the inner "
+        "layers' hidden states a trained draft head reads: use --backend torch"
+    )
+
     truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
 
     def __init__(

@@ -2,14 +2,15 @@
 
 from typing import Any
 
-from specdecode.drafters.base import Drafter, DrafterResources
+from specdecode.drafters.base import Drafter, DrafterResources, TargetOutput
 from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.eagle import EagleDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 from specdecode.errors import SpecDecodeError
 
 DRAFTERS: dict[str, type[Drafter]] = {
-    cls.name: cls for cls in (NoDrafter, PromptLookupDrafter, DraftModelDrafter)
+    cls.name: cls for cls in (NoDrafter, PromptLookupDrafter, DraftModelDrafter, EagleDrafter)
 }
 
 
@@ -30,4 +31,4 @@ def make_drafter(name: str, options: dict[str, Any], resources: DrafterResources
         raise SpecDecodeError(f"bad options for drafter {name!r}: {exc}") from None
 
 
-__all__ = ["DRAFTERS", "Drafter", "DrafterResources", "make_drafter"]
+__all__ = ["DRAFTERS", "Drafter", "DrafterResources", "TargetOutput", "make_drafter"]

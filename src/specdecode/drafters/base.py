@@ -4,10 +4,16 @@ A drafter proposes a `DraftTree` below the last committed token, within the cont
 and hears the verdict afterwards. It never decides what is emitted: the verifier does, so a bad
 drafter costs speed, never correctness.
 
-Lifecycle per generation: `begin(prompt, sampling, rng)`, then per step `propose(context, budget)`
-and `update(verdict)`; `reset()` forgets everything. `context` is the full token sequence so far
-(prompt and accepted output, the last token being the root of the tree); drafters read it and never
-modify it.
+Lifecycle per generation: `begin(prompt, sampling, rng, target)`, then per step
+`propose(context, budget)` and `update(verdict, target)`; `reset()` forgets everything. `context` is
+the full token sequence so far (prompt and accepted output, the last token being the root of the
+tree); drafters read it and never modify it.
+
+`target` is what the target's forward computed that a drafter may read: at `begin`, the prefill of
+the prompt (all its tokens but the last); at `update`, the verification forward (the root, then
+the tree's nodes). A drafter that reads hidden states names the layers in `hidden_layers` when it
+is built, and the backend captures them during the forwards it runs anyway; drafters that name
+none cost the target nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +32,25 @@ from specdecode.trees import TreeShape
 from specdecode.verify.base import Verdict
 
 
+@dataclass(frozen=True)
+class TargetOutput:
+    """What one target forward computed, for drafters that read it (never modify it).
+
+    Rows are the forward's tokens in order: at prefill the prompt's tokens but the last; at
+    verification the root (the last committed token) then each tree node. Row `r`'s hidden state
+    is the target's state *at* that token, from which its next-token logits come.
+    """
+
+    # [T, V] float32 next-token logits; None at prefill, which computes none
+    logits: torch.Tensor | None = None
+    # [T, len(hidden_layers), hidden] the hidden state entering each layer the drafter named
+    # (Hugging Face's `hidden_states[layer]`); None when it named none
+    hidden: torch.Tensor | None = None
+
+
+NO_TARGET_OUTPUT = TargetOutput()
+
+
 @dataclass
 class DrafterResources:
     """What the engine can hand a drafter when building it."""
@@ -34,6 +59,8 @@ class DrafterResources:
     draft_model: Backend | None = None
     #: How to shape the drafts (None: the drafter's own chain).
     tree: TreeShape | None = None
+    #: The target's registry name or path, where a drafter looks up the model's own trained head.
+    model_name: str = ""
 
 
 class Drafter(ABC):
@@ -44,6 +71,9 @@ class Drafter(ABC):
     samples_drafts: ClassVar[bool] = False
     #: Whether the drafter can grow trees of any `TreeShape` (False: chains only).
     supports_trees: ClassVar[bool] = False
+    #: The target layers whose hidden states the drafter reads (`TargetOutput.hidden`); set by a
+    #: drafter that needs them when built, empty for those that read none.
+    hidden_layers: tuple[int, ...] = ()
 
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
@@ -51,16 +81,22 @@ class Drafter(ABC):
         return cls(**options)
 
     def begin(
-        self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        rng: torch.Generator | None,
+        target: TargetOutput = NO_TARGET_OUTPUT,
     ) -> None:
-        """Start a new sequence."""
+        """Start a new sequence; `target` is the prefill of the prompt (all its tokens but the
+        last)."""
 
     @abstractmethod
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         """Draft below `context[-1]` within `budget`. An empty tree is a valid proposal."""
 
-    def update(self, verdict: Verdict) -> None:
-        """Hear which drafts were accepted (for drafters that learn or keep state)."""
+    def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
+        """Hear which drafts were accepted (for drafters that learn or keep state); `target` is
+        the verification forward that decided it."""
 
     def reset(self) -> None:
         """Forget all per-sequence state."""

@@ -23,7 +23,7 @@ import torch
 
 from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Drafter, DrafterResources
+from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
@@ -76,7 +76,13 @@ class DraftModelDrafter(Drafter):
             resources.tree,
         )
 
-    def begin(self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None):
+    def begin(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        rng: torch.Generator | None,
+        target: TargetOutput = NO_TARGET_OUTPUT,
+    ) -> None:
         self.sampling = sampling
         self.rng = rng
         self.reset()

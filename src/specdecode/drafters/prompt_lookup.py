@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Drafter
+from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, TargetOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
@@ -83,7 +83,11 @@ class PromptLookupDrafter(Drafter):
         self.last_match = 0  # match length behind the last proposal (0: none)
 
     def begin(
-        self, prompt: Sequence[int], sampling: SamplingParams, rng: torch.Generator | None
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        rng: torch.Generator | None,
+        target: TargetOutput = NO_TARGET_OUTPUT,
     ) -> None:
         self.reset()
 
@@ -93,7 +97,7 @@ class PromptLookupDrafter(Drafter):
         prior = self.prior_weight * PRIOR_CONTINUES[group]
         return (self.hits[group] + prior) / (self.tries[group] + self.prior_weight)
 
-    def update(self, verdict: Verdict) -> None:
+    def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
         if not self.last_match:
             return
         # Draft i was tried when drafts 1..i-1 were accepted, after a match of last_match + i - 1.

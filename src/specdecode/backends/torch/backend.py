@@ -25,6 +25,7 @@ class TorchBackend(Backend):
     """A Llama / Qwen2 / Gemma 3 model with a static KV cache, on CPU or CUDA."""
 
     supports_trees = True
+    supports_hidden_states = True
 
     def __init__(
         self,
@@ -91,6 +92,17 @@ class TorchBackend(Backend):
     def num_cached(self) -> int:
         return self.cache.length
 
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def model_config(self) -> TransformerConfig:
+        return self.config
+
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        return self.model.embed.weight[token_ids.to(self.device)]
+
     def forward(
         self,
         token_ids: torch.Tensor,  # [T]
@@ -123,6 +135,8 @@ class TorchBackend(Backend):
                 tree_mask.to(self.device),
                 self.cache,
                 return_logits,
+                self.hidden_layers,
+                self._captured,
             )
         return None if logits is None else logits.cpu()
 

@@ -288,7 +288,13 @@ class Transformer(nn.Module):
         new_mask: torch.Tensor,  # [T, S] bool, S >= T: new token i sees slot end - S + j
         cache: KVCache,
         return_logits: bool = True,
+        capture: tuple[int, ...] = (),
+        captured: list[torch.Tensor] | None = None,
     ) -> torch.Tensor | None:  # [T, V] float32
+        """Next-token logits of the new tokens. With `capture`, the hidden state entering each
+        listed layer (`num_layers`: after the last, before the final norm; Hugging Face's
+        `hidden_states[i]`) is appended to `captured` as one `[T, len(capture), hidden]` tensor:
+        what trained draft heads read, at no extra cost."""
         cfg = self.cfg
         num_new = token_ids.shape[0]
         write_at = cache.length
@@ -321,12 +327,19 @@ class Transformer(nn.Module):
         visible_local = visible if mask_local is mask else Visibility(mask_local)
         rope_global = self.ropes["global"].at(positions, x.dtype)
         rope_local = self.ropes["local"].at(positions, x.dtype)
+        states: dict[int, torch.Tensor] = {}
         for block in self.blocks:
+            if block.layer in capture:
+                states[block.layer] = x[:num_new]
             if block.sliding:
                 x = block(x, rope_local, cache, write_at, num_new, visible_local)
             else:
                 x = block(x, rope_global, cache, write_at, num_new, visible)
         cache.length = end
+        if capture:
+            states[cfg.num_layers] = x[:num_new]
+            assert captured is not None
+            captured.append(torch.stack([states[layer] for layer in capture], dim=1))
         if not return_logits:
             return None
         x = rms_norm(x, self.final_norm, cfg.rms_norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)

@@ -1,0 +1,1 @@
+"""Training draft heads: data, target features, the training-time test and the command."""

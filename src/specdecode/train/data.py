@@ -1,0 +1,312 @@
+"""Training text for draft heads that any fresh machine has, offline.
+
+The built-in recipe (`Recipe`) mixes two sources:
+- the Python standard library of the running interpreter: module source (code) and the modules'
+  docstrings joined as prose;
+- self-distillation: instruction prompts made from templates (explanations, summaries,
+  translations, arithmetic word problems, short essays) answered by the target itself, so that the
+  head learns the target's own answers (Medusa-2 and EAGLE do the same with their chat data).
+
+Never the benchmark's prompts: modules the bench suites quote are left out, and any text that
+shares a 64-character window with a bench prompt is dropped (`bench_windows`; a test checks the
+result). `--data FILES` replaces the recipe with the user's own text files.
+
+A training sequence is token ids with a loss mask: whether the prediction after each token is
+trained (all of a text; only the answer of a prompt-answer pair).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from specdecode.bench.suites import SUITES, load_suite
+from specdecode.errors import SpecDecodeError
+
+#: Window length of the bench-overlap check, in characters.
+OVERLAP_WINDOW = 64
+#: Standard-library folders that are tests, data or tools rather than library code.
+_SKIPPED_PARTS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How much of each source the built-in data has (in tokens and prompts)."""
+
+    stdlib_tokens: int = 120_000
+    distill_prompts: int = 48
+    distill_max_tokens: int = 192
+    sequence_length: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stdlib_tokens < 0 or self.distill_prompts < 0:
+            raise SpecDecodeError("the recipe's token and prompt counts must be >= 0")
+        if self.sequence_length < 16 or self.distill_max_tokens < 1:
+            raise SpecDecodeError("training sequences need at least 16 tokens")
+
+
+@dataclass
+class TrainingSequence:
+    """One training sequence."""
+
+    tokens: list[int]
+    loss_mask: list[bool]  # [t]: train the prediction after token t
+    source: str  # where it came from, for the summary
+
+
+# ---- the benchmark, kept out ------------------------------------------------------------------
+
+
+def bench_texts() -> list[str]:
+    """Every message of every built-in bench suite."""
+    texts = []
+    for suite in SUITES:
+        for prompt in load_suite(suite):
+            texts.extend(message["content"] for message in prompt.chat())
+    return texts
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def bench_windows() -> set[str]:
+    """The 64-character windows (whitespace collapsed) of the bench prompts, every 16 characters:
+    a text containing any 80 consecutive characters of a prompt contains one of them."""
+    windows = set()
+    for text in bench_texts():
+        flat = _normalise(text)
+        for start in range(0, max(1, len(flat) - OVERLAP_WINDOW + 1), 16):
+            windows.add(flat[start : start + OVERLAP_WINDOW])
+    return windows
+
+
+def overlaps_bench(text: str, windows: set[str]) -> bool:
+    flat = _normalise(text)
+    return any(
+        flat[i : i + OVERLAP_WINDOW] in windows for i in range(len(flat) - OVERLAP_WINDOW + 1)
+    )
+
+
+def bench_modules() -> set[str]:
+    """Standard-library files the bench suites quote (their prompts' origins), by relative path."""
+    quoted = set()
+    for suite in SUITES:
+        for prompt in load_suite(suite):
+            quoted.update(re.findall(r"Lib/([\w/]+\.py)", prompt.origin))
+    return quoted
+
+
+# ---- the standard library ---------------------------------------------------------------------
+
+
+def stdlib_files() -> list[Path]:
+    """The interpreter's standard-library modules, sorted, less tests, tools and bench sources."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    quoted = bench_modules()
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if _SKIPPED_PARTS & set(relative.parts) or str(relative) in quoted:
+            continue
+        files.append(path)
+    if not files:
+        raise SpecDecodeError(f"no standard-library sources under {root}: pass --data FILES")
+    return files
+
+
+def docstrings(source: str) -> str:
+    """The docstrings of a module, its classes and functions, as paragraphs."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text and len(text) > 40:
+                found.append(text)
+    return "\n\n".join(found)
+
+
+def stdlib_texts(seed: int) -> Iterator[tuple[str, str]]:
+    """(source, text) pairs, alternating a module's docstrings (prose) and its code, in a seeded
+    order of the modules."""
+    files = stdlib_files()
+    random.Random(seed).shuffle(files)
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        prose = docstrings(source)
+        if prose:
+            yield f"stdlib prose {path.name}", prose
+        yield f"stdlib code {path.name}", source
+
+
+# ---- self-distillation prompts ----------------------------------------------------------------
+
+_LANGUAGES = ("French", "German", "Spanish", "Italian", "Portuguese", "Chinese", "Japanese")
+_TOPICS = (
+    "how tides work",
+    "why the sky looks blue",
+    "the history of the printing press",
+    "how vaccines train the immune system",
+    "what a compiler does",
+    "how bees communicate",
+    "the water cycle",
+    "why leaves change colour in autumn",
+    "how a bicycle stays upright",
+    "the causes of inflation",
+    "how photosynthesis stores energy",
+    "what makes a good password",
+    "how maps are projected onto paper",
+    "the life of a star",
+    "how noise-cancelling headphones work",
+    "why bread rises",
+)
+_ACTIVITIES = (
+    "learning a new language",
+    "running a first marathon",
+    "keeping a vegetable garden",
+    "writing clear emails",
+    "reviewing someone else's code",
+    "saving money each month",
+    "sleeping better",
+    "preparing for a job interview",
+    "teaching a child to read",
+    "organising a small conference",
+)
+
+
+def _functions(source: str) -> list[tuple[str, str]]:
+    """(name, first docstring line) of a module's public, documented functions."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc and len(doc.split("\n")[0]) > 20:
+                found.append((node.name, doc.split("\n")[0].strip()))
+    return found
+
+
+def _word_problem(rng: random.Random) -> str:
+    a, b, c = rng.randint(3, 48), rng.randint(2, 19), rng.randint(2, 9)
+    return rng.choice(
+        [
+            f"A baker makes {a} loaves every hour for {b} hours and sells all but {c} of them. "
+            "How many does she sell? Explain each step.",
+            f"A cyclist rides {a * c} km in {c} hours. At the same speed, how long does a "
+            f"{a * b} km ride take? Show your reasoning.",
+            f"What is {a} * {b} - {c} * {a}? Work it out step by step.",
+            f"Solve for x: {c}x + {a} = {a + c * b}. Show each step.",
+            f"A box holds {b} rows of {c} eggs. How many boxes are needed for {a * b * c + c} "
+            "eggs? Explain.",
+            f"Ana has {a} marbles and gives a third of them, rounded down, to Ben, who already "
+            f"had {b}. How many does each have now? Explain.",
+        ]
+    )
+
+
+def distill_prompts(count: int, seed: int) -> list[str]:
+    """`count` instruction prompts from templates over the standard library and word lists."""
+    rng = random.Random(seed)
+    functions: list[tuple[str, str, str]] = []
+    prose: list[str] = []
+    for path in stdlib_files():
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        module = path.stem
+        functions.extend((module, name, line) for name, line in _functions(source))
+        paragraphs = [p for p in docstrings(source).split("\n\n") if 200 < len(p) < 900]
+        prose.extend(paragraphs)
+    if not functions or not prose:
+        raise SpecDecodeError("the standard library gave no material for training prompts")
+    windows = bench_windows()
+    prompts: list[str] = []
+    while len(prompts) < count:
+        module, name, line = rng.choice(functions)
+        paragraph = rng.choice(prose)
+        sentence = paragraph.split(". ")[0].strip().rstrip(".") + "."
+        prompt = rng.choice(
+            [
+                f"Explain what the Python function `{module}.{name}` does and show a short "
+                "example of using it.",
+                f"Summarize the following documentation in two or three sentences:\n\n{paragraph}",
+                f"Translate into {rng.choice(_LANGUAGES)}:\n\n{sentence}",
+                _word_problem(rng),
+                f"Write a short, clear paragraph for a curious teenager about "
+                f"{rng.choice(_TOPICS)}.",
+                f"Give five practical tips for {rng.choice(_ACTIVITIES)}.",
+                "Write a Python function that does the following, with a docstring and a "
+                f"usage example: {line[0].lower() + line[1:]}",
+                f"What questions would you ask to review this description of a function? "
+                f"`{module}.{name}`: {line}",
+            ]
+        )
+        if not overlaps_bench(prompt, windows):
+            prompts.append(prompt)
+    return prompts
+
+
+# ---- the user's own files ---------------------------------------------------------------------
+
+
+def read_user_files(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(source, text) of each `--data` file, refused in one line if unreadable, empty or binary."""
+    texts = []
+    for name in paths:
+        path = Path(name).expanduser()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise SpecDecodeError(f"cannot read --data file {name}: {exc.strerror}") from None
+        if b"\0" in raw[:4096]:
+            raise SpecDecodeError(f"--data file {name} looks binary: give text files")
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            raise SpecDecodeError(f"--data file {name} is empty")
+        texts.append((f"file {path.name}", text))
+    if not texts:
+        raise SpecDecodeError("--data needs at least one file")
+    return texts
+
+
+def text_sequences(
+    texts: Iterator[tuple[str, str]] | Sequence[tuple[str, str]],
+    encode,
+    max_tokens: int,
+    sequence_length: int,
+) -> list[TrainingSequence]:
+    """Cut texts into sequences of at most `sequence_length` tokens, up to `max_tokens` in all
+    (every prediction trained)."""
+    windows = bench_windows()
+    sequences: list[TrainingSequence] = []
+    total = 0
+    for source, text in texts:
+        if total >= max_tokens:
+            break
+        if overlaps_bench(text, windows):
+            continue
+        ids = encode(text)
+        for start in range(0, len(ids), sequence_length):
+            piece = ids[start : start + sequence_length][: max_tokens - total]
+            if len(piece) < 16:
+                break
+            sequences.append(TrainingSequence(piece, [True] * len(piece), source))
+            total += len(piece)
+    return sequences

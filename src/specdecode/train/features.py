@@ -1,0 +1,89 @@
+"""The target's features for training, computed once and kept on disk.
+
+For each training sequence one file, `<index>.safetensors`, holds what the head trains on: the
+hidden states entering the head's layers at every token (`features [T, 3, H]`, bfloat16), the
+tokens, the target's argmax after each token (`labels`) and the loss mask. Files are written under
+a temporary name and renamed, so an interrupted run leaves only whole files, and a rerun computes
+only the missing ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specdecode.backends.base import Backend
+from specdecode.errors import SpecDecodeError
+from specdecode.train.data import TrainingSequence
+from specdecode.train.ttt import Example
+
+#: Tokens per target forward while computing features (the logits of each are kept as argmax).
+CHUNK = 512
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    directory: Path
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"{index:06d}.safetensors"
+
+    def compute(
+        self, target: Backend, sequences: Sequence[TrainingSequence], layers: tuple[int, ...]
+    ) -> None:
+        """Run the target over every sequence not on disk yet, capturing `layers`."""
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(len(sequences)) if not self.path(i).is_file()]
+        if not todo:
+            return
+        target.capture_hidden(layers)
+        tokens_todo = sum(len(sequences[i].tokens) for i in todo)
+        with tqdm(total=tokens_todo, desc="target features", unit="tok", leave=False) as bar:
+            for index in todo:
+                sequence = sequences[index]
+                ids = torch.tensor(sequence.tokens, dtype=torch.long)
+                if ids.shape[0] >= target.max_context:
+                    raise SpecDecodeError(
+                        f"a training sequence of {ids.shape[0]} tokens exceeds the context"
+                    )
+                target.reset()
+                target.take_captured()
+                labels = []
+                with torch.inference_mode():
+                    for start in range(0, ids.shape[0], CHUNK):
+                        logits = target.forward(ids[start : start + CHUNK])
+                        labels.append(logits.argmax(-1))
+                        bar.update(min(CHUNK, ids.shape[0] - start))
+                hidden = target.take_captured()
+                tensors = {
+                    "features": hidden.to(torch.bfloat16).cpu().contiguous(),
+                    "tokens": ids,
+                    "labels": torch.cat(labels).to(torch.long),
+                    "loss_mask": torch.tensor(sequence.loss_mask, dtype=torch.bool),
+                }
+                partial = self.path(index).with_suffix(".partial")
+                save_file(tensors, str(partial))
+                partial.replace(self.path(index))
+        target.capture_hidden(())
+        target.reset()
+
+    def load(self, count: int) -> list[Example]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        examples = []
+        for index in range(count):
+            try:
+                t = load_file(str(self.path(index)))
+            except (SafetensorError, OSError) as exc:
+                raise SpecDecodeError(
+                    f"the feature file {self.path(index)} is damaged ({exc}): delete it and rerun"
+                ) from None
+            examples.append(Example(t["features"], t["tokens"], t["labels"], t["loss_mask"]))
+        return examples
