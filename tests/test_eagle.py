@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from significance import ALPHA
 from tiny_models import tiny_torch_backend
 
+from specdecode.certify import CertifyConfig, certify
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.engine import Engine
 from specdecode.errors import SpecDecodeError
@@ -231,9 +233,9 @@ def _examples(target, tmp_path: Path, count: int = 24, length: int = 96):
         )
         for _ in range(count)
     ]
-    store = FeatureStore(tmp_path / "features")
-    store.compute(target, sequences, LAYERS)
-    return store.load(count)
+    store = FeatureStore(tmp_path / "features", LAYERS)
+    store.compute(target, sequences)
+    return store.load(sequences)
 
 
 SETTINGS = TrainSettings(
@@ -320,3 +322,32 @@ def test_a_trained_head_drafts_tokens_the_target_accepts(learnable, trained, tmp
     )
     assert out == expected
     assert stats.accepted_tokens > 0
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tree", "verifier"),
+    [
+        ("chain", "rejection"),
+        pytest.param("dynamic", "specinfer", marks=pytest.mark.slow),
+        pytest.param("without-replacement", None, marks=pytest.mark.slow),
+    ],
+)
+def test_sampled_eagle_drafts_keep_the_targets_distribution(
+    learnable, trained, tmp_path, tree, verifier
+) -> None:
+    """certify at temperature 0.25 (sharp enough for drafts to be accepted on the tiny target):
+    the first two tokens after the prompt, with the trained head's drafts, against plain sampling (a
+    chain with rejection; in the slow tier a dynamic tree, whose nodes are chosen, with SpecInfer,
+    and a tree drawn without replacement with its own verifier)."""
+    head, _ = trained
+    save_head(head, tmp_path, dtype=torch.float32)
+    spec = eagle_spec(tmp_path, tree=tree, tree_width=2, num_draft_tokens=2, verifier=verifier)
+    config = CertifyConfig(samples=3000, length=2, alpha=ALPHA)
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    sampling = SamplingParams(temperature=0.25)
+    report = certify(Engine(learnable, None), prompt, sampling, spec, config)
+    assert report.test.conclusive and report.test.p_value > ALPHA, report.summary()
+    assert report.speculative_tokens_per_forward > 1.05  # drafts were accepted (about 1.15)

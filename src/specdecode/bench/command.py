@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     needing = [m.name for m in methods if m.needs_draft_model]
     if needing and not args.draft_model:
         raise SpecDecodeError(f"{', '.join(needing)} need --draft-model NAME|PATH")
+    _check_heads(methods, args.model)
     categories = args.categories.split(",") if args.categories else None
     prompts = load_suite(args.suite, categories)
     if args.report_only:
@@ -266,6 +267,22 @@ def _reserve_llamacpp_kernels(args: argparse.Namespace, methods: list) -> None:
     path = resolve_gguf(args.model)
     if path is not None:  # else loading says what is wrong
         reserve_kernels([llamacpp_kernels(backend, path) for backend in llamacpp])
+
+
+def _check_heads(methods, model: str) -> None:
+    """Refuse, before anything runs, an eagle method without a head for the model."""
+    from specdecode.heads import default_head_dir, train_command
+
+    for method in methods:
+        spec = method.spec
+        if spec is None or spec.drafter != "eagle" or "head" in spec.drafter_options:
+            continue
+        if not (default_head_dir(model, "eagle") / "config.json").is_file():
+            raise SpecDecodeError(
+                f"{method.name} needs an eagle head for {model}: make it with "
+                f"`{train_command(model, 'eagle')}`, or name one with drafter_options.head in a "
+                "methods file"
+            )
 
 
 def _check_same_machine(records, out_dir: Path) -> None:

@@ -160,13 +160,30 @@ BUILTIN: dict[str, Method] = {
             tree_nodes=16,
             verifier="traversal",
         ),
+        _ours("eagle", "EAGLE-3 head, heuristic draft length", drafter="eagle"),
+        _ours(
+            "eagle-dynamic-tree",
+            "EAGLE-3 head, dynamic tree (EAGLE-2), 3 wide, at most 16 nodes",
+            drafter="eagle",
+            tree="dynamic",
+            tree_width=3,
+            tree_nodes=16,
+        ),
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
+#: Built-in methods that draft with the model's own trained head (made by `train-drafter`).
+HEAD_METHODS = ("eagle", "eagle-dynamic-tree")
 
 SETS: dict[str, list[str]] = {
     "quick": ["prompt-lookup", "draft-model"],
-    "all-lossless": [name for name, m in BUILTIN.items() if m.peer is None and name != "none"],
+    # Without the head methods, which need a head trained for the model first.
+    "all-lossless": [
+        name
+        for name, m in BUILTIN.items()
+        if m.peer is None and name != "none" and name not in HEAD_METHODS
+    ],
+    "heads": list(HEAD_METHODS),
     "peers": list(PEERS),
 }
 

@@ -3,7 +3,7 @@
     specdecode train-drafter --model M --kind eagle [--out DIR] [--data FILES...]
 
 Work is kept in `<out>/training/`: the target's answers to the self-distillation prompts
-(`distill.jsonl`, appended one by one), the target features (`features-<key>/`, one file per
+(`distill.jsonl`, appended one by one), the target features (`features/`, one file per
 sequence) and the training checkpoint. An interrupted run started again with the same command
 picks up where it stopped: answers and features already on disk are not recomputed, and training
 resumes from its last checkpoint.
@@ -12,7 +12,6 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -91,13 +90,6 @@ def _sequences(llm, recipe: Recipe, data: Sequence[str] | None, work: Path):
     return sequences
 
 
-def _key(model: str, layers: tuple[int, ...], sequences: list[TrainingSequence]) -> str:
-    digest = hashlib.sha256(f"{model}|{layers}".encode())
-    for sequence in sequences:
-        digest.update(json.dumps([sequence.tokens, sequence.loss_mask]).encode())
-    return digest.hexdigest()[:12]
-
-
 def train_drafter(
     model: str,
     kind: str = "eagle",
@@ -140,10 +132,9 @@ def train_drafter(
     seconds["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    layers = head_config.aux_layers
-    store = FeatureStore(work / f"features-{_key(str(model), layers, sequences)}")
-    store.compute(target, sequences, layers)
-    examples = store.load(len(sequences))
+    store = FeatureStore(work / "features", head_config.aux_layers)
+    store.compute(target, sequences)
+    examples = store.load(sequences)
     seconds["features"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -35,7 +35,7 @@ class TrainSettings:
     draft_vocab: int = 16384
     intermediate_size: int | None = None  # None: the target's
     ttt_steps: int = 3
-    epochs: int = 3
+    epochs: int = 10
     learning_rate: float = 1e-3
     batch_tokens: int = 2048
     heldout_fraction: float = 0.05

@@ -1,6 +1,7 @@
 """The target's features for training, computed once and kept on disk.
 
-For each training sequence one file, `<index>.safetensors`, holds what the head trains on: the
+For each training sequence one file, named by a hash of its tokens, loss mask and the layers,
+holds what the head trains on: the
 hidden states entering the head's layers at every token (`features [T, 3, H]`, bfloat16), the
 tokens, the target's argmax after each token (`labels`) and the loss mask. Files are written under
 a temporary name and renamed, so an interrupted run leaves only whole files, and a rerun computes
@@ -9,6 +10,8 @@ only the missing ones.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +30,24 @@ CHUNK = 512
 
 @dataclass(frozen=True)
 class FeatureStore:
+    """The features of one target model (the caller keeps one directory per model)."""
+
     directory: Path
+    layers: tuple[int, ...]
 
-    def path(self, index: int) -> Path:
-        return self.directory / f"{index:06d}.safetensors"
+    def path(self, sequence: TrainingSequence) -> Path:
+        digest = hashlib.sha256(
+            json.dumps([self.layers, sequence.tokens, sequence.loss_mask]).encode()
+        )
+        return self.directory / f"{digest.hexdigest()[:20]}.safetensors"
 
-    def compute(
-        self, target: Backend, sequences: Sequence[TrainingSequence], layers: tuple[int, ...]
-    ) -> None:
-        """Run the target over every sequence not on disk yet, capturing `layers`."""
+    def compute(self, target: Backend, sequences: Sequence[TrainingSequence]) -> None:
+        """Run the target over every sequence not on disk yet, capturing the layers."""
         from safetensors.torch import save_file
 
+        layers = self.layers
         self.directory.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in range(len(sequences)) if not self.path(i).is_file()]
+        todo = [i for i in range(len(sequences)) if not self.path(sequences[i]).is_file()]
         if not todo:
             return
         target.capture_hidden(layers)
@@ -67,23 +75,24 @@ class FeatureStore:
                     "labels": torch.cat(labels).to(torch.long),
                     "loss_mask": torch.tensor(sequence.loss_mask, dtype=torch.bool),
                 }
-                partial = self.path(index).with_suffix(".partial")
+                partial = self.path(sequence).with_suffix(".partial")
                 save_file(tensors, str(partial))
-                partial.replace(self.path(index))
+                partial.replace(self.path(sequence))
         target.capture_hidden(())
         target.reset()
 
-    def load(self, count: int) -> list[Example]:
+    def load(self, sequences: Sequence[TrainingSequence]) -> list[Example]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         examples = []
-        for index in range(count):
+        for sequence in sequences:
+            path = self.path(sequence)
             try:
-                t = load_file(str(self.path(index)))
+                t = load_file(str(path))
             except (SafetensorError, OSError) as exc:
                 raise SpecDecodeError(
-                    f"the feature file {self.path(index)} is damaged ({exc}): delete it and rerun"
+                    f"the feature file {path} is damaged ({exc}): delete it and rerun"
                 ) from None
             examples.append(Example(t["features"], t["tokens"], t["labels"], t["loss_mask"]))
         return examples
