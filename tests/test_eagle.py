@@ -351,3 +351,67 @@ def test_sampled_eagle_drafts_keep_the_targets_distribution(
     report = certify(Engine(learnable, None), prompt, sampling, spec, config)
     assert report.test.conclusive and report.test.p_value > ALPHA, report.summary()
     assert report.speculative_tokens_per_forward > 1.05  # drafts were accepted (about 1.15)
+
+
+def test_drafting_computes_what_training_trains(target, tmp_path) -> None:
+    """The drafter's head outputs (its KV cache, positions and masks) equal the training-time
+    test's on the same sequence, at draft steps 0 and 1: what is trained is what drafts."""
+    from specdecode.drafters.base import TargetOutput
+    from specdecode.drafters.eagle import EagleDrafter
+    from specdecode.train.ttt import Example, ttt_outputs
+
+    save_head(random_head(target), tmp_path, dtype=torch.float32)
+    head = load_head(tmp_path, target.config, dtype=torch.float32)
+    tokens = torch.arange(3, 23)
+    target.capture_hidden(LAYERS)
+    target.reset()
+    target.take_captured()
+    target.forward(tokens)
+    example = Example(target.take_captured(), tokens, tokens, torch.ones(20, dtype=torch.bool))
+    outputs = ttt_outputs(head, target.model.embed.weight, example, steps=2)
+    drafter = EagleDrafter(head, target)
+    for n in (5, 12):
+        prompt = tokens[:n].tolist()
+        target.prefill(prompt)
+        drafter.begin(prompt, SamplingParams(), None, TargetOutput(None, target.prompt_hidden))
+        drafter._catch_up()
+        # step 0, row n-2: the pair (features at token n-2, token n-1) at position n-2
+        assert torch.allclose(drafter._last_out, outputs[0][n - 2], atol=1e-4)
+        # step 1, row n-2: the pair (that output, token n) at position n-1
+        step1 = drafter.cache.step(
+            head,
+            drafter._last_out[None],
+            target.token_embeddings(tokens[n : n + 1]),
+            torch.tensor([n - 1]),
+        )
+        assert torch.allclose(step1[0], outputs[1][n - 2], atol=1e-4)
+    target.capture_hidden(())
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_command_line_refusals_are_one_line_before_any_model_loads(tmp_path, capsys) -> None:
+    from specdecode.cli import main
+
+    cases = [
+        (["generate", "hi", "--head", str(tmp_path)], "--head names an eagle head"),
+        (["train-drafter", "--model", "m", "--kind", "medusa"], "invalid choice"),
+        (["train-drafter", "--model", "m", "--data", str(tmp_path / "no.txt")], "cannot read"),
+        (["train-drafter", "--model", "m", "--draft-vocab", "1"], "draft vocabulary of at least"),
+        (["train-drafter", "--model", "m", "--intermediate-size", "-4"], "intermediate size"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, (argv, err)
+
+
+def test_bench_refuses_an_eagle_method_without_a_head(tmp_path, monkeypatch, capsys) -> None:
+    from specdecode.cli import main
+
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path))
+    argv = ["bench", "--model", "qwen2.5-coder-0.5b-instruct", "--methods", "eagle"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "specdecode train-drafter --model qwen2.5-coder-0.5b-instruct --kind eagle" in err

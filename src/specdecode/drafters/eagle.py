@@ -65,7 +65,7 @@ class EagleDrafter(Drafter):
         self.device = head.fc.weight.device
         self.cache = HeadCache(head.cfg, target.max_context, self.dtype, self.device)
         self.vocab_size = target.vocab_size
-        self.target_ids = head.target_ids  # [draft_vocab]
+        self.target_ids = head.target_ids.cpu()  # [draft_vocab]; drafts are chosen on the CPU
         self.sampling = SamplingParams()
         self.rng: torch.Generator | None = None
         self.reset()
@@ -82,6 +82,14 @@ class EagleDrafter(Drafter):
         if config is None or not target.supports_hidden_states:
             raise SpecDecodeError(target.hidden_states_refusal)
         head_dir = options.get("head")
+        if resources.tree is not None and float(options.get("min_confidence", 0.0)) > 0:
+            raise SpecDecodeError(
+                "--draft-min-confidence stops eagle's chains; a tree is sized by --tree-nodes"
+            )
+        if config.family != "llama":
+            raise SpecDecodeError(
+                f"EAGLE-3 heads draft for Llama / Qwen2 targets, not {config.family}"
+            )
         if head_dir is None:
             head_dir = default_head_dir(resources.model_name, "eagle")
             if not (head_dir / "config.json").is_file():
@@ -91,7 +99,7 @@ class EagleDrafter(Drafter):
                     "docs/heads.md), or pass --head DIR"
                 )
         table = target.token_embeddings(torch.zeros(1, dtype=torch.long))  # its dtype and device
-        head = load_head(Path(head_dir), config, dtype=table.dtype, device=table.device)
+        head = _loaded_head(Path(head_dir), config, table.dtype, table.device)
         return cls(head, target, float(options.get("min_confidence", 0.0)), resources.tree)
 
     def reset(self) -> None:
@@ -141,7 +149,7 @@ class EagleDrafter(Drafter):
             out = self.cache.step(self.head, hidden, self._embed(tokens[piece]), positions)
             self._committed += count
         self._last_out = out[-1]
-        self._last_logits = self.head.logits(out[-1:])[0].float()
+        self._last_logits = self.head.logits(out[-1:])[0].float().cpu()
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
         return self.target.token_embeddings(tokens).to(self.dtype)
@@ -192,7 +200,7 @@ class EagleDrafter(Drafter):
                 self._embed(torch.tensor([token])),
                 torch.tensor([self._committed + step]),
             )[0]
-            logits = self.head.logits(out[None])[0].float()
+            logits = self.head.logits(out[None])[0].float().cpu()
         forecast = torch.tensor(confidence)
         if self.sampling.greedy:
             return DraftTree.chain(drafts, confidence=forecast)
@@ -234,5 +242,26 @@ class _HeadExpander:
         )
         for row, node in enumerate(nodes):
             self.out[node] = out[row]
-        logits = drafter.head.logits(out).float()  # [n, draft_vocab]
+        logits = drafter.head.logits(out).float().cpu()  # [n, draft_vocab]
         return drafter._full_vocab(logits, float("-inf"))
+
+
+#: Heads loaded in this process, by file and placement: a benchmark or certify run generates many
+#: times with the same head, and reading its weights each time would cost seconds.
+_HEADS: dict[tuple, Eagle3Head] = {}
+
+
+def _loaded_head(directory: Path, config, dtype: torch.dtype, device: torch.device) -> Eagle3Head:
+    weights = directory.expanduser() / "model.safetensors"
+    try:
+        stamp = weights.stat()
+        key = (str(weights.resolve()), stamp.st_mtime_ns, stamp.st_size, config, dtype, device)
+    except OSError:
+        key = None  # load_head says what is missing
+    if key is None or key not in _HEADS:
+        head = load_head(directory, config, dtype=dtype, device=device)
+        if key is None:
+            return head
+        _HEADS.clear()  # one head at a time: they are large
+        _HEADS[key] = head
+    return _HEADS[key]

@@ -17,9 +17,9 @@ is in it. Verification runs over the full vocabulary, so a trimmed one costs spe
 
 Checkpoint: `config.json` (architecture `LlamaForCausalLMEagle3`, `draft_vocab_size`,
 `eagle_config.eagle_aux_hidden_state_layer_ids`, read as Hugging Face's `hidden_states[id]`, the
-input of layer `id`, as vLLM does) and `model.safetensors` with `fc.weight`, `midlayer.*`,
-`norm.weight`, `lm_head.weight`, `d2t` and `t2d`. The token embedding is the target's and is not
-saved.
+input of layer `id`, as vLLM does; SGLang reads explicit ids one layer later) and
+`model.safetensors` with `fc.weight`, `midlayer.*`, `norm.weight`, `lm_head.weight`, `d2t` and
+`t2d`. The token embedding is the target's and is not saved.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ class Eagle3Config:
                 f"the draft vocabulary ({self.draft_vocab_size}) must be between 1 and the "
                 f"target's vocabulary ({self.vocab_size})"
             )
+        if min(self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads) < 1:
+            raise SpecDecodeError("the head's sizes and head counts must be at least 1")
         if self.num_heads % self.num_kv_heads:
             raise SpecDecodeError("the head's attention heads must be a multiple of its KV heads")
 
@@ -314,8 +316,14 @@ class HeadCache:
         `S` slots (the new rows and, for a tree, the nodes cached before) those `visible` says."""
         rows = hidden.shape[0]
         start, end = self.length, self.length + rows
-        if end > self.k.shape[1]:
-            raise SpecDecodeError(f"the draft head's cache holds {self.k.shape[1]} positions")
+        if end > self.k.shape[1]:  # a wide tree near the end of the context: grow
+            extra = max(end - self.k.shape[1], 256)
+            self.k = torch.cat(
+                [self.k, self.k.new_zeros(self.k.shape[0], extra, self.k.shape[2])], 1
+            )
+            self.v = torch.cat(
+                [self.v, self.v.new_zeros(self.v.shape[0], extra, self.v.shape[2])], 1
+            )
         projected = head.project(hidden, embeds, positions)
         self.k[:, start:end] = projected.k
         self.v[:, start:end] = projected.v
@@ -366,6 +374,8 @@ def read_config(directory: Path, num_target_layers: int | None = None) -> Eagle3
         raise SpecDecodeError(f"{directory} is not a draft head: it has no {CONFIG_FILE}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise SpecDecodeError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise SpecDecodeError(f"{path} is not a model config (a JSON object)")
     architectures = config.get("architectures") or []
     if not any("eagle3" in str(name).lower() for name in architectures):
         raise SpecDecodeError(
@@ -373,8 +383,8 @@ def read_config(directory: Path, num_target_layers: int | None = None) -> Eagle3
         )
     try:
         return Eagle3Config.from_hf(config, num_target_layers)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecDecodeError(f"{path} is not a valid EAGLE-3 config: {exc}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise SpecDecodeError(f"{path} is not a valid EAGLE-3 config: {exc!r}") from None
 
 
 def load_head(
@@ -403,10 +413,14 @@ def load_head(
     with torch.device("meta"):
         head = Eagle3Head(cfg)
     head = head.to_empty(device=device)
-    if "t2d" not in tensors and "d2t" in tensors:  # vLLM ignores t2d; some heads leave it out
-        t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-        t2d[tensors["d2t"] + torch.arange(tensors["d2t"].shape[0])] = True
-        tensors["t2d"] = t2d
+    if "d2t" in tensors:
+        mapped = tensors["d2t"].long() + torch.arange(tensors["d2t"].shape[0])
+        if mapped.numel() and (int(mapped.min()) < 0 or int(mapped.max()) >= cfg.vocab_size):
+            raise SpecDecodeError(f"the head {directory} maps draft tokens outside the vocabulary")
+        if "t2d" not in tensors:  # vLLM ignores t2d; some heads leave it out
+            t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+            t2d[mapped] = True
+            tensors["t2d"] = t2d
     if "d2t" not in tensors and cfg.draft_vocab_size == cfg.vocab_size:
         tensors["d2t"] = torch.zeros(cfg.vocab_size, dtype=torch.long)
         tensors["t2d"] = torch.ones(cfg.vocab_size, dtype=torch.bool)
@@ -425,7 +439,4 @@ def load_head(
                 f"{list(expected[name].shape)}"
             )
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
-    targets = head.target_ids
-    if int(targets.min()) < 0 or int(targets.max()) >= cfg.vocab_size:
-        raise SpecDecodeError(f"the head {directory} maps draft tokens outside the vocabulary")
     return head.to(dtype=dtype).eval().requires_grad_(False)

@@ -45,7 +45,8 @@ class TrainResult:
 
 
 def _distilled(llm, recipe: Recipe, work: Path) -> list[TrainingSequence]:
-    """The target's greedy answers to the recipe's prompts, cached line by line."""
+    """The target's greedy answers to the recipe's prompts, cached line by line (lines of another
+    model, or cut by an interruption, are made again)."""
     from specdecode.config import SamplingParams, SpecConfig
 
     path = work / "distill.jsonl"
@@ -54,9 +55,10 @@ def _distilled(llm, recipe: Recipe, work: Path) -> list[TrainingSequence]:
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
-                done[row["prompt"]] = row["answer"]
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by an interruption: its answer is made again
+                if row.get("model", llm.name) == llm.name:
+                    done[row["prompt"]] = row["answer"]
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                continue
     prompts = distill_prompts(recipe.distill_prompts, recipe.seed)
     sampling = SamplingParams(max_new_tokens=recipe.distill_max_tokens)
     spec = SpecConfig(drafter="prompt-lookup", controller="heuristic")
@@ -67,7 +69,8 @@ def _distilled(llm, recipe: Recipe, work: Path) -> list[TrainingSequence]:
             if prompt not in done:
                 answer, _, _ = llm.engine.generate(ids, sampling, spec)
                 done[prompt] = answer
-                log.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+                row = {"model": llm.name, "prompt": prompt, "answer": answer}
+                log.write(json.dumps(row) + "\n")
                 log.flush()
             tokens = ids + done[prompt]
             mask = [False] * (len(ids) - 1) + [True] * (len(tokens) - len(ids) + 1)
@@ -75,13 +78,12 @@ def _distilled(llm, recipe: Recipe, work: Path) -> list[TrainingSequence]:
     return sequences
 
 
-def _sequences(llm, recipe: Recipe, data: Sequence[str] | None, work: Path):
+def _sequences(llm, recipe: Recipe, user_texts: list[tuple[str, str]] | None, work: Path):
     def encode(text: str) -> list[int]:
         return llm.tokenizer.encode(text, add_special_tokens=False)
 
-    if data:
-        texts = read_user_files(data)
-        return text_sequences(texts, encode, 1 << 62, recipe.sequence_length)
+    if user_texts:
+        return text_sequences(user_texts, encode, 1 << 62, recipe.sequence_length)
     sequences = text_sequences(
         stdlib_texts(recipe.seed), encode, recipe.stdlib_tokens, recipe.sequence_length
     )
@@ -108,6 +110,7 @@ def train_drafter(
         raise SpecDecodeError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
     recipe = recipe or Recipe()
     settings = settings or TrainSettings()
+    user_texts = read_user_files(data) if data else None  # a bad file fails before any load
     model = resolve_model(model)
     head_dir = Path(out).expanduser() if out else default_head_dir(model, kind)
     work = head_dir / "training"
@@ -126,13 +129,13 @@ def train_drafter(
     seconds["load"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sequences = _sequences(llm, recipe, data, work)
+    sequences = _sequences(llm, recipe, user_texts, work)
     if len(sequences) < 2:
         raise SpecDecodeError("the training data makes fewer than 2 sequences: give more text")
     seconds["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    store = FeatureStore(work / "features", head_config.aux_layers)
+    store = FeatureStore(work / "features", head_config.aux_layers, str(model))
     store.compute(target, sequences)
     examples = store.load(sequences)
     seconds["features"] = time.perf_counter() - started

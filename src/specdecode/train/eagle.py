@@ -4,15 +4,17 @@ Deterministic given the seed: the draft vocabulary, the initial weights, the hel
 each epoch's order of sequences all come from it, so a run that is interrupted and resumed from
 its last checkpoint ends with the head an uninterrupted run gives (on the same machine).
 
-Initialisation from the target, so that even a short run drafts something useful: `lm_head` is
-the target's output layer restricted to the draft vocabulary and `norm` its final norm; `fc` passes
-the highest of the three features through (`[0, 0, I]`); the decoder layer's output projections
-start at zero, so before training the head is the target "exited early" at its high layer, and
-training learns the rest.
+Initialisation from the target: `lm_head` is the target's output layer restricted to the draft
+vocabulary and `norm` its final norm, so the head starts in the target's output space; `fc` passes
+the highest of the three features through (`[0, 0, I]`) and the decoder layer's output projections
+start at zero. Untrained, the head is then the target "exited early" at its high layer, which
+predicts the token the pair already holds rather than the next one: a starting point, not a
+useful drafter (its held-out agreement is reported before training).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +54,10 @@ class TrainSettings:
             raise SpecDecodeError("the learning rate must be in (0, 1), the batch at least 1")
         if not 0 < self.heldout_fraction < 0.5:
             raise SpecDecodeError("the held-out fraction must be in (0, 0.5)")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise SpecDecodeError(
+                f"the head's intermediate size must be at least 1, got {self.intermediate_size}"
+            )
 
 
 @dataclass
@@ -208,10 +214,12 @@ def train_eagle(
     report.baseline = float((held_labels == torch.mode(labels).values).float().mean())
 
     checkpoint_path = work_dir / CHECKPOINT
+    data = _fingerprint(examples)
     start = 0
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, weights_only=False)
-        if state.get("settings") == asdict(settings) and state.get("config") == asdict(config):
+        same = state.get("settings") == asdict(settings) and state.get("config") == asdict(config)
+        if same and state.get("data") == data:
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             start = report.resumed_from = int(state["step"])
@@ -244,7 +252,7 @@ def train_eagle(
         done = step + 1
         end_of_epoch = done in epoch_ends
         if done % settings.checkpoint_every == 0 or done == len(schedule) or end_of_epoch:
-            _save_checkpoint(checkpoint_path, head, optimizer, done, settings, config, report)
+            _save_checkpoint(checkpoint_path, head, optimizer, done, settings, config, report, data)
         if end_of_epoch and done < len(schedule):
             agreement = evaluate(
                 head, embed, heldout, settings.ttt_steps, draft_id_of, settings.bfloat16
@@ -266,7 +274,17 @@ def train_eagle(
     return head, report
 
 
-def _save_checkpoint(path, head, optimizer, step, settings, config, report) -> None:
+def _fingerprint(examples: list[Example]) -> str:
+    """What the training data is (its tokens, labels and masks), so that a checkpoint of a run on
+    other data is not resumed."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for tensor in (example.tokens, example.labels, example.loss_mask):
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(path, head, optimizer, step, settings, config, report, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(
@@ -277,6 +295,7 @@ def _save_checkpoint(path, head, optimizer, step, settings, config, report) -> N
             "settings": asdict(settings),
             "config": asdict(config),
             "initial_agreement": report.initial_agreement,
+            "data": data,
         },
         partial,
     )

@@ -30,7 +30,7 @@ CHUNK = 512
 
 @dataclass(frozen=True)
 class FeatureStore:
-    """The features of one target model (the caller keeps one directory per model)."""
+    """The features of one target model, one file per sequence."""
 
     directory: Path
     layers: tuple[int, ...]

@@ -13,7 +13,8 @@ features and `y` the labels:
 At step j, row i attends to the step-0 pairs 0..i (the committed tokens) and to its own pairs of
 steps 1..j (its earlier drafts): the "diagonal" keys, which make one pass over the sequence
 equivalent to drafting j steps after every token at once. Step j's loss is weighted 0.8^j.
-Predictions whose label is outside the draft vocabulary are not trained (they cannot be drafted).
+Predictions whose label is outside the draft vocabulary are not trained (they cannot be drafted),
+but count as misses in the agreement.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class Example:
 class StepScore:
     """One draft step's loss and agreement with the target over an example."""
 
-    loss: torch.Tensor  # scalar: summed cross-entropy over the counted rows
-    correct: int  # rows whose argmax is the target's token
-    count: int  # rows counted
+    loss: torch.Tensor  # scalar: summed cross-entropy over the trained rows
+    trained: int  # rows in the loss: counted, with the target's token in the draft vocabulary
+    correct: int  # counted rows whose argmax is the target's token
+    count: int  # rows counted (the loss mask)
 
 
 def _attend(
@@ -72,22 +74,22 @@ def _attend(
     return out
 
 
-def ttt_scores(
+def ttt_outputs(
     head: Eagle3Head,
     embed: torch.Tensor,  # [V, H] the target's (frozen) token embedding
     example: Example,
     steps: int,
-    draft_id_of: torch.Tensor,  # [V] int64: target id -> draft id, -1 outside the draft vocab
-) -> list[StepScore]:
-    """Each draft step's loss and agreement on `example` (fewer steps on a short sequence)."""
+) -> list[torch.Tensor]:
+    """The head's output at each draft step: `[T-1-j, H]` for step j (fewer steps on a short
+    sequence); row i of step j predicts the label after token i+j+1."""
     dtype = head.fc.weight.dtype
-    tokens, labels = example.tokens, example.labels
+    tokens = example.tokens
     length = tokens.shape[0]
     hidden = head.fuse(example.features[: length - 1].to(dtype))  # [T-1, H]
     keys0 = values0 = None
     diagonal_keys: list[torch.Tensor] = []
     diagonal_values: list[torch.Tensor] = []
-    scores: list[StepScore] = []
+    outputs: list[torch.Tensor] = []
     for step in range(steps):
         rows = length - 1 - step
         if rows <= 0:
@@ -98,22 +100,34 @@ def ttt_scores(
         projected = head.project(hidden, embed[tokens[nxt]].to(dtype), positions)
         if step == 0:
             keys0, values0 = projected.k, projected.v
-            attended = _attend(projected.q, keys0, values0, [], [], head.scale)
         else:
             diagonal_keys.append(projected.k)
             diagonal_values.append(projected.v)
-            attended = _attend(
-                projected.q, keys0, values0, diagonal_keys, diagonal_values, head.scale
-            )
-        out = head.finish(hidden, attended)  # [rows, H]
-        target = draft_id_of[labels[nxt]]  # [rows]
-        counted = example.loss_mask[nxt] & (target >= 0)
-        logits = head.logits(out[counted]).float()  # [n, draft_vocab]
-        picked = target[counted]
+        attended = _attend(projected.q, keys0, values0, diagonal_keys, diagonal_values, head.scale)
+        hidden = head.finish(hidden, attended)  # [rows, H]
+        outputs.append(hidden)
+    return outputs
+
+
+def ttt_scores(
+    head: Eagle3Head,
+    embed: torch.Tensor,  # [V, H] the target's (frozen) token embedding
+    example: Example,
+    steps: int,
+    draft_id_of: torch.Tensor,  # [V] int64: target id -> draft id, -1 outside the draft vocab
+) -> list[StepScore]:
+    """Each draft step's loss and agreement on `example` (fewer steps on a short sequence)."""
+    scores: list[StepScore] = []
+    for step, out in enumerate(ttt_outputs(head, embed, example, steps)):
+        nxt = slice(step + 1, step + 1 + out.shape[0])
+        target = draft_id_of[example.labels[nxt]]  # [rows]
+        counted = example.loss_mask[nxt]
+        trained = counted & (target >= 0)
+        logits = head.logits(out[trained]).float()  # [n, draft_vocab]
+        picked = target[trained]
         loss = F.cross_entropy(logits, picked, reduction="sum") if picked.numel() else out.sum() * 0
         correct = int((logits.argmax(-1) == picked).sum()) if picked.numel() else 0
-        scores.append(StepScore(loss, correct, int(picked.numel())))
-        hidden = out
+        scores.append(StepScore(loss, int(picked.numel()), correct, int(counted.sum())))
     return scores
 
 
@@ -121,6 +135,6 @@ def weighted_loss(scores: list[StepScore]) -> torch.Tensor:
     """The training objective: each step's mean cross-entropy, weighted 0.8^step, summed."""
     total = scores[0].loss * 0
     for step, score in enumerate(scores):
-        if score.count:
-            total = total + (STEP_WEIGHT_DECAY**step) * score.loss / score.count
+        if score.trained:
+            total = total + (STEP_WEIGHT_DECAY**step) * score.loss / score.trained
     return total

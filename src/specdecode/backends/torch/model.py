@@ -292,9 +292,10 @@ class Transformer(nn.Module):
         captured: list[torch.Tensor] | None = None,
     ) -> torch.Tensor | None:  # [T, V] float32
         """Next-token logits of the new tokens. With `capture`, the hidden state entering each
-        listed layer (`num_layers`: after the last, before the final norm; Hugging Face's
-        `hidden_states[i]`) is appended to `captured` as one `[T, len(capture), hidden]` tensor:
-        what trained draft heads read, at no extra cost."""
+        listed layer (Hugging Face's `hidden_states[i]`, except that `num_layers` is the last
+        layer's output before the final norm, where Hugging Face's is after it) is appended to
+        `captured` as one `[T, len(capture), hidden]` tensor: what trained draft heads read, at no
+        extra cost."""
         cfg = self.cfg
         num_new = token_ids.shape[0]
         write_at = cache.length
