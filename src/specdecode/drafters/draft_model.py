@@ -28,6 +28,7 @@ from specdecode.errors import SpecDecodeError
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
 from specdecode.trees import TreeShape
+from specdecode.trees.base import FedNodes
 
 #: Catch-ups longer than this skip the logits of all but their last token.
 _LOGITS_FOR_ALL_UP_TO = 32
@@ -159,24 +160,12 @@ class _TreeExpander:
 
     def __init__(self, model: Backend, context_length: int) -> None:
         self.model = model
-        self.root_position = context_length - 1
-        self.slot: dict[int, int] = {}  # tree node -> its index among the fed nodes
+        self.fed = FedNodes(context_length - 1)
 
     def expand(self, nodes: list[int], parents: list[int], tokens: list[int]) -> torch.Tensor:
-        for node in nodes:
-            self.slot[node] = len(self.slot)
-        visible = torch.zeros(len(nodes), len(self.slot), dtype=torch.bool)  # [n, fed]
-        positions = []
-        for row, node in enumerate(nodes):
-            depth, ancestor = 0, node
-            while ancestor >= 0:
-                visible[row, self.slot[ancestor]] = True
-                ancestor, depth = parents[ancestor], depth + 1
-            positions.append(self.root_position + depth)
+        visible, positions = self.fed.add(nodes, parents)
         logits = self.model.forward(
-            torch.tensor([tokens[n] for n in nodes], dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            visible,
+            torch.tensor([tokens[n] for n in nodes], dtype=torch.long), positions, visible
         )
         assert logits is not None
         return logits

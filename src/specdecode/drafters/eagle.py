@@ -33,6 +33,7 @@ from specdecode.heads.eagle3 import Eagle3Head, HeadCache, load_head
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
 from specdecode.trees import TreeShape
+from specdecode.trees.base import FedNodes
 from specdecode.verify.base import Verdict
 
 #: Committed pairs run through the head in pieces of at most this many (a long prompt's attention
@@ -215,29 +216,19 @@ class _HeadExpander:
         """`root_position`: one before the first draft pair's position (the last committed
         pair's), so that a node at depth d sits at `root_position + d`."""
         self.drafter = drafter
-        self.root_position = root_position
-        self.slot: dict[int, int] = {}  # tree node -> its index among the nodes fed
+        self.fed = FedNodes(root_position)
         self.out: dict[int, torch.Tensor] = {-1: drafter._last_out}  # node -> head output [H]
 
     def expand(self, nodes: list[int], parents: list[int], tokens: list[int]) -> torch.Tensor:
         drafter = self.drafter
-        for node in nodes:
-            self.slot[node] = len(self.slot)
-        visible = torch.zeros(len(nodes), len(self.slot), dtype=torch.bool)  # [n, fed]
-        positions = []
-        for row, node in enumerate(nodes):
-            depth, ancestor = 0, node
-            while ancestor >= 0:
-                visible[row, self.slot[ancestor]] = True
-                ancestor, depth = parents[ancestor], depth + 1
-            positions.append(self.root_position + depth)
+        visible, positions = self.fed.add(nodes, parents)
         hidden = torch.stack([self.out[parents[node]] for node in nodes])  # [n, H]
         token_ids = torch.tensor([tokens[node] for node in nodes], dtype=torch.long)
         out = drafter.cache.step(
             drafter.head,
             hidden,
             drafter._embed(token_ids),
-            torch.tensor(positions),
+            positions,
             visible,
         )
         for row, node in enumerate(nodes):

@@ -33,6 +33,32 @@ class Expander(Protocol):
         ...
 
 
+class FedNodes:
+    """The tree nodes a drafter has fed to its model, in order, after the context: each new level
+    sees the context and its ancestors among them (what an `Expander` of a model builds)."""
+
+    def __init__(self, root_position: int) -> None:
+        self.root_position = root_position  # a node at depth d sits at root_position + d
+        self.slot: dict[int, int] = {}  # tree node -> its index among the nodes fed
+
+    def add(
+        self, nodes: list[int], parents: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [n, fed] bool, [n] positions
+        """Feed `nodes`: which fed slots each may see (its ancestors and itself), and their
+        positions."""
+        for node in nodes:
+            self.slot[node] = len(self.slot)
+        visible = torch.zeros(len(nodes), len(self.slot), dtype=torch.bool)
+        positions = []
+        for row, node in enumerate(nodes):
+            depth, ancestor = 0, node
+            while ancestor >= 0:
+                visible[row, self.slot[ancestor]] = True
+                ancestor, depth = parents[ancestor], depth + 1
+            positions.append(self.root_position + depth)
+        return visible, torch.tensor(positions, dtype=torch.long)
+
+
 def ranking_probs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """The distribution a shape draws from or ranks by: the sampler's, or at temperature 0 the
     plain softmax (a one-hot would rank nothing below the argmax). [..., V]"""
