@@ -118,11 +118,10 @@ def train_drafter(
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    llm = SpecDecoder.load(
-        model,
-        backend="torch",
-        max_context=recipe.sequence_length + 8 + max(recipe.distill_max_tokens, 0) + 512,
-    )
+    # Room for the longest sequence: a text piece, or an instruction (under 512 tokens) and its
+    # answer.
+    context = max(recipe.sequence_length, 512 + recipe.distill_max_tokens) + 1
+    llm = SpecDecoder.load(model, backend="torch", max_context=context)
     target = llm.target
     config = target.model_config
     head_config = Eagle3Config.for_target(config, settings.draft_vocab, settings.intermediate_size)
