@@ -395,8 +395,8 @@ def test_command_line_refusals_are_one_line_before_any_model_loads(tmp_path, cap
     from specdecode.cli import main
 
     cases = [
-        (["generate", "hi", "--head", str(tmp_path)], "--head names an eagle head"),
-        (["train-drafter", "--model", "m", "--kind", "medusa"], "invalid choice"),
+        (["generate", "hi", "--head", str(tmp_path)], "--head names a trained head"),
+        (["train-drafter", "--model", "m", "--kind", "lookahead"], "invalid choice"),
         (["train-drafter", "--model", "m", "--data", str(tmp_path / "no.txt")], "cannot read"),
         (["train-drafter", "--model", "m", "--draft-vocab", "1"], "draft vocabulary of at least"),
         (["train-drafter", "--model", "m", "--intermediate-size", "-4"], "intermediate size"),

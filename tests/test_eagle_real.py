@@ -131,3 +131,36 @@ def test_eagle_sampling_passes_certify_on_the_real_model(small, head_dir, tree, 
     )
     assert report.passed, report.summary()
     assert report.speculative_tokens_per_forward > 1.0, report.summary()
+
+
+def test_train_drafter_makes_a_head_and_reruns_from_its_cache(tmp_path, monkeypatch) -> None:
+    """`specdecode train-drafter`'s whole path at a tiny recipe: the model's answers, their
+    features, training and the saved head; run again, it reuses every answer and feature."""
+    from specdecode.heads.eagle3 import read_config
+    from specdecode.train import command
+    from specdecode.train.data import Recipe
+    from specdecode.train.features import FeatureStore
+
+    recipe = Recipe(
+        stdlib_tokens=1500, distill_prompts=6, follow_ups=2, distill_max_tokens=16, distill_batch=3
+    )
+    settings = TrainSettings(draft_vocab=256, intermediate_size=128, epochs=1, batch_tokens=512)
+    out = tmp_path / "head"
+    first = command.train_drafter(SMALL, "eagle", out, recipe=recipe, settings=settings)
+    config = read_config(out)
+    assert config.draft_vocab_size <= 256 and (out / "model.safetensors").is_file()
+    answers = (out / "training" / "distill.jsonl").read_text().splitlines()
+    assert 6 <= len(answers) <= 8  # a follow-up whose prompt is too long is left out
+    assert len(list((out / "training" / "features").iterdir())) == first.sequences
+    assert len(first.report.agreement) == settings.ttt_steps
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("an answer was generated again")
+
+    def no_features(self, target, sequences):
+        assert all(self.path(s).is_file() for s in sequences), "features computed again"
+
+    monkeypatch.setattr(command, "generate_answers", no_generation)
+    monkeypatch.setattr(FeatureStore, "compute", no_features)
+    again = command.train_drafter(SMALL, "eagle", out, recipe=recipe, settings=settings)
+    assert (again.sequences, again.tokens) == (first.sequences, first.tokens)

@@ -5,7 +5,7 @@
     specdecode certify [--model M] [--drafter D] [--verifier V] [--temperature T] [--samples N]
     specdecode analyze [--model M] [--draft-model D] [--methods TREE/VERIFIER,...] ...
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
-    specdecode train-drafter --model M --kind eagle [--out DIR] [--data FILES...]
+    specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
 `error: ...`, and exit with status 2; no traceback.
@@ -275,8 +275,9 @@ def _add_speculation_args(
     p.add_argument(
         "--head",
         metavar="DIR",
-        help="eagle: the EAGLE-3 head to draft with, a folder with config.json and "
-        "model.safetensors (default: the model's own head, made by `specdecode train-drafter`)",
+        help="eagle, medusa and hydra: the trained head to draft with, a folder with its "
+        "config.json and weights (default: the model's own head of that kind, made by "
+        "`specdecode train-drafter`)",
     )
 
 
@@ -314,7 +315,7 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
 
 def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float | int | str]:
     """drafter_options from --min-ngram / --max-ngram (prompt lookup) and --draft-min-confidence
-    (draft model, eagle) and --head (eagle), checked before any model loads."""
+    (draft model, eagle) and --head (trained heads), checked before any model loads."""
     from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 
     options: dict[str, float | int | str] = {}
@@ -350,8 +351,12 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
             )
         options["min_confidence"] = args.draft_min_confidence
     if args.head is not None:
-        if drafter != "eagle":
-            raise SpecDecodeError(f"--head names an eagle head; the drafter is {drafter}")
+        from specdecode.heads import HEAD_KINDS
+
+        if drafter not in HEAD_KINDS:
+            raise SpecDecodeError(
+                f"--head names a trained head ({', '.join(HEAD_KINDS)}); the drafter is {drafter}"
+            )
         options["head"] = args.head
     return options
 

@@ -102,6 +102,11 @@ class Backend(ABC):
         """The input embedding table's rows (unscaled), which trained draft heads share."""
         raise SpecDecodeError(self.hidden_states_refusal)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        """The model's final norm applied to last-layer states (as its output layer reads them),
+        which Medusa-style heads read."""
+        raise SpecDecodeError(self.hidden_states_refusal)
+
     def capture_hidden(self, layers: Sequence[int]) -> None:
         """From the next prefill on, keep the hidden state entering each of `layers` (0: the
         embeddings; `num_layers`: the last layer's output before the final norm); `()` stops."""

@@ -270,17 +270,18 @@ def _reserve_llamacpp_kernels(args: argparse.Namespace, methods: list) -> None:
 
 
 def _check_heads(methods, model: str) -> None:
-    """Refuse, before anything runs, an eagle method without a head for the model."""
-    from specdecode.heads import default_head_dir, train_command
+    """Refuse, before anything runs, a trained-head method without a head for the model."""
+    from specdecode.heads import HEAD_KINDS, default_head_dir, train_command
 
     for method in methods:
         spec = method.spec
-        if spec is None or spec.drafter != "eagle" or "head" in spec.drafter_options:
+        if spec is None or spec.drafter not in HEAD_KINDS or "head" in spec.drafter_options:
             continue
-        if not (default_head_dir(model, "eagle") / "config.json").is_file():
+        kind = spec.drafter
+        if not (default_head_dir(model, kind) / "config.json").is_file():
             raise SpecDecodeError(
-                f"{method.name} needs an eagle head for {model}: make it with "
-                f"`{train_command(model, 'eagle')}`, or name one with drafter_options.head in a "
+                f"{method.name} needs a trained {kind} head for {model}: make it with "
+                f"`{train_command(model, kind)}`, or name one with drafter_options.head in a "
                 "methods file"
             )
 

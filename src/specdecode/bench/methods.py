@@ -169,11 +169,31 @@ BUILTIN: dict[str, Method] = {
             tree_width=3,
             tree_nodes=16,
         ),
+        _ours("medusa", "Medusa-1 heads, heuristic draft length", drafter="medusa"),
+        _ours(
+            "medusa-dynamic-tree",
+            "Medusa-1 heads, dynamic tree, 3 wide, at most 16 nodes",
+            drafter="medusa",
+            tree="dynamic",
+            tree_width=3,
+            tree_nodes=16,
+        ),
+        _ours("hydra", "Hydra heads, heuristic draft length", drafter="hydra"),
+        _ours(
+            "hydra-dynamic-tree",
+            "Hydra heads, dynamic tree, 3 wide, at most 16 nodes",
+            drafter="hydra",
+            tree="dynamic",
+            tree_width=3,
+            tree_nodes=16,
+        ),
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
 #: Built-in methods that draft with the model's own trained head (made by `train-drafter`).
-HEAD_METHODS = ("eagle", "eagle-dynamic-tree")
+HEAD_METHODS = tuple(
+    f"{kind}{shape}" for kind in ("eagle", "medusa", "hydra") for shape in ("", "-dynamic-tree")
+)
 
 SETS: dict[str, list[str]] = {
     "quick": ["prompt-lookup", "draft-model"],

@@ -5,12 +5,22 @@ from typing import Any
 from specdecode.drafters.base import Drafter, DrafterResources, TargetOutput
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleDrafter
+from specdecode.drafters.hydra import HydraDrafter
+from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 from specdecode.errors import SpecDecodeError
 
 DRAFTERS: dict[str, type[Drafter]] = {
-    cls.name: cls for cls in (NoDrafter, PromptLookupDrafter, DraftModelDrafter, EagleDrafter)
+    cls.name: cls
+    for cls in (
+        NoDrafter,
+        PromptLookupDrafter,
+        DraftModelDrafter,
+        EagleDrafter,
+        MedusaDrafter,
+        HydraDrafter,
+    )
 }
 
 

@@ -19,7 +19,6 @@ over the full vocabulary, so drafts from a trimmed vocabulary cost speed, never 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +27,8 @@ from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.errors import SpecDecodeError
-from specdecode.heads import default_head_dir, train_command
-from specdecode.heads.eagle3 import Eagle3Head, HeadCache, load_head
+from specdecode.heads import head_dir, loaded
+from specdecode.heads.eagle3 import WEIGHTS_FILE, Eagle3Head, HeadCache, load_head
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
 from specdecode.trees import TreeShape
@@ -82,7 +81,6 @@ class EagleDrafter(Drafter):
         config = target.model_config
         if config is None or not target.supports_hidden_states:
             raise SpecDecodeError(target.hidden_states_refusal)
-        head_dir = options.get("head")
         if resources.tree is not None and float(options.get("min_confidence", 0.0)) > 0:
             raise SpecDecodeError(
                 "--draft-min-confidence stops eagle's chains; a tree is sized by --tree-nodes"
@@ -91,16 +89,13 @@ class EagleDrafter(Drafter):
             raise SpecDecodeError(
                 f"EAGLE-3 heads draft for Llama / Qwen2 targets, not {config.family}"
             )
-        if head_dir is None:
-            head_dir = default_head_dir(resources.model_name, "eagle")
-            if not (head_dir / "config.json").is_file():
-                raise SpecDecodeError(
-                    f"no eagle head for {resources.model_name or 'this model'} yet: make it with "
-                    f"`{train_command(resources.model_name or 'MODEL', 'eagle')}` (see "
-                    "docs/heads.md), or pass --head DIR"
-                )
+        directory = head_dir(options.get("head"), resources.model_name, "eagle")
         table = target.token_embeddings(torch.zeros(1, dtype=torch.long))  # its dtype and device
-        head = _loaded_head(Path(head_dir), config, table.dtype, table.device)
+        head = loaded(
+            directory / WEIGHTS_FILE,
+            (config, table.dtype, table.device),
+            lambda: load_head(directory, config, dtype=table.dtype, device=table.device),
+        )
         return cls(head, target, float(options.get("min_confidence", 0.0)), resources.tree)
 
     def reset(self) -> None:
@@ -235,24 +230,3 @@ class _HeadExpander:
             self.out[node] = out[row]
         logits = drafter.head.logits(out).float().cpu()  # [n, draft_vocab]
         return drafter._full_vocab(logits, float("-inf"))
-
-
-#: Heads loaded in this process, by file and placement: a benchmark or certify run generates many
-#: times with the same head, and reading its weights each time would cost seconds.
-_HEADS: dict[tuple, Eagle3Head] = {}
-
-
-def _loaded_head(directory: Path, config, dtype: torch.dtype, device: torch.device) -> Eagle3Head:
-    weights = directory.expanduser() / "model.safetensors"
-    try:
-        stamp = weights.stat()
-        key = (str(weights.resolve()), stamp.st_mtime_ns, stamp.st_size, config, dtype, device)
-    except OSError:
-        key = None  # load_head says what is missing
-    if key is None or key not in _HEADS:
-        head = load_head(directory, config, dtype=dtype, device=device)
-        if key is None:
-            return head
-        _HEADS.clear()  # one head at a time: they are large
-        _HEADS[key] = head
-    return _HEADS[key]

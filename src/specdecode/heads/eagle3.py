@@ -24,7 +24,6 @@ input of layer `id`, as vLLM does; SGLang reads explicit ids one layer later) an
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,15 @@ from torch import nn
 
 from specdecode.backends.torch.model import Rope, apply_rope
 from specdecode.errors import SpecDecodeError
+from specdecode.heads.checkpoint import (
+    CONFIG_FILE,
+    read_config_json,
+    read_weights,
+    write_checkpoint,
+)
 from specdecode.models.config import TransformerConfig
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -348,34 +352,17 @@ class HeadCache:
 
 
 def save_head(head: Eagle3Head, directory: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write config.json and model.safetensors (written to a temporary name, then renamed, so an
-    interrupted save never leaves a truncated head)."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write config.json and model.safetensors (see `checkpoint.write_checkpoint`)."""
     tensors = {
-        name: (value.to(dtype) if value.is_floating_point() else value).contiguous().cpu()
+        name: value.to(dtype) if value.is_floating_point() else value
         for name, value in head.state_dict().items()
     }
-    partial = directory / (WEIGHTS_FILE + ".partial")
-    save_file(tensors, str(partial), metadata={"format": "pt"})
-    (directory / (CONFIG_FILE + ".partial")).write_text(
-        json.dumps(head.cfg.to_hf(), indent=2) + "\n"
-    )
-    partial.replace(directory / WEIGHTS_FILE)
-    (directory / (CONFIG_FILE + ".partial")).replace(directory / CONFIG_FILE)
+    write_checkpoint(directory, head.cfg.to_hf(), WEIGHTS_FILE, tensors)
 
 
 def read_config(directory: Path, num_target_layers: int | None = None) -> Eagle3Config:
     path = directory / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecDecodeError(f"{directory} is not a draft head: it has no {CONFIG_FILE}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecDecodeError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise SpecDecodeError(f"{path} is not a model config (a JSON object)")
+    config = read_config_json(directory)
     architectures = config.get("architectures") or []
     if not any("eagle3" in str(name).lower() for name in architectures):
         raise SpecDecodeError(
@@ -394,21 +381,10 @@ def load_head(
     device: str | torch.device = "cpu",
 ) -> Eagle3Head:
     """Load a head for `target`, refusing one made for another model or a damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory).expanduser()
     cfg = read_config(directory, target.num_layers)
     cfg.check_target(target, str(directory))
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise SpecDecodeError(f"the head {directory} has no {WEIGHTS_FILE}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise SpecDecodeError(
-            f"the head's weights {weights} are damaged or truncated ({exc}): train it again"
-        ) from None
+    tensors = read_weights(directory, WEIGHTS_FILE)
     tensors.pop("embed_tokens.weight", None)  # published heads may carry the target's copy
     with torch.device("meta"):
         head = Eagle3Head(cfg)

@@ -1,18 +1,19 @@
 """`specdecode train-drafter`: data, target features, training and the saved head, in one command.
 
-    specdecode train-drafter --model M --kind eagle [--out DIR] [--data FILES...]
+    specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
 
 Work is kept in `<out>/training/`: the target's answers to the self-distillation prompts
-(`distill.jsonl`, appended one by one), the target features (`features/`, one file per
-sequence) and the training checkpoint. An interrupted run started again with the same command
-picks up where it stopped: answers and features already on disk are not recomputed, and training
-resumes from its last checkpoint.
+(`distill.jsonl`, appended as each is made), the target features (`features/`, one file per
+sequence, those of the answers captured while they were written) and the training checkpoint. An
+interrupted run started again with the same command picks up where it stopped: answers and
+features already on disk are not recomputed, and training resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,16 +24,25 @@ from tqdm import tqdm
 from specdecode.errors import SpecDecodeError
 from specdecode.heads import HEAD_KINDS, default_head_dir
 from specdecode.heads.eagle3 import Eagle3Config, save_head
+from specdecode.heads.hydra import HydraConfig
+from specdecode.heads.hydra import save_heads as save_hydra
+from specdecode.heads.medusa import MedusaConfig, save_heads
+from specdecode.train.batched import Answer, generate_answers
 from specdecode.train.data import (
     Recipe,
     TrainingSequence,
-    distill_prompts,
+    bench_windows,
+    distill_conversations,
+    overlaps_bench,
     read_user_files,
     stdlib_texts,
     text_sequences,
 )
 from specdecode.train.eagle import TrainReport, TrainSettings, train_eagle
 from specdecode.train.features import FeatureStore
+from specdecode.train.hydra import train_hydra
+from specdecode.train.medusa import train_medusa
+from specdecode.train.prompts import Conversation, follow_up
 
 
 @dataclass
@@ -44,41 +54,104 @@ class TrainResult:
     seconds: dict[str, float]
 
 
-def _distilled(llm, recipe: Recipe, work: Path) -> list[TrainingSequence]:
-    """The target's greedy answers to the recipe's prompts, cached line by line (lines of another
-    model, or cut by an interruption, are made again)."""
-    from specdecode.config import SamplingParams, SpecConfig
-
-    path = work / "distill.jsonl"
+def _read_answers(path: Path, model: str) -> dict[str, list[int]]:
+    """Answers already made, by conversation (lines of another model, or cut by an
+    interruption, are made again)."""
     done: dict[str, list[int]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
-                if row.get("model", llm.name) == llm.name:
-                    done[row["prompt"]] = row["answer"]
-            except (json.JSONDecodeError, KeyError, AttributeError):
+                if row["model"] == model:
+                    done[json.dumps(row["conversation"])] = row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-    prompts = distill_prompts(recipe.distill_prompts, recipe.seed)
-    sampling = SamplingParams(max_new_tokens=recipe.distill_max_tokens)
-    spec = SpecConfig(drafter="prompt-lookup", controller="heuristic")
-    sequences = []
+    return done
+
+
+def _answer(
+    llm,
+    conversations: list[Conversation],
+    recipe: Recipe,
+    store: FeatureStore,
+    done: dict[str, list[int]],
+    log,
+    description: str,
+) -> list[tuple[Conversation, list[int], TrainingSequence]]:
+    """The target's greedy answers to `conversations` (those with prompts of at most
+    `distill_max_prompt` tokens), made in batches with their features, or read back."""
+    prompts = [(c, llm.encode_chat(c)) for c in conversations]
+    prompts = [(c, ids) for c, ids in prompts if len(ids) <= recipe.distill_max_prompt]
+    todo = [k for k, (c, _) in enumerate(prompts) if json.dumps(c) not in done]
+
+    def sequence(ids: list[int], answer: list[int]) -> TrainingSequence:
+        # The last answer token is never fed: the prediction after it is not needed.
+        tokens = ids + answer[:-1]
+        mask = [False] * (len(ids) - 1) + [True] * len(answer)
+        return TrainingSequence(tokens, mask, "self-distillation")
+
+    if todo:
+        bar = tqdm(total=len(todo), desc=description, unit="answer")
+
+        def save(k: int, made: Answer) -> None:
+            conversation, ids = prompts[todo[k]]
+            store.save(sequence(ids, made.answer), made.features, made.labels)
+            done[json.dumps(conversation)] = made.answer
+            row = {"model": llm.name, "conversation": conversation, "answer": made.answer}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.update(1)
+
+        generate_answers(
+            llm.target.model,
+            [prompts[k][1] for k in todo],
+            recipe.distill_max_tokens,
+            llm.tokenizer.eos_token_ids,
+            store.layers,
+            batch=recipe.distill_batch,
+            on_answer=save,
+        )
+        bar.close()
+    made = []
+    for conversation, ids in prompts:
+        answer = done[json.dumps(conversation)]
+        made.append((conversation, answer, sequence(ids, answer)))
+    return made
+
+
+def _distilled(llm, recipe: Recipe, work: Path, store: FeatureStore) -> list[TrainingSequence]:
+    """Self-distillation: the target's answers to the recipe's instructions, then to follow-up
+    questions on some of those answers; cached in `distill.jsonl` and the feature store."""
+    path = work / "distill.jsonl"
+    done = _read_answers(path, llm.name)
+    eos = llm.tokenizer.eos_token_ids
+    windows = bench_windows()
     with path.open("a") as log:
-        for prompt in tqdm(prompts, desc="target answers (self-distillation)", unit="prompt"):
-            ids = llm.encode_prompt(prompt)
-            if prompt not in done:
-                answer, _, _ = llm.engine.generate(ids, sampling, spec)
-                done[prompt] = answer
-                row = {"model": llm.name, "prompt": prompt, "answer": answer}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            tokens = ids + done[prompt]
-            mask = [False] * (len(ids) - 1) + [True] * (len(tokens) - len(ids) + 1)
-            sequences.append(TrainingSequence(tokens, mask, "self-distillation"))
-    return sequences
+        first = _answer(
+            llm,
+            distill_conversations(recipe.distill_prompts, recipe.seed),
+            recipe,
+            store,
+            done,
+            log,
+            "target answers (self-distillation)",
+        )
+        rng = random.Random(recipe.seed)
+        picked = sorted(rng.sample(range(len(first)), min(recipe.follow_ups, len(first))))
+        second = []
+        for k in picked:
+            conversation, answer, _ = first[k]
+            reply = llm.tokenizer.decode([t for t in answer if t not in eos])
+            turns = follow_up(conversation, reply, rng)
+            if not overlaps_bench(" ".join(m["content"] for m in turns), windows):
+                second.append(turns)
+        follow = _answer(llm, second, recipe, store, done, log, "target answers (follow-ups)")
+    return [made[2] for made in first + follow]
 
 
-def _sequences(llm, recipe: Recipe, user_texts: list[tuple[str, str]] | None, work: Path):
+def _sequences(
+    llm, recipe: Recipe, user_texts: list[tuple[str, str]] | None, work: Path, store: FeatureStore
+) -> list[TrainingSequence]:
     def encode(text: str) -> list[int]:
         return llm.tokenizer.encode(text, add_special_tokens=False)
 
@@ -88,7 +161,7 @@ def _sequences(llm, recipe: Recipe, user_texts: list[tuple[str, str]] | None, wo
         stdlib_texts(recipe.seed), encode, recipe.stdlib_tokens, recipe.sequence_length
     )
     if recipe.distill_prompts:
-        sequences += _distilled(llm, recipe, work)
+        sequences += _distilled(llm, recipe, work, store)
     return sequences
 
 
@@ -118,79 +191,128 @@ def train_drafter(
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    # Room for the longest sequence: a text piece, or an instruction (under 512 tokens) and its
-    # answer.
-    context = max(recipe.sequence_length, 512 + recipe.distill_max_tokens) + 1
-    llm = SpecDecoder.load(model, backend="torch", max_context=context)
+    # Room for the longest sequence: a text piece, or an instruction and its answer.
+    context = max(recipe.sequence_length, recipe.distill_max_prompt + recipe.distill_max_tokens)
+    llm = SpecDecoder.load(model, backend="torch", max_context=context + 1)
     target = llm.target
     config = target.model_config
-    head_config = Eagle3Config.for_target(config, settings.draft_vocab, settings.intermediate_size)
+    if kind == "eagle":
+        head_config = Eagle3Config.for_target(
+            config, settings.draft_vocab, settings.intermediate_size
+        )
+        layers = tuple(head_config.aux_layers)
+    else:  # medusa and hydra: the last layer's output
+        layers = (config.num_layers,)
+    store = FeatureStore(work / "features", layers, str(model))
     seconds["load"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sequences = _sequences(llm, recipe, user_texts, work)
+    sequences = _sequences(llm, recipe, user_texts, work, store)
     if len(sequences) < 2:
         raise SpecDecodeError("the training data makes fewer than 2 sequences: give more text")
     seconds["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    store = FeatureStore(work / "features", head_config.aux_layers, str(model))
     store.compute(target, sequences)
     examples = store.load(sequences)
     seconds["features"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    model_weights = target.model
-    head, report = train_eagle(
-        examples,
-        head_config,
-        model_weights.embed.weight.detach(),
-        model_weights.lm_head.weight.detach(),
-        model_weights.final_norm.detach(),
-        settings,
-        work,
-        stop_after=stop_after,
-    )
-    seconds["training"] = time.perf_counter() - started
+    weights = target.model
     tokens = sum(len(s.tokens) for s in sequences)
-    head.cfg = Eagle3Config(
-        **{
-            **asdict(head.cfg),
-            "provenance": {
-                "trained_by": "specdecode train-drafter",
-                "target": str(model),
-                "kind": kind,
-                "data": list(data) if data else asdict(recipe),
-                "settings": asdict(settings),
-                "sequences": len(sequences),
-                "tokens": tokens,
-                "heldout_agreement_by_step": report.agreement,
-                "seconds": seconds,
-            },
+
+    def provenance(report: TrainReport) -> dict:
+        return {
+            "trained_by": "specdecode train-drafter",
+            "target": str(model),
+            "kind": kind,
+            "data": list(data) if data else asdict(recipe),
+            "settings": asdict(settings),
+            "sequences": len(sequences),
+            "tokens": tokens,
+            "heldout_agreement_by_step": report.agreement,
+            "seconds": seconds,
         }
-    )
-    save_head(head, head_dir)
+
+    if kind == "eagle":
+        head, report = train_eagle(
+            examples,
+            head_config,
+            weights.embed.weight.detach(),
+            weights.lm_head.weight.detach(),
+            weights.final_norm.detach(),
+            settings,
+            work,
+            stop_after=stop_after,
+        )
+        seconds["training"] = time.perf_counter() - started
+        head.cfg = Eagle3Config(**{**asdict(head.cfg), "provenance": provenance(report)})
+        save_head(head, head_dir)
+    elif kind == "medusa":
+        heads, report = train_medusa(
+            examples,
+            MedusaConfig(config.hidden_size, config.vocab_size, settings.num_heads),
+            weights.lm_head.weight.detach(),
+            weights.final_norm.detach(),
+            config.rms_norm_eps,
+            settings,
+            work,
+            stop_after=stop_after,
+        )
+        seconds["training"] = time.perf_counter() - started
+        heads.cfg = MedusaConfig(
+            **{**asdict(heads.cfg), "base_model": str(model), "provenance": provenance(report)}
+        )
+        save_heads(heads, weights.lm_head.weight.detach(), head_dir)
+    else:
+        hydra, report = train_hydra(
+            examples,
+            HydraConfig(config.hidden_size, config.vocab_size, settings.num_heads),
+            weights.embed.weight.detach(),
+            weights.lm_head.weight.detach(),
+            weights.final_norm.detach(),
+            config.rms_norm_eps,
+            settings,
+            work,
+            stop_after=stop_after,
+        )
+        seconds["training"] = time.perf_counter() - started
+        hydra.cfg = HydraConfig(
+            **{**asdict(hydra.cfg), "base_model": str(model), "provenance": provenance(report)}
+        )
+        save_hydra(hydra, head_dir)
     return TrainResult(head_dir, report, len(sequences), tokens, seconds)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train-drafter",
-        help="train a draft head (EAGLE-3) on a model's own hidden states",
-        description="Train an EAGLE-3 draft head for MODEL on this machine, offline: on the "
-        "Python standard library's source and docstrings and the model's own answers to "
-        "generated instructions (or on --data FILES), never on the benchmark's prompts. The "
+        help="train a draft head (EAGLE-3, Medusa-1 or Hydra) on a model's own hidden states",
+        description="Train a draft head for MODEL on this machine, offline (--kind eagle: an "
+        "EAGLE-3 head; --kind medusa: Medusa-1 heads; --kind hydra: Hydra heads): on the "
+        "model's own answers to generated instructions and follow-up questions (made many at "
+        "a time) and a little of the Python standard library's source and docstrings (or on "
+        "--data FILES), never on the benchmark's prompts. The "
         "target's features are computed once and cached; an interrupted run resumes when "
-        "started again with the same command. The head is saved in the layout vLLM and SGLang "
-        "load (config.json, model.safetensors) and used with --drafter eagle.",
+        "started again with the same command. An EAGLE-3 head is saved in the layout vLLM and "
+        "SGLang load (config.json, model.safetensors), Medusa heads in the Medusa repository's "
+        "(config.json, medusa_lm_head.safetensors), Hydra heads beside theirs (config.json, "
+        "hydra_heads.safetensors); use them with --drafter eagle, medusa or hydra.",
     )
     p.add_argument("--model", required=True, help="the target: registry name, GGUF file or HF dir")
-    p.add_argument("--kind", choices=HEAD_KINDS, default="eagle", help="the head (default eagle)")
+    p.add_argument(
+        "--kind",
+        choices=HEAD_KINDS,
+        default="eagle",
+        help="eagle (EAGLE-3: one decoder layer over three target layers, drafting step by step) "
+        "or medusa (Medusa-1: heads on the last hidden state, each one token further ahead) or "
+        "hydra (Medusa's heads, each also reading the tokens drafted above it); default eagle",
+    )
     p.add_argument(
         "--out",
         default=None,
-        help="where to write the head (default: the model's own head in the cache, which "
-        "--drafter eagle uses when no --head is given)",
+        help="where to write the head (default: the model's own head of that kind in the "
+        "cache, which --drafter KIND uses when no --head is given)",
     )
     p.add_argument("--data", nargs="+", metavar="FILE", help="train on these text files instead")
     defaults, recipe = TrainSettings(), Recipe()
@@ -210,13 +332,20 @@ def add_parser(sub) -> None:
         "--ttt-steps",
         type=int,
         default=defaults.ttt_steps,
-        help=f"draft steps of the training-time test (default {defaults.ttt_steps})",
+        help=f"eagle: draft steps of the training-time test (default {defaults.ttt_steps})",
+    )
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=defaults.num_heads,
+        help="medusa and hydra: heads, each predicting one more token ahead "
+        f"(default {defaults.num_heads})",
     )
     p.add_argument(
         "--intermediate-size",
         type=int,
         default=None,
-        help="the head's MLP width (default: the target's)",
+        help="eagle: the head's MLP width (default: the target's)",
     )
     p.add_argument(
         "--learning-rate",
@@ -242,18 +371,29 @@ def add_parser(sub) -> None:
         default=recipe.distill_prompts,
         help=f"instructions the model answers for training (default {recipe.distill_prompts})",
     )
+    p.add_argument(
+        "--follow-ups",
+        type=int,
+        default=recipe.follow_ups,
+        help="second turns: follow-up questions on that many of the model's answers "
+        f"(default {recipe.follow_ups})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = Recipe(
-        stdlib_tokens=args.stdlib_tokens, distill_prompts=args.distill_prompts, seed=args.seed
+        stdlib_tokens=args.stdlib_tokens,
+        distill_prompts=args.distill_prompts,
+        follow_ups=args.follow_ups,
+        seed=args.seed,
     )
     settings = TrainSettings(
         draft_vocab=args.draft_vocab,
         intermediate_size=args.intermediate_size,
         ttt_steps=args.ttt_steps,
+        num_heads=args.num_heads,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         batch_tokens=args.batch_tokens,
@@ -282,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
         + f"; {minutes:.1f} min in all"
     )
     print(
-        f"use it: specdecode generate PROMPT --model {args.model} --drafter eagle"
+        f"use it: specdecode generate PROMPT --model {args.model} --drafter {args.kind}"
         + (f" --head {result.head_dir}" if args.out else "")
     )
     return 0

@@ -1,11 +1,11 @@
 """Training text for draft heads that any fresh machine has, offline.
 
 The built-in recipe (`Recipe`) mixes two sources:
-- the Python standard library of the running interpreter: module source (code) and the modules'
-  docstrings joined as prose;
-- self-distillation: instruction prompts made from templates (explanations, summaries,
-  translations, arithmetic word problems, short essays) answered by the target itself, so that the
-  head learns the target's own answers (Medusa-2 and EAGLE do the same with their chat data).
+- self-distillation, most of it: instruction conversations made from templates (`prompts.py`)
+  answered by the target itself, so that the head learns the target's own answers (Medusa-2 and
+  EAGLE do the same with their chat data), generated many at a time (`batched.py`);
+- a little of the Python standard library of the running interpreter: module source (code) and
+  the modules' docstrings joined as prose.
 
 Never the benchmark's prompts: modules the bench suites quote are left out, and any text that
 shares a 64-character window with a bench prompt is dropped (`bench_windows`; a test checks the
@@ -18,6 +18,7 @@ trained (all of a text; only the answer of a prompt-answer pair).
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import re
 import sysconfig
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from specdecode.bench.suites import SUITES, load_suite
 from specdecode.errors import SpecDecodeError
+from specdecode.train.prompts import Conversation, Material, conversations, gather_material
 
 #: Window length of the bench-overlap check, in characters.
 OVERLAP_WINDOW = 64
@@ -38,17 +40,22 @@ _SKIPPED_PARTS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-pac
 class Recipe:
     """How much of each source the built-in data has (in tokens and prompts)."""
 
-    stdlib_tokens: int = 120_000
-    distill_prompts: int = 48
-    distill_max_tokens: int = 192
+    stdlib_tokens: int = 20_000
+    distill_prompts: int = 640  # one-turn instructions the target answers
+    follow_ups: int = 160  # second turns on some of those answers
+    distill_max_tokens: int = 256
+    distill_max_prompt: int = 1024  # longer prompts are left out
+    distill_batch: int = 48  # answers generated together (see `batched.py`)
     sequence_length: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.stdlib_tokens < 0 or self.distill_prompts < 0:
+        if min(self.stdlib_tokens, self.distill_prompts, self.follow_ups) < 0:
             raise SpecDecodeError("the recipe's token and prompt counts must be >= 0")
         if self.sequence_length < 16 or self.distill_max_tokens < 1:
             raise SpecDecodeError("training sequences need at least 16 tokens")
+        if self.distill_max_prompt < 16 or self.distill_batch < 1:
+            raise SpecDecodeError("prompts need at least 16 tokens, the batch at least 1")
 
 
 @dataclass
@@ -154,113 +161,27 @@ def stdlib_texts(seed: int) -> Iterator[tuple[str, str]]:
 
 # ---- self-distillation prompts ----------------------------------------------------------------
 
-_LANGUAGES = ("French", "German", "Spanish", "Italian", "Portuguese", "Chinese", "Japanese")
-_TOPICS = (
-    "how tides work",
-    "why the sky looks blue",
-    "the history of the printing press",
-    "how vaccines train the immune system",
-    "what a compiler does",
-    "how bees communicate",
-    "the water cycle",
-    "why leaves change colour in autumn",
-    "how a bicycle stays upright",
-    "the causes of inflation",
-    "how photosynthesis stores energy",
-    "what makes a good password",
-    "how maps are projected onto paper",
-    "the life of a star",
-    "how noise-cancelling headphones work",
-    "why bread rises",
-)
-_ACTIVITIES = (
-    "learning a new language",
-    "running a first marathon",
-    "keeping a vegetable garden",
-    "writing clear emails",
-    "reviewing someone else's code",
-    "saving money each month",
-    "sleeping better",
-    "preparing for a job interview",
-    "teaching a child to read",
-    "organising a small conference",
-)
 
-
-def _functions(source: str) -> list[tuple[str, str]]:
-    """(name, first docstring line) of a module's public, documented functions."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    found = []
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-            doc = ast.get_docstring(node)
-            if doc and len(doc.split("\n")[0]) > 20:
-                found.append((node.name, doc.split("\n")[0].strip()))
-    return found
-
-
-def _word_problem(rng: random.Random) -> str:
-    a, b, c = rng.randint(3, 48), rng.randint(2, 19), rng.randint(2, 9)
-    return rng.choice(
-        [
-            f"A baker makes {a} loaves every hour for {b} hours and sells all but {c} of them. "
-            "How many does she sell? Explain each step.",
-            f"A cyclist rides {a * c} km in {c} hours. At the same speed, how long does a "
-            f"{a * b} km ride take? Show your reasoning.",
-            f"What is {a} * {b} - {c} * {a}? Work it out step by step.",
-            f"Solve for x: {c}x + {a} = {a + c * b}. Show each step.",
-            f"A box holds {b} rows of {c} eggs. How many boxes are needed for {a * b * c + c} "
-            "eggs? Explain.",
-            f"Ana has {a} marbles and gives a third of them, rounded down, to Ben, who already "
-            f"had {b}. How many does each have now? Explain.",
-        ]
-    )
-
-
-def distill_prompts(count: int, seed: int) -> list[str]:
-    """`count` instruction prompts from templates over the standard library and word lists."""
-    rng = random.Random(seed)
-    functions: list[tuple[str, str, str]] = []
-    prose: list[str] = []
+@functools.cache
+def stdlib_material() -> Material:
+    """What the prompt templates draw on: the standard library less the bench's modules (parsed
+    once per process)."""
+    sources = []
     for path in stdlib_files():
         try:
-            source = path.read_text(encoding="utf-8")
+            sources.append((path.stem, path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError):
             continue
-        module = path.stem
-        functions.extend((module, name, line) for name, line in _functions(source))
-        paragraphs = [p for p in docstrings(source).split("\n\n") if 200 < len(p) < 900]
-        prose.extend(paragraphs)
-    if not functions or not prose:
-        raise SpecDecodeError("the standard library gave no material for training prompts")
+    return gather_material(sources)
+
+
+def distill_conversations(count: int, seed: int) -> list[Conversation]:
+    """`count` one-turn instruction conversations (`prompts.conversations`), none of which shares
+    a window with a bench prompt."""
     windows = bench_windows()
-    prompts: list[str] = []
-    while len(prompts) < count:
-        module, name, line = rng.choice(functions)
-        paragraph = rng.choice(prose)
-        sentence = paragraph.split(". ")[0].strip().rstrip(".") + "."
-        prompt = rng.choice(
-            [
-                f"Explain what the Python function `{module}.{name}` does and show a short "
-                "example of using it.",
-                f"Summarize the following documentation in two or three sentences:\n\n{paragraph}",
-                f"Translate into {rng.choice(_LANGUAGES)}:\n\n{sentence}",
-                _word_problem(rng),
-                f"Write a short, clear paragraph for a curious teenager about "
-                f"{rng.choice(_TOPICS)}.",
-                f"Give five practical tips for {rng.choice(_ACTIVITIES)}.",
-                "Write a Python function that does the following, with a docstring and a "
-                f"usage example: {line[0].lower() + line[1:]}",
-                f"What questions would you ask to review this description of a function? "
-                f"`{module}.{name}`: {line}",
-            ]
-        )
-        if not overlaps_bench(prompt, windows):
-            prompts.append(prompt)
-    return prompts
+    return conversations(
+        count, seed, stdlib_material(), lambda text: not overlaps_bench(text, windows)
+    )
 
 
 # ---- the user's own files ---------------------------------------------------------------------

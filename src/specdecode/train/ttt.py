@@ -120,15 +120,27 @@ def ttt_scores(
     scores: list[StepScore] = []
     for step, out in enumerate(ttt_outputs(head, embed, example, steps)):
         nxt = slice(step + 1, step + 1 + out.shape[0])
-        target = draft_id_of[example.labels[nxt]]  # [rows]
-        counted = example.loss_mask[nxt]
-        trained = counted & (target >= 0)
-        logits = head.logits(out[trained]).float()  # [n, draft_vocab]
-        picked = target[trained]
-        loss = F.cross_entropy(logits, picked, reduction="sum") if picked.numel() else out.sum() * 0
-        correct = int((logits.argmax(-1) == picked).sum()) if picked.numel() else 0
-        scores.append(StepScore(loss, int(picked.numel()), correct, int(counted.sum())))
+        scores.append(score_rows(out, head.logits, example, nxt, draft_id_of))
     return scores
+
+
+def score_rows(
+    out: torch.Tensor,  # [rows, H] a head's outputs
+    logits_of,  # [n, H] -> [n, draft_vocab]
+    example: Example,
+    labels: slice,  # which of the example's labels (and loss mask) the rows predict
+    draft_id_of: torch.Tensor,  # [V] int64: target id -> draft id, -1 outside the draft vocab
+) -> StepScore:
+    """One draft step's summed cross-entropy and agreement; the output layer runs on trained rows
+    only (rows outside the loss mask cost nothing there)."""
+    target = draft_id_of[example.labels[labels]]  # [rows]
+    counted = example.loss_mask[labels]
+    trained = counted & (target >= 0)
+    logits = logits_of(out[trained]).float()  # [n, draft_vocab]
+    picked = target[trained]
+    loss = F.cross_entropy(logits, picked, reduction="sum") if picked.numel() else out.sum() * 0
+    correct = int((logits.argmax(-1) == picked).sum()) if picked.numel() else 0
+    return StepScore(loss, int(picked.numel()), correct, int(counted.sum()))
 
 
 def weighted_loss(scores: list[StepScore]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from specdecode.backends.base import Backend
 from specdecode.backends.torch.kv_cache import KVCache
-from specdecode.backends.torch.model import Transformer
+from specdecode.backends.torch.model import Transformer, rms_norm
 from specdecode.backends.torch.quant import Int8Linear, PartialHead, quantize_int8
 from specdecode.errors import SpecDecodeError
 from specdecode.models.config import TransformerConfig
@@ -102,6 +102,12 @@ class TorchBackend(Backend):
 
     def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
         return self.model.embed.weight[token_ids.to(self.device)]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        cfg = self.config
+        offset = 1.0 if cfg.family == "gemma3" else 0.0
+        weight = self.model.final_norm
+        return rms_norm(hidden.to(weight.device, weight.dtype), weight, cfg.rms_norm_eps, offset)
 
     def forward(
         self,
