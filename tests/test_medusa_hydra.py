@@ -257,3 +257,21 @@ def test_no_head_yet_names_the_command_that_makes_it(
     resources = DrafterResources(learnable, model_name="qwen2.5-coder-1.5b-instruct")
     with pytest.raises(SpecDecodeError, match=f"--kind {kind.name}"):
         make_drafter(kind.name, {}, resources)
+
+
+def test_a_draft_vocabulary_listing_a_token_twice_is_refused(learnable) -> None:
+    """Sampled drafts carry their distribution over the full vocabulary; a token listed twice
+    would lose part of its probability there."""
+    with pytest.raises(SpecDecodeError, match="twice"):
+        medusa.MedusaConfig(learnable.config.hidden_size, learnable.vocab_size, 2, 1, (3, 5, 3))
+
+
+def test_a_medusa_repository_config_without_sizes_takes_the_targets(learnable, tmp_path) -> None:
+    heads = random_heads(MEDUSA, learnable, draft_vocab=learnable.vocab_size)
+    MEDUSA.save(heads, learnable, tmp_path)
+    published = {"medusa_num_heads": HEADS, "medusa_num_layers": 1, "base_model_name_or_path": ""}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    loaded = medusa.load_heads(tmp_path, learnable.config, dtype=torch.float32)
+    assert loaded.cfg.draft_vocab == tuple(range(learnable.vocab_size))
+    for name, value in heads.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

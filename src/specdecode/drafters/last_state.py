@@ -20,6 +20,7 @@ from specdecode.config import SamplingParams
 from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.heads import head_dir, loaded
+from specdecode.heads.checkpoint import refuse_family
 from specdecode.trees import TreeShape
 from specdecode.verify.base import Verdict
 
@@ -61,6 +62,7 @@ class LastStateDrafter(Drafter):
         config = target.model_config
         if config is None or not target.supports_hidden_states:
             raise SpecDecodeError(target.hidden_states_refusal)
+        refuse_family(config)
         directory = head_dir(options.get("head"), resources.model_name, cls.name)
         table = target.token_embeddings(torch.zeros(1, dtype=torch.long))  # its dtype and device
         load: Callable[[], torch.nn.Module] = lambda: cls.read_heads(  # noqa: E731
@@ -83,7 +85,7 @@ class LastStateDrafter(Drafter):
         self.rng = rng
         self._state = None
         if len(prompt) > 1:
-            if target.hidden is None:
+            if target.hidden is None or target.hidden.shape[0] != len(prompt) - 1:
                 raise RuntimeError(f"the {self.name} drafter needs the prompt's hidden states")
             self._state = target.hidden[-1, 0]
 

@@ -62,6 +62,15 @@ def read_weights(directory: Path, weights_file: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def refuse_family(target: TransformerConfig) -> None:
+    """Heads on the last state are built for Llama / Qwen2 targets (Gemma's final norm and
+    embedding scale differ, and batched self-distillation is written for Llama's layers)."""
+    if target.family != "llama":
+        raise SpecDecodeError(
+            f"Medusa and Hydra heads are built for Llama / Qwen2 targets, not {target.family}"
+        )
+
+
 @dataclass(frozen=True)
 class StateHeadsConfig:
     """K heads on the target's last hidden state (Medusa's, Hydra's): their shape and the target
@@ -82,9 +91,12 @@ class StateHeadsConfig:
             raise SpecDecodeError(
                 f"the heads' draft vocabulary must be target ids below {self.vocab_size}"
             )
+        if len(set(self.draft_vocab)) != len(self.draft_vocab):
+            raise SpecDecodeError("the heads' draft vocabulary lists a token twice")
 
     def check_target(self, target: TransformerConfig, source: str) -> None:
         """Refuse, in one line naming the mismatch, heads made for another model."""
+        refuse_family(target)
         if self.hidden_size != target.hidden_size:
             raise SpecDecodeError(
                 f"the heads {source} read hidden states of size {self.hidden_size}, but the "
@@ -108,6 +120,8 @@ class StateHeadsConfig:
     def from_json(
         cls, raw: dict[str, Any], num_heads: int, num_layers: int, path: Path
     ) -> StateHeadsConfig:
+        """From a config.json; sizes it does not give (the Medusa repository's configs name only
+        the heads) are filled in by `check_target`'s caller from the target."""
         try:
             extra = dict(raw.get("specdecode") or {})
             vocab = extra.pop("draft_vocab", range(int(raw["vocab_size"])))

@@ -57,6 +57,8 @@ class MedusaHeads(nn.Module):
 
     def __init__(self, cfg: MedusaConfig) -> None:
         super().__init__()
+        if not cfg.draft_vocab:
+            raise SpecDecodeError("Medusa heads need a draft vocabulary")
         self.cfg = cfg
         size = cfg.hidden_size
         self.blocks = nn.ModuleList(
@@ -98,10 +100,13 @@ def save_heads(
     write_checkpoint(directory, cfg.to_json(), WEIGHTS_FILE, tensors)
 
 
-def read_config(directory: Path) -> MedusaConfig:
+def read_config(directory: Path, target: TransformerConfig | None = None) -> MedusaConfig:
+    """The heads' config; the Medusa repository's names no sizes, which `target` fills in."""
     raw = read_config_json(directory)
     if "medusa_num_heads" not in raw:
         raise SpecDecodeError(f"{directory} is not a Medusa head (no medusa_num_heads in config)")
+    if target is not None:
+        raw = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, **raw}
     layers = raw.get("medusa_num_layers", 1)
     config = MedusaConfig.from_json(raw, raw["medusa_num_heads"], layers, directory / "config.json")
     assert isinstance(config, MedusaConfig)
@@ -116,7 +121,7 @@ def load_heads(
 ) -> MedusaHeads:
     """Load heads for `target`, refusing heads of another model or a damaged file."""
     directory = Path(directory).expanduser()
-    cfg = read_config(directory)
+    cfg = read_config(directory, target)
     cfg.check_target(target, str(directory))
     tensors = read_weights(directory, WEIGHTS_FILE)
     heads = MedusaHeads(cfg)

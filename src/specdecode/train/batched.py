@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from specdecode.backends.torch.model import Block, Transformer, apply_rope, rms_norm
+from specdecode.errors import SpecDecodeError
 
 
 @dataclass
@@ -142,12 +143,15 @@ def generate_answers(
     """Greedy answers to `prompts`, `batch` at a time; `on_answer(i, answer)` is called as each
     finishes (to save it), in the order they finish."""
     if model.cfg.family != "llama":
-        raise ValueError("batched generation is written for Llama / Qwen2 targets")
+        raise SpecDecodeError(
+            "self-distillation is written for Llama / Qwen2 targets: pass --data FILES for "
+            f"{model.cfg.family}"
+        )
     longest = max(len(p) for p in prompts) + max_new_tokens
     batch = max(1, min(batch, len(prompts)))
     cache = _BatchCache(model, batch, longest)
     if longest > model.ropes["global"].cos.shape[0]:
-        raise ValueError(f"the model's rotary tables are shorter than {longest} positions")
+        raise SpecDecodeError(f"the model's rotary tables are shorter than {longest} positions")
     answers: list[Answer | None] = [None] * len(prompts)
     queue = list(range(len(prompts)))[::-1]
     slots: list[_Row | None] = [None] * batch

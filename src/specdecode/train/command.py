@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from specdecode.errors import SpecDecodeError
 from specdecode.heads import HEAD_KINDS, default_head_dir
+from specdecode.heads.checkpoint import refuse_family
 from specdecode.heads.eagle3 import Eagle3Config, save_head
 from specdecode.heads.hydra import HydraConfig
 from specdecode.heads.hydra import save_heads as save_hydra
@@ -202,6 +203,7 @@ def train_drafter(
         )
         layers = tuple(head_config.aux_layers)
     else:  # medusa and hydra: the last layer's output
+        refuse_family(config)
         layers = (config.num_layers,)
     store = FeatureStore(work / "features", layers, str(model))
     seconds["load"] = time.perf_counter() - started
