@@ -275,3 +275,31 @@ def test_a_medusa_repository_config_without_sizes_takes_the_targets(learnable, t
     assert loaded.cfg.draft_vocab == tuple(range(learnable.vocab_size))
     for name, value in heads.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_heads_that_misreport_their_draft_distribution_fail_certify(
+    learnable, trained, tmp_path, monkeypatch
+) -> None:
+    """The negative control of the certify test: Medusa drafts drawn from the heads but reported
+    to the verifier as uniform over the draft vocabulary change the output's distribution."""
+    from significance import BROKEN
+
+    from specdecode.drafters.last_state import LastStateDrafter
+
+    real = LastStateDrafter.full_vocab
+
+    def misreported(self, draft_values, fill):
+        if fill == 0.0:  # the draft_probs of a sampled chain
+            draft_values = torch.full_like(draft_values, 1.0 / draft_values.shape[-1])
+        return real(self, draft_values, fill)
+
+    monkeypatch.setattr(LastStateDrafter, "full_vocab", misreported)
+    heads, _ = trained["medusa"]
+    MEDUSA.save(heads, learnable, tmp_path)
+    chosen = spec(MEDUSA, tmp_path, num_draft_tokens=2, verifier="rejection")
+    config = CertifyConfig(samples=3000, length=2, alpha=ALPHA)
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    report = certify(
+        Engine(learnable, None), prompt, SamplingParams(temperature=0.25), chosen, config
+    )
+    assert report.test.p_value < BROKEN, report.summary()

@@ -83,18 +83,20 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def bench_windows() -> set[str]:
+@functools.cache
+def bench_windows() -> frozenset[str]:
     """The 64-character windows (whitespace collapsed) of the bench prompts, every 16 characters:
-    a text containing any 80 consecutive characters of a prompt contains one of them."""
+    a text containing any 80 consecutive characters of a prompt contains one of them (made once
+    per process)."""
     windows = set()
     for text in bench_texts():
         flat = _normalise(text)
         for start in range(0, max(1, len(flat) - OVERLAP_WINDOW + 1), 16):
             windows.add(flat[start : start + OVERLAP_WINDOW])
-    return windows
+    return frozenset(windows)
 
 
-def overlaps_bench(text: str, windows: set[str]) -> bool:
+def overlaps_bench(text: str, windows: frozenset[str]) -> bool:
     flat = _normalise(text)
     return any(
         flat[i : i + OVERLAP_WINDOW] in windows for i in range(len(flat) - OVERLAP_WINDOW + 1)
