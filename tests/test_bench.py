@@ -21,8 +21,8 @@ from specdecode.bench import runner as runner_module
 from specdecode.bench import settings as run_settings
 from specdecode.bench.methods import BUILTIN, PEERS, SETS, parse_methods
 from specdecode.bench.peers import LlamaCppPeer
+from specdecode.bench.report import acceptance_by_depth, speedups
 from specdecode.bench.report import report as render_report
-from specdecode.bench.report import speedups
 from specdecode.bench.runner import Record, read_records, this_machine
 from specdecode.bench.suites import load_suite
 from specdecode.cli import main
@@ -104,6 +104,12 @@ def test_records_are_complete_and_runs_interleaved(tmp_path: Path) -> None:
     assert "## Overall" in report and "## code-editing" in report and "## rag" in report
     assert "EXACTNESS" not in report and "Command: `specdecode bench" in report
     assert (out / "speedup.png").stat().st_size > 0 and (out / "accepted.png").exists()
+    for r in records:
+        drafted, accepted = r.drafted_at_depth, r.accepted_at_depth
+        assert drafted == sorted(drafted, reverse=True)  # a step drafting depth d drafted d-1
+        assert len(accepted) <= len(drafted) and all(map(int.__le__, accepted, drafted))
+        assert sum(accepted) == sum(d * n for d, n in enumerate(r.acceptance_histogram))
+    assert any(r.drafted_at_depth for r in records if r.method != "none")
     products = run_settings.recorded(out, "torch_products")
     assert products in ("library", "row-wise kernels") and f"products on {products}" in report
 
@@ -734,3 +740,30 @@ def test_llama_server_runs_without_the_switch_specdecode_set(monkeypatch) -> Non
     assert "GGML_CPU_TILED_MM" not in llamacpp.user_environment()
     monkeypatch.setattr(llamacpp, "_tiled_switch_set_here", False)
     assert llamacpp.user_environment()["GGML_CPU_TILED_MM"] == "0"
+
+
+def test_acceptance_by_depth_sums_the_counts_of_every_prompt() -> None:
+    """Each depth's rate is accepted over drafted summed over prompts (not a mean of the
+    prompts' rates), and depths drafted too rarely are left off."""
+
+    def record(method: str, drafted: list[int], accepted: list[int]) -> Record:
+        return Record(
+            method,
+            "p",
+            "c",
+            0,
+            8,
+            1.0,
+            8.0,
+            100.0,
+            drafted_at_depth=drafted,
+            accepted_at_depth=accepted,
+        )
+
+    records = [
+        record("a", [10, 10, 2], [5, 2]),
+        record("a", [30, 20, 5], [25, 10, 1]),
+        record("none", [], []),
+    ]
+    assert acceptance_by_depth(records) == {"a": [30 / 40, 12 / 30]}
+    assert acceptance_by_depth(records, min_drafted=1) == {"a": [30 / 40, 12 / 30, 1 / 7]}

@@ -301,6 +301,19 @@ def test_training_without_the_gradient_applied_learns_nothing(
     assert report.agreement == report.initial_agreement
 
 
+def test_a_training_fraction_trains_on_less_and_holds_out_the_same(examples) -> None:
+    """A learning curve's points differ in their training data only."""
+    from dataclasses import replace
+
+    from specdecode.train.loop import split
+
+    train, heldout = split(examples, SETTINGS)
+    part, part_heldout = split(examples, replace(SETTINGS, train_fraction=0.25))
+    assert [id(e) for e in part_heldout] == [id(e) for e in heldout]
+    assert len(part) == round(len(train) * 0.25) < len(train)
+    assert [id(e) for e in part] == [id(e) for e in train[: len(part)]]
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_head(
     learnable, examples, trained, tmp_path
 ) -> None:
@@ -400,6 +413,7 @@ def test_command_line_refusals_are_one_line_before_any_model_loads(tmp_path, cap
         (["train-drafter", "--model", "m", "--data", str(tmp_path / "no.txt")], "cannot read"),
         (["train-drafter", "--model", "m", "--draft-vocab", "1"], "draft vocabulary of at least"),
         (["train-drafter", "--model", "m", "--intermediate-size", "-4"], "intermediate size"),
+        (["train-drafter", "--model", "m", "--train-fraction", "0"], "training fraction"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

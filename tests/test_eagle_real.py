@@ -4,6 +4,8 @@ decoding on a chain and a dynamic tree."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from specdecode import SpecDecoder
@@ -135,8 +137,10 @@ def test_eagle_sampling_passes_certify_on_the_real_model(small, head_dir, tree, 
 
 def test_train_drafter_makes_a_head_and_reruns_from_its_cache(tmp_path, monkeypatch) -> None:
     """`specdecode train-drafter`'s whole path at a tiny recipe: the model's answers, their
-    features, training and the saved head; run again, it reuses every answer and feature."""
+    features, training and the saved head; run again, it reuses every answer and feature, and
+    another kind of head reuses the answers."""
     from specdecode.heads.eagle3 import read_config
+    from specdecode.heads.medusa import WEIGHTS_FILE
     from specdecode.train import command
     from specdecode.train.data import Recipe
     from specdecode.train.features import FeatureStore
@@ -145,13 +149,19 @@ def test_train_drafter_makes_a_head_and_reruns_from_its_cache(tmp_path, monkeypa
         stdlib_tokens=1500, distill_prompts=6, follow_ups=2, distill_max_tokens=16, distill_batch=3
     )
     settings = TrainSettings(draft_vocab=256, intermediate_size=128, epochs=1, batch_tokens=512)
-    out = tmp_path / "head"
-    first = command.train_drafter(SMALL, "eagle", out, recipe=recipe, settings=settings)
+    out, data = tmp_path / "head", tmp_path / "data"
+
+    def train(kind: str, out: Path):
+        return command.train_drafter(
+            SMALL, kind, out, recipe=recipe, settings=settings, work_dir=data
+        )
+
+    first = train("eagle", out)
     config = read_config(out)
     assert config.draft_vocab_size <= 256 and (out / "model.safetensors").is_file()
-    answers = (out / "training" / "distill.jsonl").read_text().splitlines()
+    answers = (data / "distill.jsonl").read_text().splitlines()
     assert 6 <= len(answers) <= 8  # a follow-up whose prompt is too long is left out
-    assert len(list((out / "training" / "features").iterdir())) == first.sequences
+    assert len(list((data / "features").iterdir())) == first.sequences
     assert len(first.report.agreement) == settings.ttt_steps
 
     def no_generation(*args, **kwargs):
@@ -161,6 +171,13 @@ def test_train_drafter_makes_a_head_and_reruns_from_its_cache(tmp_path, monkeypa
         assert all(self.path(s).is_file() for s in sequences), "features computed again"
 
     monkeypatch.setattr(command, "generate_answers", no_generation)
-    monkeypatch.setattr(FeatureStore, "compute", no_features)
-    again = command.train_drafter(SMALL, "eagle", out, recipe=recipe, settings=settings)
+    with monkeypatch.context() as patched:
+        patched.setattr(FeatureStore, "compute", no_features)
+        again = train("eagle", out)
     assert (again.sequences, again.tokens) == (first.sequences, first.tokens)
+
+    # Medusa reads another layer: its features are new, the answers are not.
+    heads = train("medusa", tmp_path / "medusa")
+    assert (heads.sequences, heads.tokens) == (first.sequences, first.tokens)
+    assert (tmp_path / "medusa" / WEIGHTS_FILE).is_file()
+    assert len(list((data / "features").iterdir())) == 2 * first.sequences

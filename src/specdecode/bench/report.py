@@ -164,8 +164,33 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
     return "\n".join(lines)
 
 
+def acceptance_by_depth(records: Sequence[Record], min_drafted: int = 20) -> dict[str, list[float]]:
+    """Per method, the share of target forwards drafting depth d+1 that accepted it, over all
+    its records (depths drafted fewer than `min_drafted` times are left off: too few to read)."""
+    drafted: dict[str, list[int]] = defaultdict(list)
+    accepted: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        for counts, into in ((r.drafted_at_depth, drafted), (r.accepted_at_depth, accepted)):
+            total = into[r.method]
+            total += [0] * (len(counts) - len(total))
+            for d, n in enumerate(counts):
+                total[d] += n
+    rates = {}
+    for method, totals in drafted.items():
+        hits = accepted[method] + [0] * len(totals)
+        shown = []
+        for d, n in enumerate(totals):
+            if n < min_drafted:
+                break
+            shown.append(hits[d] / n)
+        if shown:
+            rates[method] = shown
+    return rates
+
+
 def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
-    """speedup.png, accepted.png and, when a sweep ran, budget.png; returns the files written."""
+    """speedup.png, accepted.png, depth.png (acceptance by draft depth) and, when a sweep ran,
+    budget.png; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,6 +241,19 @@ def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(_save(fig, out_dir / "accepted.png"))
+
+    by_depth = acceptance_by_depth(records)
+    if by_depth:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for method, rates in by_depth.items():
+            depths = range(1, len(rates) + 1)
+            ax.plot(depths, rates, marker="o", label=method, color=colors[method])
+        ax.set_xlabel("draft depth (token d of the draft)")
+        ax.set_ylabel("share of forwards accepting it")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "depth.png"))
 
     sweeps: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:

@@ -48,6 +48,10 @@ class Record:
     mean_accepted_tokens: float | None = None
     acceptance_histogram: list[int] = field(default_factory=list)
     acceptance_rate_by_depth: list[float] = field(default_factory=list)
+    # [d]: forwards whose draft reached depth d+1, and those that accepted it (summed over
+    # prompts, these give each depth's acceptance rate, weighted as it was drafted)
+    drafted_at_depth: list[int] = field(default_factory=list)
+    accepted_at_depth: list[int] = field(default_factory=list)
     prefill_seconds: float | None = None
     drafting_seconds: float | None = None
     verifying_seconds: float | None = None
@@ -276,6 +280,8 @@ class Runner:
             mean_accepted_tokens=stats.get("mean_accepted_tokens"),
             acceptance_histogram=stats.get("acceptance_histogram", []),
             acceptance_rate_by_depth=stats.get("acceptance_rate_by_depth", []),
+            drafted_at_depth=stats.get("drafted_at_depth", []),
+            accepted_at_depth=stats.get("accepted_at_depth", []),
             prefill_seconds=timed[0],
             drafting_seconds=timed[1],
             verifying_seconds=timed[2],

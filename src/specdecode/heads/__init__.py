@@ -22,16 +22,28 @@ from specdecode.models.registry import REGISTRY
 HEAD_KINDS = ("eagle", "medusa", "hydra")
 
 
-def default_head_dir(model: str, kind: str) -> Path:
-    """Where `train-drafter` writes `model`'s head of `kind` unless told, and where the drafter
-    looks for it: a registry model by name, any other by its path's name and a hash of the path."""
+def _model_dir(model: str) -> Path:
+    """The cache folder of `model`'s heads: a registry model by name, any other by its path's
+    name and a hash of the path."""
     if model in REGISTRY:
         key = model
     else:
         path = str(Path(model).expanduser().resolve())
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).name)[:60] or "model"
         key = f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:10]}"
-    return cache_root() / "heads" / key / kind
+    return cache_root() / "heads" / key
+
+
+def default_head_dir(model: str, kind: str) -> Path:
+    """Where `train-drafter` writes `model`'s head of `kind` unless told, and where the drafter
+    looks for it."""
+    return _model_dir(model) / kind
+
+
+def default_data_dir(model: str) -> Path:
+    """Where `train-drafter` keeps `model`'s training answers and features unless told: one
+    folder for every head kind, so a second kind reuses the answers the first one paid for."""
+    return _model_dir(model) / "data"
 
 
 def train_command(model: str, kind: str) -> str:

@@ -2,11 +2,14 @@
 
     specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
 
-Work is kept in `<out>/training/`: the target's answers to the self-distillation prompts
-(`distill.jsonl`, appended as each is made), the target features (`features/`, one file per
-sequence, those of the answers captured while they were written) and the training checkpoint. An
-interrupted run started again with the same command picks up where it stopped: answers and
-features already on disk are not recomputed, and training resumes from its last checkpoint.
+The training data is kept in the model's data folder (`--work-dir`; by default one in the cache
+that every head kind of the model shares): the target's answers to the self-distillation prompts
+(`distill.jsonl`, appended as each is made) and the target features (`features/`, one file per
+sequence and set of layers, those of the answers captured while they were written). The training
+checkpoint is kept in `<out>/training/`. An interrupted run started again with the same command
+picks up where it stopped: answers and features already on disk are not recomputed, and training
+resumes from its last checkpoint. A second kind reuses the first one's answers (Medusa and Hydra,
+which read other layers than EAGLE-3, compute their features once over them, and share those).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specdecode.errors import SpecDecodeError
-from specdecode.heads import HEAD_KINDS, default_head_dir
+from specdecode.heads import HEAD_KINDS, default_data_dir, default_head_dir
 from specdecode.heads.checkpoint import refuse_family
 from specdecode.heads.eagle3 import Eagle3Config, save_head
 from specdecode.heads.hydra import HydraConfig
@@ -120,10 +123,10 @@ def _answer(
     return made
 
 
-def _distilled(llm, recipe: Recipe, work: Path, store: FeatureStore) -> list[TrainingSequence]:
+def _distilled(llm, recipe: Recipe, data_dir: Path, store: FeatureStore) -> list[TrainingSequence]:
     """Self-distillation: the target's answers to the recipe's instructions, then to follow-up
     questions on some of those answers; cached in `distill.jsonl` and the feature store."""
-    path = work / "distill.jsonl"
+    path = data_dir / "distill.jsonl"
     done = _read_answers(path, llm.name)
     eos = llm.tokenizer.eos_token_ids
     windows = bench_windows()
@@ -151,7 +154,11 @@ def _distilled(llm, recipe: Recipe, work: Path, store: FeatureStore) -> list[Tra
 
 
 def _sequences(
-    llm, recipe: Recipe, user_texts: list[tuple[str, str]] | None, work: Path, store: FeatureStore
+    llm,
+    recipe: Recipe,
+    user_texts: list[tuple[str, str]] | None,
+    data_dir: Path,
+    store: FeatureStore,
 ) -> list[TrainingSequence]:
     def encode(text: str) -> list[int]:
         return llm.tokenizer.encode(text, add_special_tokens=False)
@@ -162,7 +169,7 @@ def _sequences(
         stdlib_texts(recipe.seed), encode, recipe.stdlib_tokens, recipe.sequence_length
     )
     if recipe.distill_prompts:
-        sequences += _distilled(llm, recipe, work, store)
+        sequences += _distilled(llm, recipe, data_dir, store)
     return sequences
 
 
@@ -174,6 +181,7 @@ def train_drafter(
     recipe: Recipe | None = None,
     settings: TrainSettings | None = None,
     stop_after: int | None = None,
+    work_dir: str | Path | None = None,
 ) -> TrainResult:
     """Make `model`'s draft head of `kind` (see the module docstring); the Python entry point of
     `specdecode train-drafter`."""
@@ -189,6 +197,8 @@ def train_drafter(
     head_dir = Path(out).expanduser() if out else default_head_dir(model, kind)
     work = head_dir / "training"
     work.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(work_dir).expanduser() if work_dir else default_data_dir(model)
+    data_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -205,11 +215,11 @@ def train_drafter(
     else:  # medusa and hydra: the last layer's output
         refuse_family(config)
         layers = (config.num_layers,)
-    store = FeatureStore(work / "features", layers, str(model))
+    store = FeatureStore(data_dir / "features", layers, str(model))
     seconds["load"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sequences = _sequences(llm, recipe, user_texts, work, store)
+    sequences = _sequences(llm, recipe, user_texts, data_dir, store)
     if len(sequences) < 2:
         raise SpecDecodeError("the training data makes fewer than 2 sequences: give more text")
     seconds["data"] = time.perf_counter() - started
@@ -317,6 +327,14 @@ def add_parser(sub) -> None:
         "cache, which --drafter KIND uses when no --head is given)",
     )
     p.add_argument("--data", nargs="+", metavar="FILE", help="train on these text files instead")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="where the model's answers and the target features are kept (default: a folder "
+        "in the cache that all the model's head kinds share, so a second kind reuses the "
+        "answers)",
+    )
     defaults, recipe = TrainSettings(), Recipe()
     p.add_argument(
         "--draft-vocab",
@@ -380,6 +398,13 @@ def add_parser(sub) -> None:
         help="second turns: follow-up questions on that many of the model's answers "
         f"(default {recipe.follow_ups})",
     )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=defaults.train_fraction,
+        help="train on this share of the training sequences (the held-out ones stay the "
+        "same): a learning curve's points (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -399,9 +424,12 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         batch_tokens=args.batch_tokens,
+        train_fraction=args.train_fraction,
         seed=args.seed,
     )
-    result = train_drafter(args.model, args.kind, args.out, args.data, recipe, settings)
+    result = train_drafter(
+        args.model, args.kind, args.out, args.data, recipe, settings, work_dir=args.work_dir
+    )
     report = result.report
     agreement = " ".join(f"{a:.3f}" for a in report.agreement)
     initial = " ".join(f"{a:.3f}" for a in report.initial_agreement)

@@ -43,6 +43,7 @@ class TrainSettings:
     learning_rate: float = 1e-3
     batch_tokens: int = 2048
     heldout_fraction: float = 0.05
+    train_fraction: float = 1.0  # share of the training sequences used (learning curves)
     checkpoint_every: int = 20  # optimizer steps
     seed: int = 0
     bfloat16: bool = True  # autocast the forward and backward (fp32 master weights)
@@ -56,6 +57,10 @@ class TrainSettings:
             raise SpecDecodeError("the learning rate must be in (0, 1), the batch at least 1")
         if not 0 < self.heldout_fraction < 0.5:
             raise SpecDecodeError("the held-out fraction must be in (0, 0.5)")
+        if not 0 < self.train_fraction <= 1:
+            raise SpecDecodeError(
+                f"the training fraction must be in (0, 1], got {self.train_fraction}"
+            )
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise SpecDecodeError(
                 f"the head's intermediate size must be at least 1, got {self.intermediate_size}"
@@ -111,13 +116,17 @@ def _add_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def split(examples: list[Example], settings: TrainSettings) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) examples: a seeded share of whole sequences held out."""
+    """(training, held-out) examples: a seeded share of whole sequences held out, and of the
+    rest the first `train_fraction` in the seeded order (the held-out set does not depend on
+    it, so heads trained on more or less data are compared on the same sequences)."""
     if len(examples) < 2:
         raise SpecDecodeError("training needs at least 2 sequences (one is held out)")
     generator = torch.Generator().manual_seed(settings.seed)
     shuffled = torch.randperm(len(examples), generator=generator).tolist()
     held = max(1, round(len(examples) * settings.heldout_fraction))
-    return [examples[i] for i in shuffled[held:]], [examples[i] for i in shuffled[:held]]
+    kept = max(1, round((len(examples) - held) * settings.train_fraction))
+    training = [examples[i] for i in shuffled[held : held + kept]]
+    return training, [examples[i] for i in shuffled[:held]]
 
 
 def draft_ids(vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
