@@ -692,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdecode.train import command as train_command
 
     train_command.add_parser(sub)
+    from specdecode.serve import command as serve_command
+
+    serve_command.add_parser(sub)
     return parser
 
 

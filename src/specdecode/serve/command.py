@@ -1,0 +1,77 @@
+"""`specdecode serve`: the command line of the server (see `specdecode.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from specdecode.errors import SpecDecodeError
+
+
+def add_parser(sub) -> None:
+    from specdecode import cli
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over OpenAI's API, speculatively",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, streaming or not; /v1/models, /health, /metrics in Prometheus "
+        "format) with the same model and speculation options as generate. Output is the "
+        "model's own: identical tokens to generate's under greedy decoding, the same "
+        "distribution when sampling. Requests run one at a time, in arrival order.",
+    )
+    cli._add_model_args(p)
+    cli._add_speculation_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=cli.positive_int, default=8000, help="default: 8000")
+    p.add_argument(
+        "--served-model-name",
+        help="the model's name in the API (default: --model as given)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require Authorization: Bearer KEY on every route but /health",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=cli.positive_int,
+        default=64,
+        metavar="N",
+        help="requests that may wait; more are refused with 429 at once (default: 64)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from specdecode.serve.app import make_app
+    except ImportError as exc:
+        raise SpecDecodeError(
+            f"the server needs {exc.name}: pip install 'specdecode[serve]'"
+        ) from None
+    from specdecode import cli
+
+    _check_port(args.host, args.port)  # before minutes of model loading
+    spec = cli._spec_from_args(args)
+    cli.backend_from_args(args)
+    llm = cli._load_from_args(args, spec)
+    cli._warn_if_lossy(args.verifier, args.kernels)
+    name = args.served_model_name or args.model
+    app = make_app(llm, spec, name, api_key=args.api_key, max_waiting=args.max_waiting)
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 ({spec.drafter})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SpecDecodeError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port"
+            ) from None

@@ -1,0 +1,291 @@
+"""`specdecode serve` on the smallest registry model, over loopback: OpenAI's own client streaming
+and not, greedy output identical to `generate` (alone and with concurrent requests), a client that
+goes away freeing the model, bad input answered with OpenAI's error objects, the API key, and the
+Prometheus counters agreeing with the responses' statistics."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from specdecode import SpecDecoder  # noqa: E402
+from specdecode.config import SamplingParams, SpecConfig  # noqa: E402
+from specdecode.serve.app import make_app  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+KEY = "test-key"
+SPEC = SpecConfig(drafter="prompt-lookup")
+# Inputs the answers repeat, so that prompt lookup drafts and some drafts are accepted.
+CODE = "Rewrite this with a for loop:\n\nnumbers = [1, 2, 3]\nsquares = [n * n for n in numbers]\n"
+QUESTIONS = [
+    "Repeat after me: the quick brown fox jumps over the lazy dog.",
+    "Say the days of the week, Monday to Sunday.",
+    CODE,
+    "Count from one to ten in words.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm() -> SpecDecoder:
+    return SpecDecoder.load(MODEL, spec=SPEC)
+
+
+class Server:
+    def __init__(self, llm: SpecDecoder, **options) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.app = make_app(llm, SPEC, MODEL, **options)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = KEY):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def post(self, path: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url + path, data, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def get(self, path: str, key: str | None = KEY) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        request = urllib.request.Request(self.url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from /metrics (0 when absent)."""
+        _, text = self.get("/metrics")
+        total = 0.0
+        for line in text.decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                head, value = line.rsplit(" ", 1)
+                if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                    total += float(value)
+        return total
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(llm: SpecDecoder) -> Iterator[Server]:
+    running = Server(llm, api_key=KEY)
+    yield running
+    running.stop()
+
+
+def plain(llm: SpecDecoder, messages: list[dict], tokens: int) -> str:
+    """`generate`'s greedy answer (through the API's chat, as the server's chat route)."""
+    return llm.chat(messages, SamplingParams(max_new_tokens=tokens)).text
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def test_chat_through_openais_client_is_generates_output(server: Server, llm) -> None:
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=ask(CODE), max_tokens=40, temperature=0
+    )
+    assert reply.choices[0].message.content == plain(llm, ask(CODE), 40)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens > 0
+    stats = reply.model_extra["speculative_decoding"]
+    assert stats["num_accepted_tokens"] <= stats["num_draft_tokens"]
+    assert stats["mean_tokens_per_forward"] >= 1.0
+    assert sum(stats["acceptance_histogram"]) == stats["num_target_forwards"]
+
+
+def test_streamed_chunks_add_up_to_the_whole_answer(server: Server, llm) -> None:
+    client = server.client()
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=ask(CODE), max_tokens=40, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain(llm, ask(CODE), 40)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens > 0
+    assert "speculative_decoding" in chunks[-1].usage.model_extra
+
+    streamed = client.completions.create(
+        model=MODEL, prompt=CODE, max_tokens=24, temperature=0, stream=True
+    )
+    whole = client.completions.create(model=MODEL, prompt=CODE, max_tokens=24, temperature=0)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    raw = llm.generate(CODE, SamplingParams(max_new_tokens=24), chat=False).text
+    assert whole.choices[0].text == raw
+
+
+def test_concurrent_greedy_requests_are_each_generates_output(server: Server, llm) -> None:
+    client = server.client()
+
+    def one(question: str) -> str:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=ask(question), max_tokens=24, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        answers = list(pool.map(one, QUESTIONS))
+    assert answers == [plain(llm, ask(q), 24) for q in QUESTIONS]
+
+
+def test_a_client_that_goes_away_frees_the_model(server: Server) -> None:
+    aborted = server.metric("specdecode:request_success_total", finished_reason="abort")
+    body = {"prompt": CODE, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    request = urllib.request.Request(
+        server.url + "/v1/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+    assert response.readline().startswith(b"data:")  # generation is under way
+    response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    while server.metric("specdecode:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds the model"
+        time.sleep(0.1)
+    aborted_now = server.metric("specdecode:request_success_total", finished_reason="abort")
+    assert aborted_now == aborted + 1
+    # 1500 tokens would take the tiny model far longer than the wait above
+    status, reply = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and reply["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "JSON"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": ask("hi"), "temperature": -1}, 400, "temperature"),
+        ({"messages": ask("hi"), "n": 2}, 400, "n=1"),
+        ({"messages": ask("hi"), "presence_penalty": 0.5}, 400, "penalties"),
+        ({"messages": ask("hi"), "max_tokens": 10**6}, 400, "context"),
+        ({"messages": ask("hi"), "model": "gpt-4"}, 404, "does not exist"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ],
+)
+def test_bad_requests_get_openais_error_objects(server: Server, body, status, words) -> None:
+    code, reply = server.post("/v1/chat/completions", body)
+    assert code == status, reply
+    assert set(reply["error"]) >= {"message", "type"} and words in reply["error"]["message"]
+
+
+def test_a_prompt_over_the_context_is_refused(server: Server, llm) -> None:
+    ids = [1] * llm.target.max_context
+    code, reply = server.post("/v1/completions", {"prompt": ids, "max_tokens": 1})
+    assert code == 400 and "context" in reply["error"]["message"]
+    code, reply = server.post("/v1/completions", {"prompt": [10**9], "max_tokens": 1})
+    assert code == 400 and "vocabulary" in reply["error"]["message"]
+
+
+def test_the_api_key_guards_every_route_but_health(server: Server) -> None:
+    assert server.get("/health", key=None)[0] == 200
+    for path in ("/v1/models", "/metrics"):
+        assert server.get(path, key=None)[0] == 401
+        assert server.get(path, key="wrong")[0] == 401
+    assert server.post("/v1/completions", {"prompt": "hi"}, key=None)[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_metrics_count_what_the_responses_report(server: Server) -> None:
+    names = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+    before = {n: server.metric(f"specdecode:spec_decode_{n}_total") for n in names}
+    per_pos = server.metric("specdecode:spec_decode_num_accepted_tokens_per_pos_total")
+    seen = {n: 0 for n in names}
+    for question in QUESTIONS[:2] + [CODE]:
+        status, reply = server.post(
+            "/v1/chat/completions", {"messages": ask(question), "max_tokens": 24, "temperature": 0}
+        )
+        assert status == 200
+        for n in names:
+            seen[n] += reply["speculative_decoding"][n]
+    assert seen["num_draft_tokens"] > 0  # the code question's answer repeats it
+    for n in names:
+        assert server.metric(f"specdecode:spec_decode_{n}_total") - before[n] == seen[n], n
+    per_pos_now = server.metric("specdecode:spec_decode_num_accepted_tokens_per_pos_total")
+    assert per_pos_now - per_pos == seen["num_accepted_tokens"]
+    assert server.metric("specdecode:time_to_first_token_seconds_count") >= 3
+
+
+def test_a_full_queue_answers_429_at_once(llm) -> None:
+    busy = Server(llm, max_waiting=1)
+    try:
+        long = {"prompt": CODE, "max_tokens": 300, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(busy.post, "/v1/completions", long, None)
+            time.sleep(0.5)
+            second = pool.submit(busy.post, "/v1/completions", long, None)
+            time.sleep(0.5)
+            started = time.monotonic()
+            code, reply = busy.post("/v1/completions", long, None)
+            waited = time.monotonic() - started
+            assert code == 429 and reply["error"]["type"] == "rate_limit_error"
+            assert waited < 5  # refused, not queued behind the others
+            assert first.result()[0] == 200 and second.result()[0] == 200
+    finally:
+        busy.stop()
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(capsys) -> None:
+    from specdecode.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--model", MODEL, "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: cannot listen") and str(port) in err[-1]
+
+
+def test_stopping_answers_every_waiting_request_and_refuses_new_ones() -> None:
+    from specdecode.serve.metrics import ServerMetrics
+    from specdecode.serve.scheduler import Job, Scheduler, ShuttingDown
+
+    scheduler = Scheduler(None, ServerMetrics("m"), max_waiting=4)  # never reaches the model
+    received: list[list] = [[], []]
+    for out in received:
+        scheduler.submit(Job([1], SamplingParams(), SPEC, out.append))
+    scheduler.stop()  # the thread never started: run its loop here
+    scheduler._run()
+    for out in received:
+        assert isinstance(out[0], ShuttingDown) and out[1:] == [None]
+    with pytest.raises(ShuttingDown):
+        scheduler.submit(Job([1], SamplingParams(), SPEC, print))
