@@ -249,7 +249,7 @@ def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
             depths = range(1, len(rates) + 1)
             ax.plot(depths, rates, marker="o", label=method, color=colors[method])
         ax.set_xlabel("draft depth (token d of the draft)")
-        ax.set_ylabel("share of forwards accepting it")
+        ax.set_ylabel("accepted, of the forwards drafting it")
         ax.set_ylim(0, 1)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()

@@ -242,6 +242,8 @@ def train_drafter(
             "settings": asdict(settings),
             "sequences": len(sequences),
             "tokens": tokens,
+            "train_tokens": report.train_tokens,
+            "heldout_tokens": report.heldout_tokens,
             "heldout_agreement_by_step": report.agreement,
             "seconds": seconds,
         }
