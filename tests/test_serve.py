@@ -289,3 +289,42 @@ def test_stopping_answers_every_waiting_request_and_refuses_new_ones() -> None:
         assert isinstance(out[0], ShuttingDown) and out[1:] == [None]
     with pytest.raises(ShuttingDown):
         scheduler.submit(Job([1], SamplingParams(), SPEC, print))
+
+
+def test_sigterm_lets_the_running_request_finish_and_exits_cleanly(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "specdecode", "serve", "--model", MODEL, "--port", str(port)]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "did not start"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(
+            prompt=CODE, model=MODEL, max_tokens=300, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = iter(stream)
+        first = next(chunks)  # the request runs
+        server.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
+        assert rest[-1].choices[0].finish_reason == "length" and text
+        assert rest[-1].usage.completion_tokens == 300
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()

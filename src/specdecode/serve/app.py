@@ -50,8 +50,10 @@ def make_app(
     model_name: str,
     api_key: str | None = None,
     max_waiting: int = 64,
+    shutdown_grace: float = 60.0,
 ) -> FastAPI:
-    """The server's app; its scheduler starts and stops with the app's lifespan."""
+    """The server's app; its scheduler starts and stops with the app's lifespan. On SIGTERM,
+    streams get `shutdown_grace` seconds to finish before they are cut."""
     metrics = ServerMetrics(model_name)
     scheduler = Scheduler(llm, metrics, max_waiting)
 
@@ -217,7 +219,9 @@ def make_app(
             }
 
         if body.stream:
-            return EventSourceResponse(events(job, outputs, chunk))
+            return EventSourceResponse(
+                events(job, outputs, chunk), shutdown_grace_period=shutdown_grace
+            )
         text, stats = await collect(request, job, outputs)
         if body.echo and isinstance(prompt, str):
             text = prompt + text
@@ -248,7 +252,9 @@ def make_app(
             }
 
         if body.stream:
-            return EventSourceResponse(events(job, outputs, chunk))
+            return EventSourceResponse(
+                events(job, outputs, chunk), shutdown_grace_period=shutdown_grace
+            )
         text, stats = await collect(request, job, outputs)
         return {
             "id": rid,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 
@@ -40,6 +41,14 @@ def add_parser(sub) -> None:
         metavar="N",
         help="requests that may wait; more are refused with 429 at once (default: 64)",
     )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running streams may take to finish before they are cut "
+        "(default: 60)",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,9 +69,22 @@ def run(args: argparse.Namespace) -> int:
     llm = cli._load_from_args(args, spec)
     cli._warn_if_lossy(args.verifier, args.kernels)
     name = args.served_model_name or args.model
-    app = make_app(llm, spec, name, api_key=args.api_key, max_waiting=args.max_waiting)
+    if args.shutdown_grace < 0:
+        raise SpecDecodeError("--shutdown-grace must be at least 0 seconds")
+    app = make_app(
+        llm,
+        spec,
+        name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        shutdown_grace=args.shutdown_grace,
+    )
     print(f"serving {name} at http://{args.host}:{args.port}/v1 ({spec.drafter})", file=sys.stderr)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler
+    # found at start: this one lets the process end with status 0, as a clean stop should.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print("server stopped", file=sys.stderr)
     return 0
 
 
