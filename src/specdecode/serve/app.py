@@ -137,7 +137,7 @@ def make_app(
         except SpecDecodeError as exc:
             raise HTTPError(400, str(exc), "invalid_request_error") from None
 
-    async def run(request: Request, ids: list[int], sampling: SamplingParams):
+    def submit(ids: list[int], sampling: SamplingParams) -> tuple[Job, asyncio.Queue]:
         job, outputs = Job.for_loop(ids, sampling, spec)
         try:
             scheduler.submit(job)
@@ -206,7 +206,7 @@ def make_app(
         else:
             ids = encoded(lambda: llm.encode_prompt(prompt, chat=False))
         sampling = checked(body, ids)
-        job, outputs = await run(request, ids, sampling)
+        job, outputs = submit(ids, sampling)
         rid, created = protocol.new_id("cmpl"), protocol.now()
 
         def chunk(text: str, reason: str | None) -> dict[str, Any]:
@@ -234,7 +234,7 @@ def make_app(
     async def chat_completions(body: ChatRequest, request: Request):
         ids = encoded(lambda: llm.encode_chat(body.turns()))
         sampling = checked(body, ids)
-        job, outputs = await run(request, ids, sampling)
+        job, outputs = submit(ids, sampling)
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
         started = [False]
 
