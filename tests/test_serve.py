@@ -124,6 +124,11 @@ def test_chat_through_openais_client_is_generates_output(server: Server, llm) ->
     assert stats["num_accepted_tokens"] <= stats["num_draft_tokens"]
     assert stats["mean_tokens_per_forward"] >= 1.0
     assert sum(stats["acceptance_histogram"]) == stats["num_target_forwards"]
+    status, short = server.post(
+        "/v1/chat/completions",
+        {"messages": ask(CODE), "max_completion_tokens": 3, "ignore_eos": True, "temperature": 0},
+    )
+    assert status == 200 and short["usage"]["completion_tokens"] == 3
 
 
 def test_streamed_chunks_add_up_to_the_whole_answer(server: Server, llm) -> None:

@@ -63,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from specdecode import cli
 
+    if args.shutdown_grace < 0:
+        raise SpecDecodeError("--shutdown-grace must be at least 0 seconds")
     _check_port(args.host, args.port)  # before minutes of model loading
     spec = cli._spec_from_args(args)
     cli.backend_from_args(args)
     llm = cli._load_from_args(args, spec)
     cli._warn_if_lossy(args.verifier, args.kernels)
     name = args.served_model_name or args.model
-    if args.shutdown_grace < 0:
-        raise SpecDecodeError("--shutdown-grace must be at least 0 seconds")
     app = make_app(
         llm,
         spec,

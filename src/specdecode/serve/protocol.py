@@ -104,12 +104,8 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        params = super().sampling(default_max_tokens)
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            params = SamplingParams(
-                **{**params.__dict__, "max_new_tokens": self.max_completion_tokens}
-            )
-        return params
+        # OpenAI's newer name for max_tokens; max_tokens wins where both are given.
+        return super().sampling(self.max_completion_tokens or default_max_tokens)
 
     def turns(self) -> list[dict[str, str]]:
         # The chat templates know "system"; OpenAI's newer name for it is "developer".
