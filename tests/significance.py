@@ -15,13 +15,14 @@ K in the default tier (count them again when adding one):
 - test_lossless_real.py: 2 (rejection on a real model's next-token distributions)
 - test_eagle.py: 1 (certify with a trained head's drafts; 2 more in the slow tier)
 - test_medusa_hydra.py: 2 (certify with trained Medusa and Hydra heads' drafts)
-K = 38, so K * ALPHA = 3.8e-4. Two more kinds of chance assertion are in the default tier:
+- test_batching.py: 1 (sampling with sequences verified in shared forwards)
+K = 39, so K * ALPHA = 3.9e-4. Two more kinds of chance assertion are in the default tier:
 - test_analyze.py flags a method measured more than 4 standard errors above its bound, and a
   lossless one must not be flagged: one-sided, 3.2e-5 each, 6 methods, 1.9e-4 in all;
 - test_certify.py's total-variation bounds sit about five standard deviations from their
   expected values (under 1e-6 each).
 In all, under 6e-4: the default tier fails by chance less than once in a thousand runs.
-The slow tier adds 23 such tests at ALPHA (K = 61 with them) and its statistical tests on
+The slow tier adds 23 such tests at ALPHA (K = 62 with them) and its statistical tests on
 real models, which use their own, stated levels.
 
 A deliberately broken variant counts as caught when its p-value is below BROKEN; the margin

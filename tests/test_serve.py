@@ -163,9 +163,47 @@ def test_concurrent_greedy_requests_are_each_generates_output(server: Server, ll
         )
         return reply.choices[0].message.content
 
+    steps = server.metric("specdecode:batch_size_count")
+    alone = server.metric("specdecode:batch_size_bucket", le="1.0")
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         answers = list(pool.map(one, QUESTIONS))
     assert answers == [plain(llm, ask(q), 24) for q in QUESTIONS]
+    steps = server.metric("specdecode:batch_size_count") - steps
+    alone = server.metric("specdecode:batch_size_bucket", le="1.0") - alone
+    assert alone < steps  # some forwards verified several requests at once
+
+
+def test_a_request_is_undisturbed_by_others_failing_and_leaving(server: Server, llm) -> None:
+    """A greedy request's answer stays `generate`'s while, beside it, a stream is cut by its
+    client, a request is refused (over the context of the model) and another comes and goes."""
+    long_stream = {"prompt": CODE, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    request = urllib.request.Request(
+        server.url + "/v1/completions",
+        json.dumps(long_stream).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    client = server.client()
+    question = "Write a haiku about the sea, then explain it."
+    with ThreadPoolExecutor(3) as pool:
+        stream = urllib.request.urlopen(request, timeout=60)
+        assert stream.readline().startswith(b"data:")
+        answer = pool.submit(
+            lambda: (
+                client.chat.completions.create(
+                    model=MODEL, messages=ask(question), max_tokens=40, temperature=0
+                )
+                .choices[0]
+                .message.content
+            )
+        )
+        too_long = {"prompt": [10] * 50, "max_tokens": llm.target.max_context}
+        short = {"prompt": "Hi", "max_tokens": 3}
+        others = [pool.submit(server.post, "/v1/completions", b) for b in (too_long, short)]
+        time.sleep(0.3)
+        stream.close()  # cut while the others run
+        codes = [other.result()[0] for other in others]
+        assert answer.result() == plain(llm, ask(question), 40)
+    assert codes == [400, 200]
 
 
 def test_a_client_that_goes_away_frees_the_model(server: Server) -> None:
@@ -250,7 +288,7 @@ def test_metrics_count_what_the_responses_report(server: Server) -> None:
 
 
 def test_a_full_queue_answers_429_at_once(llm) -> None:
-    busy = Server(llm, max_waiting=1)
+    busy = Server(llm, max_waiting=1, max_batch=1)  # one runs, one waits, the third is refused
     try:
         long = {"prompt": CODE, "max_tokens": 300, "ignore_eos": True}
         with ThreadPoolExecutor(2) as pool:
@@ -280,11 +318,11 @@ def test_serve_refuses_a_port_in_use_in_one_line(capsys) -> None:
     assert code == 2 and err[-1].startswith("error: cannot listen") and str(port) in err[-1]
 
 
-def test_stopping_answers_every_waiting_request_and_refuses_new_ones() -> None:
+def test_stopping_answers_every_waiting_request_and_refuses_new_ones(llm) -> None:
     from specdecode.serve.metrics import ServerMetrics
     from specdecode.serve.scheduler import Job, Scheduler, ShuttingDown
 
-    scheduler = Scheduler(None, ServerMetrics("m"), max_waiting=4)  # never reaches the model
+    scheduler = Scheduler(llm, ServerMetrics("m"), max_waiting=4)
     received: list[list] = [[], []]
     for out in received:
         scheduler.submit(Job([1], SamplingParams(), SPEC, out.append))

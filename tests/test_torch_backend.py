@@ -194,6 +194,56 @@ def test_tree_forward_gives_each_node_the_bits_of_decoding_its_path(
         assert torch.equal(tree_logits[node + 1], decoded[0]), (node, tree.path_to(node))
 
 
+def _three_sequences(
+    backend: TorchBackend,
+) -> tuple[list[TorchBackend], list[list[int]], list[DraftTree]]:
+    """Forks of `backend` prefilled with prompts of different lengths (returned), and a tree, a
+    chain and an empty tree (the root alone) to verify on them."""
+    generator = torch.Generator().manual_seed(5)
+    sequences = [backend, backend.fork(), backend.fork()]
+    prompts = [torch.randint(10, 30_000, (n,), generator=generator).tolist() for n in (130, 47, 6)]
+    for sequence, prompt in zip(sequences, prompts, strict=True):
+        sequence.prefill(prompt)
+    parents = torch.tensor([-1, -1, 0, 1, 2, 0, -1])
+    trees = [
+        DraftTree(torch.randint(10, 30_000, (7,), generator=generator), parents),
+        DraftTree.chain(torch.randint(10, 30_000, (5,), generator=generator).tolist()),
+        DraftTree.empty(),
+    ]
+    return sequences, prompts, trees
+
+
+@pytest.mark.parametrize("attention", ["kernel", "row-by-row"])
+def test_sequences_verified_in_one_forward_get_the_bits_of_each_alone(
+    attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching's exactness: three sequences' trees verified in one forward (a fork
+    per sequence, each with its own cache) give every row the logits of that tree verified on
+    its own, bit for bit, and commit and go on as alone."""
+    from specdecode.backends.torch import kernels
+
+    if attention == "row-by-row":
+        monkeypatch.setattr(kernels, "rowwise_attention", lambda: None)
+    elif kernels.rowwise_attention() is None:
+        pytest.skip("the attention kernel needs AVX-512 (the row-by-row case covers this CPU)")
+    backend = TorchBackend.from_checkpoint(
+        load_checkpoint(FAMILIES[0], torch.bfloat16), max_context=256
+    )
+    sequences, prompts, trees = _three_sequences(backend)
+    together = backend.forward_trees(sequences, trees)
+    for sequence, tree, logits in zip(sequences, trees, together, strict=True):
+        assert logits.shape == (tree.num_nodes + 1, backend.vocab_size)
+        sequence.commit([], 11)  # keep the root, then a step of the root alone on each
+    again = backend.forward_trees(sequences, [DraftTree.empty()] * 3)
+    for sequence, prompt, tree, logits, next_logits in zip(
+        sequences, prompts, trees, together, again, strict=True
+    ):
+        sequence.prefill(prompt)  # the same prompt: back to where the batch started
+        assert torch.equal(sequence.forward_tree(tree), logits)
+        sequence.commit([], 11)
+        assert torch.equal(sequence.forward_tree(DraftTree.empty()), next_logits)
+
+
 def test_attention_kernel_depends_only_on_the_keys_a_row_sees() -> None:
     """The kernel against float64 softmax attention, and a row's output unchanged when masked
     keys are interleaved with its visible ones (as in a tree)."""

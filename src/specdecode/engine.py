@@ -65,6 +65,7 @@ class GenerationStats:
     target_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    reached_tokens: int = 0  # drafts whose parent was accepted: the verifier's chances to accept
     emitted_tokens: int = 0  # tokens the verdicts produced, before cutting at EOS / the limit
     acceptance_histogram: list[int] = field(default_factory=list)
     drafted_at_depth: list[int] = field(default_factory=list)  # [d] = steps that drafted depth d+1
@@ -88,6 +89,7 @@ class GenerationStats:
         self.target_forwards += 1
         self.drafted_tokens += verdict.num_draft_nodes
         self.accepted_tokens += verdict.num_accepted
+        self.reached_tokens += min(draft_depth, verdict.num_accepted + 1)
         self.emitted_tokens += len(verdict.tokens)
         _bump(self.acceptance_histogram, verdict.num_accepted)
         for depth in range(draft_depth):
@@ -230,38 +232,94 @@ class Engine:
     ) -> Iterator[StepOutput]:
         """Generate step by step; `observe`, if given, sees every step's draft tree, the
         target's logits over it and the verdict (for analysis; it must not modify them)."""
+        decoding = self.start(prompt_ids, sampling, spec, observe)
+        while True:
+            tree = decoding.propose()
+            if tree is None:
+                yield decoding.finish()
+                return
+            step = decoding.advance(tree, decoding.target.forward_tree(tree))
+            yield step
+            if step.finished:
+                return
+
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        spec: SpecConfig,
+        observe: StepObserver | None = None,
+        target: Backend | None = None,
+        draft_model: Backend | None = None,
+    ) -> Decoding:
+        """Check the request, build its drafter, verifier and controller, and prefill the
+        prompt: a `Decoding` whose steps the caller drives. `target` and `draft_model` default to
+        the engine's; a scheduler passes forks of them, one per sequence it runs at once."""
+        return Decoding(
+            self,
+            prompt_ids,
+            sampling,
+            spec,
+            observe,
+            target or self.target,
+            draft_model or self.draft_model,
+        )
+
+
+class Decoding:
+    """One sequence being decoded: the engine's loop with the target forward left to the caller,
+    so that a scheduler can verify many sequences' trees in one forward (`Backend.forward_trees`).
+
+        tree = decoding.propose(max_drafts)        # None: the sequence ended without a step
+        step = decoding.advance(tree, target.forward_tree(tree))
+
+    A sequence's tokens do not depend on what else shares its forwards: its target logits have
+    the same bits (the exact kernels), and its drafter, verifier, controller and random generator
+    are its own.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        spec: SpecConfig,
+        observe: StepObserver | None,
+        target: Backend,
+        draft_model: Backend | None,
+    ) -> None:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise SpecDecodeError("the prompt is empty: give at least one token of text")
-        if len(prompt) >= self.target.max_context:
+        if len(prompt) >= target.max_context:
             raise SpecDecodeError(
                 f"the prompt has {len(prompt)} tokens but the model's context holds "
-                f"{self.target.max_context}: shorten the prompt"
+                f"{target.max_context}: shorten the prompt"
             )
         shape = None if spec.tree == CHAIN else make_tree_shape(spec.tree, spec.tree_options)
         if shape is not None and spec.tree_nodes is not None:
-            room = self.target.max_context - len(prompt)  # the root and the nodes must fit
+            room = target.max_context - len(prompt)  # the root and the nodes must fit
             if spec.tree_nodes > room:
                 raise SpecDecodeError(
                     f"a tree of {spec.tree_nodes} nodes does not fit in the model's context "
-                    f"({self.target.max_context} tokens) after a {len(prompt)}-token prompt: "
+                    f"({target.max_context} tokens) after a {len(prompt)}-token prompt: "
                     f"lower --tree-nodes to at most {room}"
                 )
-        resources = DrafterResources(self.target, self.draft_model, shape, self.model_name)
+        resources = DrafterResources(target, draft_model, shape, engine.model_name)
         drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
         # The layers a trained head reads, captured from the forwards the target runs anyway (none
         # for other drafters, which then cost the target nothing).
-        self.target.capture_hidden(drafter.hidden_layers)
+        target.capture_hidden(drafter.hidden_layers)
         verifier = _pick_verifier(spec, sampling, shape, drafter)
-        if shape is not None and not self.target.supports_trees:
+        if shape is not None and not target.supports_trees:
             raise SpecDecodeError(
-                f"the {type(self.target).__name__} backend verifies chains only: use --tree chain"
+                f"the {type(target).__name__} backend verifies chains only: use --tree chain"
             )
         controller = make_controller(
             spec.controller, spec.num_draft_tokens, spec.max_draft_tokens, spec.controller_options
         )
         if controller.uses_costs:
-            costs = self.forward_costs()
+            costs = engine.forward_costs()
             if costs is not None:
                 controller.use_costs(costs)
         if shape is not None and controller.chains_only:
@@ -269,83 +327,98 @@ class Engine:
                 f"the {controller.name!r} controller plans chains: use --controller heuristic or "
                 "fixed with --tree"
             )
-        eos = (
+        self.eos = (
             frozenset()
-            if sampling.ignore_eos or self.tokenizer is None
-            else (self.tokenizer.eos_token_ids)
+            if sampling.ignore_eos or engine.tokenizer is None
+            else (engine.tokenizer.eos_token_ids)
         )
-        rng = torch.Generator()
+        self.rng = torch.Generator()
         if sampling.seed is not None:
-            rng.manual_seed(sampling.seed)
+            self.rng.manual_seed(sampling.seed)
         else:
-            rng.seed()
+            self.rng.seed()
+        self.target, self.sampling, self.spec, self.shape = target, sampling, spec, shape
+        self.drafter, self.verifier, self.controller = drafter, verifier, controller
+        self.observe = observe
 
-        stats = GenerationStats(prompt_tokens=len(prompt))
-        text = _TextTracker(self.tokenizer, sampling.stop)
-        started = time.perf_counter()
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.text = _TextTracker(engine.tokenizer, sampling.stop)
+        self.started = time.perf_counter()
         with torch.inference_mode():
-            self.target.prefill(prompt)
-            drafter.begin(prompt, sampling, rng, TargetOutput(None, self.target.prompt_hidden))
+            target.prefill(prompt)
+            drafter.begin(prompt, sampling, self.rng, TargetOutput(None, target.prompt_hidden))
             controller.reset()
-        stats.prefill_seconds = time.perf_counter() - started
-        context = list(prompt)
+        self.stats.prefill_seconds = time.perf_counter() - self.started
+        self.context = list(prompt)
+        self._step_start = self._drafted = 0.0
 
-        while True:
-            remaining = sampling.max_new_tokens - stats.new_tokens
-            room = self.target.max_context - len(context)
-            if remaining <= 0 or room <= 0:
-                stats.stop_reason = "length" if remaining <= 0 else "context"
+    def propose(self, max_drafts: int | None = None) -> DraftTree | None:
+        """The next step's draft tree (no deeper than `max_drafts`), or None where the sequence
+        is at its token limit or the end of the context (then `finish()` gives its last output)."""
+        remaining = self.sampling.max_new_tokens - self.stats.new_tokens
+        room = self.target.max_context - len(self.context)
+        if remaining <= 0 or room <= 0:
+            self.stats.stop_reason = "length" if remaining <= 0 else "context"
+            return None
+        with torch.inference_mode():
+            self._step_start = time.perf_counter()
+            budget = self.controller.budget()
+            if self.shape is not None:  # the controller sets the depth; nodes default to d x w
+                budget = Budget(budget.max_depth, self.spec.tree_width, self.spec.tree_nodes)
+            depth = min(remaining - 1, room - 1)
+            if max_drafts is not None:
+                depth = min(depth, max_drafts)
+            budget = _capped(budget, depth, room - 1)
+            tree = self.controller.shorten(self.drafter.propose(self.context, budget))
+            self._drafted = time.perf_counter()
+        if tree.num_nodes and not tree.is_chain and not self.verifier.supports_trees:
+            raise SpecDecodeError(
+                f"the {self.verifier.name!r} verifier takes chains but the drafter built a tree"
+            )
+        return tree
+
+    def advance(self, tree: DraftTree, target_logits: torch.Tensor) -> StepOutput:
+        """Verify `tree` against the target's logits over it (`[N+1, V]`, from `forward_tree`
+        of this sequence's target), commit, and return the step's output."""
+        stats, sampling = self.stats, self.sampling
+        with torch.inference_mode():
+            verdict = self.verifier.verify(tree, target_logits, sampling, self.rng)
+            self.target.commit(verdict.path, verdict.next_token)
+            verified = time.perf_counter()
+            timings = StepTimings(self._drafted - self._step_start, verified - self._drafted)
+            self.drafter.update(verdict, TargetOutput(target_logits, self.target.last_hidden))
+            self.controller.observe(verdict, timings)
+            if self.observe is not None:  # outside the timed part of the step
+                self.observe(tree, target_logits, verdict)
+        depth = int(tree.depths.max()) if tree.num_nodes else 0
+        stats.record(verdict, depth, timings)
+
+        remaining = sampling.max_new_tokens - stats.new_tokens
+        new_ids = verdict.tokens[:remaining]
+        finished = False
+        for i, token in enumerate(new_ids):
+            if token in self.eos:
+                new_ids, finished = new_ids[:i], True
+                stats.stop_reason = "eos"
                 break
-            with torch.inference_mode():
-                step_start = time.perf_counter()
-                budget = controller.budget()
-                if (
-                    shape is not None
-                ):  # the controller sets the depth; nodes default to depth x width
-                    budget = Budget(budget.max_depth, spec.tree_width, spec.tree_nodes)
-                budget = _capped(budget, min(remaining - 1, room - 1), room - 1)
-                tree = controller.shorten(drafter.propose(context, budget))
-                drafted = time.perf_counter()
-                if tree.num_nodes and not tree.is_chain and not verifier.supports_trees:
-                    raise SpecDecodeError(
-                        f"the {verifier.name!r} verifier takes chains but the drafter built a tree"
-                    )
-                target_logits = self.target.forward_tree(tree)  # [N+1, V]
-                verdict = verifier.verify(tree, target_logits, sampling, rng)
-                self.target.commit(verdict.path, verdict.next_token)
-                verified = time.perf_counter()
-                timings = StepTimings(drafted - step_start, verified - drafted)
-                drafter.update(verdict, TargetOutput(target_logits, self.target.last_hidden))
-                controller.observe(verdict, timings)
-                if observe is not None:  # outside the timed part of the step
-                    observe(tree, target_logits, verdict)
-            depth = int(tree.depths.max()) if tree.num_nodes else 0
-            stats.record(verdict, depth, timings)
+        self.context.extend(new_ids)
+        stats.new_tokens += len(new_ids)
+        delta, hit_stop = self.text.push(new_ids)
+        if hit_stop:
+            finished = True
+            stats.stop_reason = "stop"
+        elif stats.new_tokens >= sampling.max_new_tokens:
+            finished = True
+            stats.stop_reason = "length"
+        stats.seconds = time.perf_counter() - self.started
+        if finished and not hit_stop:
+            delta += self.text.flush()
+        return StepOutput(new_ids, delta, stats, finished)
 
-            new_ids = verdict.tokens[:remaining]
-            finished = False
-            for i, token in enumerate(new_ids):
-                if token in eos:
-                    new_ids, finished = new_ids[:i], True
-                    stats.stop_reason = "eos"
-                    break
-            context.extend(new_ids)
-            stats.new_tokens += len(new_ids)
-            delta, hit_stop = text.push(new_ids)
-            if hit_stop:
-                finished = True
-                stats.stop_reason = "stop"
-            elif stats.new_tokens >= sampling.max_new_tokens:
-                finished = True
-                stats.stop_reason = "length"
-            stats.seconds = time.perf_counter() - started
-            if finished and not hit_stop:
-                delta += text.flush()
-            yield StepOutput(new_ids, delta, stats, finished)
-            if finished:
-                return
-        stats.seconds = time.perf_counter() - started
-        yield StepOutput([], text.flush(), stats, True)
+    def finish(self) -> StepOutput:
+        """The last output of a sequence that `propose` ended."""
+        self.stats.seconds = time.perf_counter() - self.started
+        return StepOutput([], self.text.flush(), self.stats, True)
 
 
 def verifier_name(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None) -> str:

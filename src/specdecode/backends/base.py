@@ -176,6 +176,17 @@ class Backend(ABC):
 
     def forward_tree(self, tree: DraftTree) -> torch.Tensor:  # [N+1, V]
         """Logits after the root (row 0) and after each node (row i+1), in one forward."""
+        ids, positions, tree_mask = self.tree_inputs(tree)
+        logits = self.forward(ids, positions, tree_mask)
+        self.last_hidden = self.take_captured()
+        assert logits is not None
+        return logits
+
+    def tree_inputs(
+        self, tree: DraftTree
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # ids, positions [N+1], mask
+        """What `forward` gets for `tree` (the root then its nodes), checked to fit; the tree is
+        then the one `commit` keeps a path of."""
         if self.root_token is None:
             raise RuntimeError("forward_tree() before prefill()")
         if self.num_cached + tree.num_nodes + 1 > self.max_context:
@@ -190,10 +201,27 @@ class Backend(ABC):
             raise SpecDecodeError(f"the {type(self).__name__} backend verifies chains only")
         self._last_tree_size = tree.num_nodes
         self._captured = []
-        logits = self.forward(ids, positions, tree_mask)
-        self.last_hidden = self.take_captured()
-        assert logits is not None
-        return logits
+        return ids, positions, tree_mask
+
+    # ---- many sequences at once (continuous batching) ------------------------------------------
+
+    #: Whether `fork` gives sequences that `forward_trees` verifies in one forward.
+    supports_batching: bool = False
+
+    def fork(self) -> Backend:
+        """Another sequence on the same model, with a KV cache of its own."""
+        raise SpecDecodeError(
+            f"the {type(self).__name__} backend runs one sequence at a time: use --backend torch "
+            "to batch requests"
+        )
+
+    def forward_trees(
+        self, sequences: Sequence[Backend], trees: Sequence[DraftTree]
+    ) -> list[torch.Tensor]:  # per sequence: [N+1, V]
+        """`forward_tree` of each sequence (this backend and its forks); a backend that batches
+        runs them in one forward."""
+        pairs = zip(sequences, trees, strict=True)
+        return [sequence.forward_tree(tree) for sequence, tree in pairs]
 
     def commit(self, path: Sequence[int], next_token: int) -> None:
         """Keep the root and the accepted `path` of the last tree; `next_token` is the new root."""

@@ -27,6 +27,9 @@ from specdecode.backends.base import Backend
 
 #: Draft lengths measured; the controller interpolates linearly between them.
 MEASURED_LENGTHS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+#: Forward sizes measured for the server's batches (rows of every sequence, less one): what the
+#: goodput planner (`goodput.py`) interpolates.
+BATCH_LENGTHS = (0, 1, 3, 7, 11, 15, 23, 31, 47, 63, 95, 127)
 _CONTEXT_TOKENS = 128
 _RUNS = 3
 
@@ -53,9 +56,11 @@ def cpu_identity() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
 
 
-def cache_path(key: str) -> Path:
-    """Where the curve of the backend configuration `key` is cached for this CPU."""
-    return cache_dir() / f"{key}-cpu{cpu_identity()}.json"
+def cache_path(key: str, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> Path:
+    """Where the curve of the backend configuration `key` is cached for this CPU (a curve over
+    other lengths than the controller's under a name of its own)."""
+    span = "" if lengths == MEASURED_LENGTHS else f"-upto{max(lengths) + 1}"
+    return cache_dir() / f"{key}{span}-cpu{cpu_identity()}.json"
 
 
 def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> dict[int, float]:
@@ -79,19 +84,23 @@ def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> di
     return seconds
 
 
-def load_or_measure(backend: Backend) -> dict[int, float] | None:
+def load_or_measure(
+    backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS
+) -> dict[int, float] | None:
     """The backend's cost curve from the disk cache, else measured now (and cached); None when
     the backend gives no cache key (its costs are then learned online only)."""
     key = backend.cost_key
     if key is None:
         return None
-    path = cache_path(key)
+    path = cache_path(key, lengths)
     try:
         raw = json.loads(path.read_text())
-        return {int(length): float(value) for length, value in raw["seconds"].items()}
+        seconds = {int(length): float(value) for length, value in raw["seconds"].items()}
+        if set(lengths) <= set(seconds):
+            return seconds
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # not measured yet, or a damaged file: measure again
-    seconds = measure(backend)
+    seconds = measure(backend, lengths)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

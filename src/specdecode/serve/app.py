@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,7 +29,13 @@ from specdecode.errors import SpecDecodeError
 from specdecode.serve import protocol
 from specdecode.serve.metrics import ServerMetrics
 from specdecode.serve.protocol import ChatRequest, CompletionRequest, error_body
-from specdecode.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from specdecode.serve.scheduler import (
+    DEFAULT_MAX_BATCH,
+    Job,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+)
 
 #: How often a waiting non-streaming request checks that its client is still there (seconds).
 DISCONNECT_POLL = 0.25
@@ -51,11 +57,14 @@ def make_app(
     api_key: str | None = None,
     max_waiting: int = 64,
     shutdown_grace: float = 60.0,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    forward_seconds: Callable[[int], float] | None = None,
 ) -> FastAPI:
-    """The server's app; its scheduler starts and stops with the app's lifespan. On SIGTERM,
-    streams get `shutdown_grace` seconds to finish before they are cut."""
+    """The server's app; its scheduler (`max_batch` sequences at once; see `Scheduler` for
+    `forward_seconds`) starts and stops with the app's lifespan. On SIGTERM, streams get
+    `shutdown_grace` seconds to finish before they are cut."""
     metrics = ServerMetrics(model_name)
-    scheduler = Scheduler(llm, metrics, max_waiting)
+    scheduler = Scheduler(llm, metrics, max_waiting, max_batch, forward_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from specdecode.errors import SpecDecodeError
+from specdecode.serve.scheduler import DEFAULT_MAX_BATCH
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,8 @@ def add_parser(sub) -> None:
         "/v1/chat/completions, streaming or not; /v1/models, /health, /metrics in Prometheus "
         "format) with the same model and speculation options as generate. Output is the "
         "model's own: identical tokens to generate's under greedy decoding, the same "
-        "distribution when sampling. Requests run one at a time, in arrival order.",
+        "distribution when sampling. Requests share the model's forwards (continuous batching, up "
+        "to --max-batch at once), each drafting as far as pays for the whole batch.",
     )
     cli._add_model_args(p)
     cli._add_speculation_args(p)
@@ -40,6 +42,14 @@ def add_parser(sub) -> None:
         default=64,
         metavar="N",
         help="requests that may wait; more are refused with 429 at once (default: 64)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=cli.positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="requests decoded at once, each with a KV cache of its own (the torch backend; "
+        f"others run one at a time) (default: {DEFAULT_MAX_BATCH})",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -78,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_waiting=args.max_waiting,
         shutdown_grace=args.shutdown_grace,
+        max_batch=args.max_batch,
     )
     print(f"serving {name} at http://{args.host}:{args.port}/v1 ({spec.drafter})", file=sys.stderr)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler

@@ -48,6 +48,18 @@ class ServerMetrics:
             "inter_token_latency_seconds", "Time between tokens (a step's time over its tokens)"
         )
         self.queue_time = histogram("request_queue_time_seconds", "Time waiting to be scheduled")
+        self.batch_size = Histogram(
+            "specdecode:batch_size",
+            "Sequences verified by one target forward",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            **labels,
+        )
+        self.forward_rows = Histogram(
+            "specdecode:iteration_tokens_total",
+            "Tokens (rows) in one target forward: every sequence's root and drafts",
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256),
+            **labels,
+        )
         self.running = Gauge("specdecode:num_requests_running", "Requests running", **labels)
         self.waiting = Gauge("specdecode:num_requests_waiting", "Requests waiting", **labels)
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from specdecode.backends.base import Backend
+from specdecode.backends.torch.invariance import MAX_INVARIANT_ROWS
 from specdecode.backends.torch.kv_cache import KVCache
-from specdecode.backends.torch.model import Transformer, rms_norm
+from specdecode.backends.torch.model import Rows, Transformer, rms_norm
 from specdecode.backends.torch.quant import Int8Linear, PartialHead, quantize_int8
 from specdecode.errors import SpecDecodeError
 from specdecode.models.config import TransformerConfig
+from specdecode.tree import DraftTree
 
 DEFAULT_MAX_CONTEXT = 8192
 QUANTIZATIONS = (None, "int8")
@@ -26,6 +29,7 @@ class TorchBackend(Backend):
 
     supports_trees = True
     supports_hidden_states = True
+    supports_batching = True
 
     def __init__(
         self,
@@ -116,6 +120,21 @@ class TorchBackend(Backend):
         tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T (see Backend.forward)
         return_logits: bool = True,
     ) -> torch.Tensor | None:  # [T, V] float32 (on the CPU)
+        if isinstance(self.model.lm_head, PartialHead):
+            self.model.lm_head.include(token_ids)
+        rows = self._rows(token_ids, positions, tree_mask)
+        with torch.inference_mode():
+            (logits,) = self.model([rows], return_logits, self.hidden_layers)
+        return None if logits is None else logits.cpu()
+
+    def _rows(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor | None,  # [T]
+        tree_mask: torch.Tensor | None,  # [T, S]
+    ) -> Rows:
+        """This sequence's part of a forward, checked to fit its cache (positions and mask
+        default to a chain after the cached tokens)."""
         count = int(token_ids.shape[0])
         if count == 0:
             raise ValueError("forward() needs at least one token")
@@ -132,19 +151,52 @@ class TorchBackend(Backend):
             tree_mask.shape[0] == count and count <= tree_mask.shape[1] <= self.cache.length + count
         ):
             raise ValueError(f"tree_mask of shape {tuple(tree_mask.shape)} for {count} new tokens")
-        if isinstance(self.model.lm_head, PartialHead):
-            self.model.lm_head.include(token_ids)
-        with torch.inference_mode():
-            logits = self.model(
-                token_ids.to(self.device),
-                positions.to(self.device),
-                tree_mask.to(self.device),
-                self.cache,
-                return_logits,
-                self.hidden_layers,
-                self._captured,
-            )
-        return None if logits is None else logits.cpu()
+        return Rows(
+            token_ids.to(self.device),
+            positions.to(self.device),
+            tree_mask.to(self.device),
+            self.cache,
+            self._captured,
+        )
+
+    def fork(self) -> TorchBackend:
+        """Another sequence on the same weights: a cache of its own, nothing else copied."""
+        twin = copy.copy(self)
+        Backend.__init__(twin, self.vocab_size, self.max_context)
+        twin.cache = KVCache(self.config, self.max_context, self.dtype, self.device)
+        return twin
+
+    def forward_trees(
+        self, sequences: Sequence[Backend], trees: Sequence[DraftTree]
+    ) -> list[torch.Tensor]:  # per sequence: [N+1, V]
+        """One forward over every sequence's tree, when they are this model's forks and their
+        rows fit the batch-invariant products (else in as few forwards as fit)."""
+        if not all(isinstance(b, TorchBackend) and b.model is self.model for b in sequences) or (
+            len({b.hidden_layers for b in sequences}) > 1
+        ):
+            return super().forward_trees(sequences, trees)
+        capture = sequences[0].hidden_layers if sequences else ()
+        if len({id(b.cache) for b in sequences}) != len(sequences):
+            raise ValueError("forward_trees() got the same sequence twice")
+        inputs = [b.tree_inputs(tree) for b, tree in zip(sequences, trees, strict=True)]
+        logits: list[torch.Tensor] = []
+        start = 0
+        while start < len(sequences):
+            # As many sequences as fit in one batch-invariant product (at least one).
+            stop, rows = start, 0
+            while stop < len(sequences) and (
+                stop == start or rows + inputs[stop][0].shape[0] <= MAX_INVARIANT_ROWS
+            ):
+                rows += inputs[stop][0].shape[0]
+                stop += 1
+            parts = [b._rows(*inputs[i]) for i, b in enumerate(sequences[start:stop], start)]
+            with torch.inference_mode():
+                out = self.model(parts, True, capture)
+            logits.extend(rows_logits.cpu() for rows_logits in out)
+            start = stop
+        for b in sequences:
+            b.last_hidden = b.take_captured()
+        return logits
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.cache.length:

@@ -13,11 +13,16 @@ one-token forward is padded to two rows (libraries take another path for a singl
 larger products are split into pieces this machine computes with the same bits
 (`invariance.py`). This is what lets greedy speculative decoding reproduce plain decoding token
 for token (tested in `tests/test_torch_backend.py`).
+
+A forward may carry several sequences (`Rows`, one per sequence, each with its own KV cache): the
+linear layers run once over all their rows, and each sequence's attention over its own cache
+alone, so a sequence's logits have the bits of its forward alone (continuous batching, `serve/`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -84,6 +89,30 @@ class Visibility:
         )
 
 
+@dataclass
+class Rows:
+    """One sequence's new tokens in a forward that may carry several sequences."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    new_mask: torch.Tensor  # [T, S] bool, S >= T: new token i sees slot end - S + j
+    cache: KVCache  # this sequence's own
+    captured: list[torch.Tensor] | None = None  # where the hidden states of `capture` go
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one sequence's rows sit in a forward, and what they may attend."""
+
+    start: int  # first row in the forward
+    rows: int  # rows in the forward (a lone token may be padded to two)
+    num_new: int  # real tokens among them (the first ones)
+    cache: KVCache
+    write_at: int  # the cache slot of the first new token
+    visible: Visibility  # for global-attention layers
+    visible_local: Visibility  # for sliding-window layers (the same object without a window)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int, linear: type[nn.Linear]) -> None:
         super().__init__()
@@ -114,12 +143,9 @@ class Block(nn.Module):
 
     def attention(
         self,
-        x: torch.Tensor,  # [R, h]: R >= 2 rows, the first num_new real
+        x: torch.Tensor,  # [R, h]: every segment's rows
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin at the rows' positions
-        cache: KVCache,
-        write_at: int,
-        num_new: int,
-        visibility: Visibility,
+        segments: list[Segment],
     ) -> torch.Tensor:
         cfg = self.cfg
         rows = x.shape[0]
@@ -133,6 +159,35 @@ class Block(nn.Module):
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps, 1.0)
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
+        if len(segments) == 1:
+            out = self._attend(q, k, v, segments[0], x.dtype)
+        else:  # each sequence over its own cache: its bits are those of its forward alone
+            out = torch.cat(
+                [
+                    self._attend(
+                        q[:, seg.start : seg.start + seg.rows],
+                        k[:, seg.start : seg.start + seg.rows],
+                        v[:, seg.start : seg.start + seg.rows],
+                        seg,
+                        x.dtype,
+                    )
+                    for seg in segments
+                ]
+            )
+        return self.o(out)
+
+    def _attend(
+        self,
+        q: torch.Tensor,  # [H, R, D]: one sequence's rows
+        k: torch.Tensor,  # [Hkv, R, D]
+        v: torch.Tensor,  # [Hkv, R, D]
+        seg: Segment,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:  # [R, H*D]
+        cfg = self.cfg
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rows, cache, write_at, num_new = seg.rows, seg.cache, seg.write_at, seg.num_new
+        visibility = seg.visible_local if self.sliding else seg.visible
         end = write_at + num_new
         cache.k[self.layer, :, write_at:end] = k[:, :num_new]
         cache.v[self.layer, :, write_at:end] = v[:, :num_new]
@@ -142,17 +197,15 @@ class Block(nn.Module):
         q = q.reshape(kv_heads, group * rows, d)  # queries of a kv group share its keys
         out = self._attention_per_row(q, keys, values, visibility.allowed)
         if out is not None:
-            out = out.to(x.dtype).view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
-            return self.o(out)
+            return out.to(dtype).view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
         if rows > MAX_INVARIANT_ROWS and widen_for_prefill(keys):
             # Prefill on a CPU without bfloat16 arithmetic: float32 products are much faster.
             q, keys, values = q.float(), keys.float(), values.float()
         scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.scale  # [Hkv, G*R, L]
         scores = scores.view(kv_heads, group, rows, end) + visibility.bias
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kv_heads, group * rows, end)
-        out = torch.matmul(probs, values).to(x.dtype)  # [Hkv, G*R, D]
-        out = out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
-        return self.o(out)
+        out = torch.matmul(probs, values).to(dtype)  # [Hkv, G*R, D]
+        return out.view(heads, rows, d).transpose(0, 1).reshape(rows, heads * d)
 
     def _attention_row_by_row(
         self,
@@ -204,16 +257,11 @@ class Block(nn.Module):
         act = F.gelu(gate, approximate="tanh") if self.cfg.family == "gemma3" else F.silu(gate)
         return self.down(act * up)
 
-    def forward(self, x, rope, cache, write_at, num_new, visibility: Visibility):
+    def forward(self, x, rope, segments: list[Segment]):
         if self.pre_mlp_norm is None:  # Llama / Qwen2
-            attn = self.attention(
-                self.norm(x, self.input_norm), rope, cache, write_at, num_new, visibility
-            )
-            x = x + attn
+            x = x + self.attention(self.norm(x, self.input_norm), rope, segments)
             return x + self.mlp(self.norm(x, self.post_attn_norm))
-        attn = self.attention(
-            self.norm(x, self.input_norm), rope, cache, write_at, num_new, visibility
-        )
+        attn = self.attention(self.norm(x, self.input_norm), rope, segments)
         x = x + self.norm(attn, self.post_attn_norm)
         return x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
 
@@ -283,69 +331,84 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        token_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
-        new_mask: torch.Tensor,  # [T, S] bool, S >= T: new token i sees slot end - S + j
-        cache: KVCache,
+        parts: Sequence[Rows],
         return_logits: bool = True,
         capture: tuple[int, ...] = (),
-        captured: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor | None:  # [T, V] float32
-        """Next-token logits of the new tokens. With `capture`, the hidden state entering each
+    ) -> list[torch.Tensor | None]:  # per part: [T, V] float32
+        """Next-token logits of each part's new tokens, in one forward over all of them (each part
+        appends to and attends to its own cache). With `capture`, the hidden state entering each
         listed layer (Hugging Face's `hidden_states[i]`, except that `num_layers` is the last
         layer's output before the final norm, where Hugging Face's is after it) is appended to
-        `captured` as one `[T, len(capture), hidden]` tensor: what trained draft heads read, at no
-        extra cost."""
+        each part's `captured` as one `[T, len(capture), hidden]` tensor: what trained draft heads
+        read, at no extra cost."""
         cfg = self.cfg
-        num_new = token_ids.shape[0]
-        write_at = cache.length
-        end = write_at + num_new
-        if num_new == 1 and self.batch_invariant and not kernel_applies(self.lm_head.weight):
-            # Library products take another kernel for a lone row than for several, with other
-            # rounding; a copy of the row keeps every forward on the multi-row kernel. (The
-            # row-wise kernel rounds a lone row like any other.)
-            token_ids = token_ids.repeat(2)
-            positions = positions.repeat(2)
-            new_mask = new_mask.repeat(2, 1)
-        rows = token_ids.shape[0]
+        # Library products take another kernel for a lone row than for several, with other
+        # rounding; a copy of the row keeps every forward on the multi-row kernel. (The row-wise
+        # kernel rounds a lone row like any other.)
+        pad_lone_row = (
+            len(parts) == 1
+            and parts[0].token_ids.shape[0] == 1
+            and self.batch_invariant
+            and not kernel_applies(self.lm_head.weight)
+        )
+        segments: list[Segment] = []
+        all_ids, all_positions = [], []
+        for part in parts:
+            segment = self._segment(part, sum(seg.rows for seg in segments), pad_lone_row)
+            segments.append(segment)
+            copies = 2 if pad_lone_row else 1
+            all_ids.append(part.token_ids.repeat(copies))
+            all_positions.append(part.positions.repeat(copies))
+        token_ids = torch.cat(all_ids) if len(parts) > 1 else all_ids[0]
+        positions = torch.cat(all_positions) if len(parts) > 1 else all_positions[0]
         x = self.embed(token_ids)
         if cfg.family == "gemma3":
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
-        device = x.device
-        # Which cache slots each row may attend: all cached slots up to the last S, then those
-        # (trailing cached ones, as of a tree being grown, and the new tokens) per new_mask.
-        mask = torch.ones(rows, end, dtype=torch.bool, device=device)
-        mask[:, end - new_mask.shape[1] : end] = new_mask
-        mask_local = mask
-        if cfg.sliding_window is not None and cfg.family == "gemma3":
-            # Slot positions equal token positions for cached tokens; new ones use `positions`.
-            key_pos = torch.arange(end, device=device)
-            slot_pos = torch.cat([key_pos[:write_at], positions[:num_new]])
-            mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
-        # Computed once per forward rather than in every layer: masks (the additive form on first
-        # use), rope tables.
-        visible = Visibility(mask)
-        visible_local = visible if mask_local is mask else Visibility(mask_local)
+        # Rope tables are looked up once per forward rather than in every layer.
         rope_global = self.ropes["global"].at(positions, x.dtype)
         rope_local = self.ropes["local"].at(positions, x.dtype)
         states: dict[int, torch.Tensor] = {}
         for block in self.blocks:
             if block.layer in capture:
-                states[block.layer] = x[:num_new]
-            if block.sliding:
-                x = block(x, rope_local, cache, write_at, num_new, visible_local)
-            else:
-                x = block(x, rope_global, cache, write_at, num_new, visible)
-        cache.length = end
+                states[block.layer] = x
+            x = block(x, rope_local if block.sliding else rope_global, segments)
+        for part, seg in zip(parts, segments, strict=True):
+            part.cache.length = seg.write_at + seg.num_new
         if capture:
-            states[cfg.num_layers] = x[:num_new]
-            assert captured is not None
-            captured.append(torch.stack([states[layer] for layer in capture], dim=1))
+            states[cfg.num_layers] = x
+            for part, seg in zip(parts, segments, strict=True):
+                assert part.captured is not None
+                rows = slice(seg.start, seg.start + seg.num_new)
+                part.captured.append(torch.stack([states[layer][rows] for layer in capture], 1))
         if not return_logits:
-            return None
+            return [None] * len(parts)
         x = rms_norm(x, self.final_norm, cfg.rms_norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
         logits = self.lm_head(x).float()
         if cfg.final_logit_softcapping:
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        return logits[:num_new]
+        return [logits[seg.start : seg.start + seg.num_new] for seg in segments]
+
+    def _segment(self, part: Rows, start: int, pad_lone_row: bool) -> Segment:
+        """Where `part` sits in the forward and which cache slots each of its rows may attend:
+        all cached slots up to the last S, then those (trailing cached ones, as of a tree being
+        grown, and the new tokens) per its new_mask."""
+        cfg = self.cfg
+        num_new = part.token_ids.shape[0]
+        write_at = part.cache.length
+        end = write_at + num_new
+        new_mask = part.new_mask.repeat(2, 1) if pad_lone_row else part.new_mask
+        rows = new_mask.shape[0]
+        device = new_mask.device
+        mask = torch.ones(rows, end, dtype=torch.bool, device=device)
+        mask[:, end - new_mask.shape[1] : end] = new_mask
+        visible = Visibility(mask)
+        visible_local = visible
+        if cfg.sliding_window is not None and cfg.family == "gemma3":
+            # Slot positions equal token positions for cached tokens; new ones use `positions`.
+            positions = part.positions.repeat(rows // num_new)
+            key_pos = torch.arange(end, device=device)
+            slot_pos = torch.cat([key_pos[:write_at], part.positions])
+            mask_local = mask & (slot_pos[None, :] > positions[:, None] - cfg.sliding_window)
+            visible_local = Visibility(mask_local)
+        return Segment(start, rows, num_new, part.cache, write_at, visible, visible_local)
