@@ -88,7 +88,8 @@ def start(system: str, args: argparse.Namespace, slots: int) -> ServerProcess:
     port = free_port()
     if system.startswith("specdecode"):
         command = [sys.executable, "-m", "specdecode", "serve", "--model", args.model,
-                   "--port", str(port), "--served-model-name", "model"]  # fmt: skip
+                   "--port", str(port), "--served-model-name", "model",
+                   "--max-batch", str(slots)]  # fmt: skip
         if system == "specdecode-nospec":
             command += ["--drafter", "none"]
         else:
@@ -279,7 +280,9 @@ def main() -> None:
                 if server is None or system.startswith("llama-server"):  # -np is fixed at start
                     if server is not None:
                         server.close()
-                    server = start(system, args, level)
+                    # Ours batches up to the highest level (its forks are made as they are needed).
+                    slots = level if system.startswith("llama-server") else max(levels)
+                    server = start(system, args, slots)
                 row = {"system": system, **run_level(server, args, prompts, level)}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
