@@ -6,15 +6,19 @@ time, on loopback; ours (with and without speculation) beside llama-server's, in
         --systems specdecode,specdecode-nospec,llama-server,llama-server-ngram \
         --concurrency 1,4,8 --requests 16 --max-tokens 128 --out runs/serve-load
 
-Each system is started as a child process on a free local port (`specdecode serve`, or
-llama-server with `-np N` slots, plain or with its `ngram-simple` speculation; the latter built by
+Each system is started as a child process on a free local port: `specdecode serve` on the torch
+backend, batching up to the highest concurrency (`-nospec`: speculation off; `-llamacpp`: on the
+llama.cpp backend and the GGUF file llama-server runs, one request at a time), or llama-server
+with `-np N` slots, plain or with its `ngram-simple` speculation (built by
 `benchmarks/build_llama_server.sh`). At each concurrency, N client threads send greedy chat
 requests (the suite's prompts in turn) with OpenAI's client, streaming, until `--requests` are
 done or `--time-limit` seconds have passed; `--disconnect-every K` drops every K-th stream after
 its first chunk (a soak's faults). Measured per request: time to first token, the gaps between
 chunks, completion tokens (from the final chunk's usage); per level: output tokens per second
 of wall time, errors, and the server's resident memory sampled every second. Writes
-`results.jsonl`, `report.md` and `load.png` to `--out`.
+`results.jsonl`, `report.md`, `load.png` (throughput and time to first token by concurrency) and
+`memory.png` (the server's memory through each level) to `--out`; `--report-only` rewrites the
+last three from the first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-SYSTEMS = ("specdecode", "specdecode-nospec", "llama-server", "llama-server-ngram")
+SYSTEMS = (
+    "specdecode",
+    "specdecode-nospec",
+    "specdecode-llamacpp",
+    "llama-server",
+    "llama-server-ngram",
+)
 
 
 def free_port() -> int:
@@ -92,6 +102,8 @@ def start(system: str, args: argparse.Namespace, slots: int) -> ServerProcess:
                    "--max-batch", str(slots)]  # fmt: skip
         if system == "specdecode-nospec":
             command += ["--drafter", "none"]
+        elif system == "specdecode-llamacpp":  # the GGUF llama-server runs; one request at a time
+            command += ["--backend", "llamacpp"]
         else:
             if args.draft_model:
                 command += ["--draft-model", args.draft_model]
@@ -245,6 +257,26 @@ def report(rows: list[dict], out: Path, command: str) -> None:
     left.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "load.png", dpi=110)
+    plt.close(fig)
+    # Memory over each level's run (sampled each second): flat once every slot is in use.
+    fig, axis = plt.subplots(figsize=(7, 3.5))
+    for r in rows:
+        label = f"{r['system']} x{r['concurrency']}"
+        axis.plot(range(len(r["rss_mb"])), r["rss_mb"], label=label, linewidth=1)
+    axis.set_xlabel("seconds into the level")
+    axis.set_ylabel("server RSS (MB)")
+    axis.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+    plt.close(fig)
+
+
+def _recorded_command(out: Path) -> str:
+    """The command line of the run that wrote `out`, as its report gives it."""
+    for line in (out / "report.md").read_text().splitlines():
+        if line.startswith("Command: `"):
+            return line.removeprefix("Command: `").removesuffix("`")
+    return "(unknown)"
 
 
 def main() -> None:
@@ -261,7 +293,13 @@ def main() -> None:
     parser.add_argument("--disconnect-every", type=int, default=0, metavar="K")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots")
     args = parser.parse_args()
+    if args.report_only:
+        with (args.out / "results.jsonl").open() as log:
+            rows = [json.loads(line) for line in log]
+        report(rows, args.out, _recorded_command(args.out))
+        return
     systems = args.systems.split(",")
     if unknown := [s for s in systems if s not in SYSTEMS]:
         parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
