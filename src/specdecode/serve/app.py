@@ -59,20 +59,24 @@ def make_app(
     shutdown_grace: float = 60.0,
     max_batch: int = DEFAULT_MAX_BATCH,
     forward_seconds: Callable[[int], float] | None = None,
+    scheduler_thread: bool = True,
 ) -> FastAPI:
     """The server's app; its scheduler (`max_batch` sequences at once; see `Scheduler` for
-    `forward_seconds`) starts and stops with the app's lifespan. On SIGTERM, streams get
-    `shutdown_grace` seconds to finish before they are cut."""
+    `forward_seconds`, `app.state.scheduler`) stops with the app's lifespan, and starts with it
+    on a thread of its own unless `scheduler_thread` is False (the caller then runs it). On
+    SIGTERM, streams get `shutdown_grace` seconds to finish before they are cut."""
     metrics = ServerMetrics(model_name)
     scheduler = Scheduler(llm, metrics, max_waiting, max_batch, forward_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if scheduler_thread:
+            scheduler.start()
         yield
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="specdecode", lifespan=lifespan)
+    app.state.scheduler = scheduler
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     def authorized(request: Request) -> None:

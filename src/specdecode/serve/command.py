@@ -6,6 +6,8 @@ import argparse
 import signal
 import socket
 import sys
+import threading
+import time
 
 from specdecode.errors import SpecDecodeError
 from specdecode.serve.scheduler import DEFAULT_MAX_BATCH
@@ -89,12 +91,33 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         shutdown_grace=args.shutdown_grace,
         max_batch=args.max_batch,
+        scheduler_thread=False,
     )
+    scheduler = app.state.scheduler
+    scheduler.prepare()  # before the port opens: no request waits for it
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            scheduler.stop()  # however the HTTP server ends, the model's loop ends with it
+
+    # The model's loop runs on this thread, which loaded the model (see Scheduler.run); the HTTP
+    # server on another, where uvicorn installs no signal handlers: SIGTERM and Ctrl-C go to its
+    # graceful shutdown from here (sse-starlette hooks the same call to let streams finish).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: server.handle_exit(signum, frame))
+    http = threading.Thread(target=serve_http, name="specdecode-http", daemon=True)
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.05)
+    if not http.is_alive():
+        raise SpecDecodeError(f"the server could not start on {args.host}:{args.port}")
     print(f"serving {name} at http://{args.host}:{args.port}/v1 ({spec.drafter})", file=sys.stderr)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler
-    # found at start: this one lets the process end with status 0, as a clean stop should.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    scheduler.run()
+    http.join()
     print("server stopped", file=sys.stderr)
     return 0
 

@@ -11,7 +11,9 @@ measured cost of batched forwards and each sequence's acceptance so far (`contro
 busy batch drafts less, down to nothing. A greedy request's tokens are those of `generate` alone,
 whatever else runs: its logits have the same bits in any batch (the exact kernels).
 
-Requests beyond `max_waiting` are refused at once (the HTTP layer answers 429), never left to
+The scheduler runs on a thread of its own (`start`) or, as `specdecode serve` runs it, on the main
+thread that loaded the model, with the HTTP server on another (`run`). Requests beyond
+`max_waiting` are refused at once (the HTTP layer answers 429), never left to
 hang. Each step's output goes to the request's event loop through `call_soon_threadsafe`. A
 backend that cannot batch (`supports_batching` False) runs one request at a time.
 """
@@ -120,11 +122,25 @@ class Scheduler:
         self._stopping = threading.Event()
 
     def start(self) -> None:
+        """Run the jobs on a thread of the scheduler's own (see `run`)."""
+        self.prepare()
+        self._thread.start()
+
+    def run(self) -> None:
+        """Run the jobs on the calling thread until `stop()`. The thread that loaded the model
+        should: OpenMP (PyTorch's, llama.cpp's) keeps a pool of worker threads per calling
+        thread, and once a process holds more of them than it has cores, libgomp stops spinning
+        between parallel regions and sleeps instead (measured: llama.cpp's decoding 20% slower on
+        a second thread of a 2-core machine, the same on the main one)."""
+        self.prepare()
+        self._run()
+
+    def prepare(self) -> None:
+        """Measure what batched forwards cost, where the planner needs it and was not given it."""
         if self.max_batch > 1 and self.forward_seconds is None:
             print("measuring what batched forwards cost on this machine...", file=sys.stderr)
             seconds = cost_curve.measure(self.engine.target, cost_curve.BATCH_LENGTHS)
             self.forward_seconds = interpolated({k + 1: v for k, v in seconds.items()})
-        self._thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise `QueueFull` at once."""
