@@ -154,7 +154,8 @@ class Scheduler:
         self._jobs.put(job)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse what waits, let the running job end at its next step, and join the thread."""
+        """Refuse what waits, end the running jobs after their current step, and join the thread
+        (if the scheduler has one; `run` returns)."""
         with self._lock:
             self._stopping.set()
         self._jobs.put(None)  # after every job already queued: each is answered first
