@@ -287,6 +287,42 @@ def test_metrics_count_what_the_responses_report(server: Server) -> None:
     assert server.metric("specdecode:time_to_first_token_seconds_count") >= 3
 
 
+def test_a_request_failing_inside_the_batch_leaves_the_others_alone(
+    server: Server, llm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose step raises (here, one of 7 tokens, by a patched `advance`) gets a 500
+    and is counted as an error; the request verified in the same forwards is still `generate`'s."""
+    from specdecode.engine import Decoding
+
+    advance = Decoding.advance
+
+    def failing(self, tree, logits, *args):
+        if self.sampling.max_new_tokens == 7 and self.stats.new_tokens >= 2:
+            raise RuntimeError("a step failed")
+        return advance(self, tree, logits, *args)
+
+    monkeypatch.setattr(Decoding, "advance", failing)
+    errors = server.metric("specdecode:request_success_total", finished_reason="error")
+    client = server.client()
+    question = "Name three colours of the rainbow and say one thing about each."
+    with ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(
+            lambda: (
+                client.chat.completions.create(
+                    model=MODEL, messages=ask(question), max_tokens=30, temperature=0
+                )
+                .choices[0]
+                .message.content
+            )
+        )
+        time.sleep(0.2)
+        failed = pool.submit(server.post, "/v1/completions", {"prompt": CODE, "max_tokens": 7})
+        code, reply = failed.result()
+        assert code == 500 and "a step failed" in reply["error"]["message"]
+        assert answer.result() == plain(llm, ask(question), 30)
+    assert server.metric("specdecode:request_success_total", finished_reason="error") == errors + 1
+
+
 def test_a_full_queue_answers_429_at_once(llm) -> None:
     busy = Server(llm, max_waiting=1, max_batch=1)  # one runs, one waits, the third is refused
     try:

@@ -195,13 +195,13 @@ def test_tree_forward_gives_each_node_the_bits_of_decoding_its_path(
 
 
 def _three_sequences(
-    backend: TorchBackend,
+    backend: TorchBackend, lengths: tuple[int, int, int]
 ) -> tuple[list[TorchBackend], list[list[int]], list[DraftTree]]:
-    """Forks of `backend` prefilled with prompts of different lengths (returned), and a tree, a
+    """Forks of `backend` prefilled with prompts of these lengths (returned), and a tree, a
     chain and an empty tree (the root alone) to verify on them."""
     generator = torch.Generator().manual_seed(5)
     sequences = [backend, backend.fork(), backend.fork()]
-    prompts = [torch.randint(10, 30_000, (n,), generator=generator).tolist() for n in (130, 47, 6)]
+    prompts = [torch.randint(10, 30_000, (n,), generator=generator).tolist() for n in lengths]
     for sequence, prompt in zip(sequences, prompts, strict=True):
         sequence.prefill(prompt)
     parents = torch.tensor([-1, -1, 0, 1, 2, 0, -1])
@@ -213,23 +213,37 @@ def _three_sequences(
     return sequences, prompts, trees
 
 
-@pytest.mark.parametrize("attention", ["kernel", "row-by-row"])
+# (model, attention, rows per forward); gemma's first prompt crosses its 512-token sliding window,
+# and 8 rows per forward split the three trees (8, 6 and 1 rows) over two forwards.
+BATCH_CASES = [
+    (FAMILIES[0], "kernel", None),
+    (FAMILIES[0], "row-by-row", None),
+    (FAMILIES[0], "kernel", 8),
+    (FAMILIES[2], "kernel", None),
+]
+
+
+@pytest.mark.parametrize(("name", "attention", "max_rows"), BATCH_CASES)
 def test_sequences_verified_in_one_forward_get_the_bits_of_each_alone(
-    attention: str, monkeypatch: pytest.MonkeyPatch
+    name: str, attention: str, max_rows: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Continuous batching's exactness: three sequences' trees verified in one forward (a fork
-    per sequence, each with its own cache) give every row the logits of that tree verified on
-    its own, bit for bit, and commit and go on as alone."""
+    """Continuous batching's exactness: three sequences' trees verified together (a fork per
+    sequence, each with its own cache) give every row the logits of that tree verified on its
+    own, bit for bit, and commit and go on as alone."""
+    from specdecode.backends.torch import backend as torch_backend
     from specdecode.backends.torch import kernels
 
     if attention == "row-by-row":
         monkeypatch.setattr(kernels, "rowwise_attention", lambda: None)
     elif kernels.rowwise_attention() is None:
         pytest.skip("the attention kernel needs AVX-512 (the row-by-row case covers this CPU)")
+    if max_rows is not None:
+        monkeypatch.setattr(torch_backend, "MAX_INVARIANT_ROWS", max_rows)
+    lengths = (600, 47, 6) if "gemma" in name else (130, 47, 6)
     backend = TorchBackend.from_checkpoint(
-        load_checkpoint(FAMILIES[0], torch.bfloat16), max_context=256
+        load_checkpoint(name, torch.bfloat16), max_context=lengths[0] + 32
     )
-    sequences, prompts, trees = _three_sequences(backend)
+    sequences, prompts, trees = _three_sequences(backend, lengths)
     together = backend.forward_trees(sequences, trees)
     for sequence, tree, logits in zip(sequences, trees, together, strict=True):
         assert logits.shape == (tree.num_nodes + 1, backend.vocab_size)
@@ -242,6 +256,26 @@ def test_sequences_verified_in_one_forward_get_the_bits_of_each_alone(
         assert torch.equal(sequence.forward_tree(tree), logits)
         sequence.commit([], 11)
         assert torch.equal(sequence.forward_tree(DraftTree.empty()), next_logits)
+
+
+def test_a_forked_draft_model_scores_its_own_part_of_the_vocabulary() -> None:
+    """A draft model that scores part of the vocabulary gives each fork its own scored set:
+    what one sequence was fed is not scored for another, and a new prompt on one fork does not
+    make another forget its own."""
+    from tiny_models import tiny_torch_backend
+
+    target = tiny_torch_backend(vocab_size=64)
+    draft = TorchBackend(target.config, to_hf_names(target.model, target.config), quantize="int8")
+    draft.limit_draft_vocabulary([0, 1])
+    twin = draft.fork()
+    draft.prefill([5, 6, 7])
+    twin.prefill([9, 10, 11])
+    mine = draft.forward(torch.tensor([7]))[0]
+    theirs = twin.forward(torch.tensor([11]))[0]
+    assert torch.isfinite(mine[[0, 1, 5, 6, 7]]).all() and torch.isinf(mine[[9, 10, 11]]).all()
+    assert torch.isfinite(theirs[[0, 1, 9, 10, 11]]).all() and torch.isinf(theirs[[5, 6]]).all()
+    twin.prefill([12, 13])  # a new request on the twin
+    assert torch.isfinite(draft.forward(torch.tensor([7]))[0][[5, 6]]).all()
 
 
 def test_attention_kernel_depends_only_on_the_keys_a_row_sees() -> None:

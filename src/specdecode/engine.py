@@ -273,9 +273,10 @@ class Decoding:
         tree = decoding.propose(max_drafts)        # None: the sequence ended without a step
         step = decoding.advance(tree, target.forward_tree(tree))
 
-    A sequence's tokens do not depend on what else shares its forwards: its target logits have
-    the same bits (the exact kernels), and its drafter, verifier, controller and random generator
-    are its own.
+    A greedy sequence's tokens do not depend on what else shares its forwards: its target
+    logits have the same bits (the exact kernels), and its drafter, verifier and controller are
+    its own. A sampled sequence keeps the target's distribution; its exact tokens for a seed can
+    differ from a lone run's where a scheduler caps its drafts otherwise (other random draws).
     """
 
     def __init__(
@@ -377,15 +378,25 @@ class Decoding:
             )
         return tree
 
-    def advance(self, tree: DraftTree, target_logits: torch.Tensor) -> StepOutput:
+    def advance(
+        self, tree: DraftTree, target_logits: torch.Tensor, forward_seconds: float | None = None
+    ) -> StepOutput:
         """Verify `tree` against the target's logits over it (`[N+1, V]`, from `forward_tree`
-        of this sequence's target), commit, and return the step's output."""
+        of this sequence's target), commit, and return the step's output. `forward_seconds`:
+        what the forward took, where it was shared with other sequences (else the time since
+        `propose` returned is the forward's)."""
         stats, sampling = self.stats, self.sampling
+        verify_start = time.perf_counter()
         with torch.inference_mode():
             verdict = self.verifier.verify(tree, target_logits, sampling, self.rng)
             self.target.commit(verdict.path, verdict.next_token)
             verified = time.perf_counter()
-            timings = StepTimings(self._drafted - self._step_start, verified - self._drafted)
+            verifying = (
+                verified - self._drafted
+                if forward_seconds is None
+                else forward_seconds + verified - verify_start
+            )
+            timings = StepTimings(self._drafted - self._step_start, verifying)
             self.drafter.update(verdict, TargetOutput(target_logits, self.target.last_hidden))
             self.controller.observe(verdict, timings)
             if self.observe is not None:  # outside the timed part of the step

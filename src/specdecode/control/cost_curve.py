@@ -56,11 +56,9 @@ def cpu_identity() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
 
 
-def cache_path(key: str, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> Path:
-    """Where the curve of the backend configuration `key` is cached for this CPU (a curve over
-    other lengths than the controller's under a name of its own)."""
-    span = "" if lengths == MEASURED_LENGTHS else f"-upto{max(lengths) + 1}"
-    return cache_dir() / f"{key}{span}-cpu{cpu_identity()}.json"
+def cache_path(key: str) -> Path:
+    """Where the curve of the backend configuration `key` is cached for this CPU."""
+    return cache_dir() / f"{key}-cpu{cpu_identity()}.json"
 
 
 def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> dict[int, float]:
@@ -84,23 +82,24 @@ def measure(backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS) -> di
     return seconds
 
 
-def load_or_measure(
-    backend: Backend, lengths: tuple[int, ...] = MEASURED_LENGTHS
-) -> dict[int, float] | None:
+def fitting(lengths: tuple[int, ...], max_context: int) -> tuple[int, ...]:
+    """The lengths whose measurement fits in a context of `max_context` tokens."""
+    return tuple(k for k in lengths if _CONTEXT_TOKENS + k + 1 <= max_context)
+
+
+def load_or_measure(backend: Backend) -> dict[int, float] | None:
     """The backend's cost curve from the disk cache, else measured now (and cached); None when
     the backend gives no cache key (its costs are then learned online only)."""
     key = backend.cost_key
     if key is None:
         return None
-    path = cache_path(key, lengths)
+    path = cache_path(key)
     try:
         raw = json.loads(path.read_text())
-        seconds = {int(length): float(value) for length, value in raw["seconds"].items()}
-        if set(lengths) <= set(seconds):
-            return seconds
+        return {int(length): float(value) for length, value in raw["seconds"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # not measured yet, or a damaged file: measure again
-    seconds = measure(backend, lengths)
+    seconds = measure(backend)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

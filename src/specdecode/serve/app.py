@@ -76,7 +76,6 @@ def make_app(
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="specdecode", lifespan=lifespan)
-    app.state.scheduler = scheduler
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     def authorized(request: Request) -> None:

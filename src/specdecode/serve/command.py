@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     http.start()
     while not server.started and http.is_alive():
         time.sleep(0.05)
-    if not http.is_alive():
+    if not server.started:
         raise SpecDecodeError(f"the server could not start on {args.host}:{args.port}")
     print(f"serving {name} at http://{args.host}:{args.port}/v1 ({spec.drafter})", file=sys.stderr)
     scheduler.run()

@@ -34,7 +34,7 @@ from specdecode.backends.base import Backend
 from specdecode.config import SamplingParams, SpecConfig
 from specdecode.control import cost_curve
 from specdecode.control.goodput import Outlook, interpolated, plan_draft_lengths
-from specdecode.engine import Decoding, StepOutput
+from specdecode.engine import Decoding, GenerationStats, StepOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.serve.metrics import ServerMetrics
 from specdecode.tree import DraftTree
@@ -89,7 +89,8 @@ class _Running:
 
 
 class Scheduler:
-    """Runs jobs on a thread of its own (see the module docstring)."""
+    """Runs jobs step by step, on a thread of its own (`start`) or the caller's (`run`); see the
+    module docstring."""
 
     def __init__(
         self,
@@ -136,10 +137,16 @@ class Scheduler:
         self._run()
 
     def prepare(self) -> None:
-        """Measure what batched forwards cost, where the planner needs it and was not given it."""
+        """Measure what batched forwards cost, where the planner needs it and was not given it
+        (and the single-sequence curve a cost-aware controller reads, where the backend caches
+        one), before any request holds the model."""
+        self.engine.forward_costs()
         if self.max_batch > 1 and self.forward_seconds is None:
+            lengths = cost_curve.fitting(cost_curve.BATCH_LENGTHS, self.engine.target.max_context)
+            if not lengths:
+                return  # a context too small to measure in: every request drafts as alone
             print("measuring what batched forwards cost on this machine...", file=sys.stderr)
-            seconds = cost_curve.measure(self.engine.target, cost_curve.BATCH_LENGTHS)
+            seconds = cost_curve.measure(self.engine.target, lengths)
             self.forward_seconds = interpolated({k + 1: v for k, v in seconds.items()})
 
     def submit(self, job: Job) -> None:
@@ -176,6 +183,8 @@ class Scheduler:
                 except queue.Empty:
                     break
                 if job is None:
+                    for entry in running:  # stop() came while this step's jobs were admitted
+                        self._end(entry, "abort")
                     return
                 entry = self._admit(job, {entry.slot for entry in running})
                 if entry is not None:
@@ -205,6 +214,7 @@ class Scheduler:
                 job.prompt_ids, job.sampling, job.spec, target=target, draft_model=draft_model
             )
         except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
+            metrics.finished(GenerationStats(prompt_tokens=len(job.prompt_ids)), "error")
             job.deliver(exc)
             job.deliver(None)
             return None
@@ -239,15 +249,17 @@ class Scheduler:
             self.metrics.batch_size.labels(self.metrics.model).observe(len(trees))
             rows = sum(tree.num_nodes + 1 for tree in trees)
             self.metrics.forward_rows.labels(self.metrics.model).observe(rows)
+            started = time.perf_counter()
             try:
                 logits = self.engine.target.forward_trees(sequences, trees)
             except Exception as exc:  # noqa: BLE001 - fails this batch's requests, not the server
                 for entry, _ in proposed:
                     self._fail(entry, exc)
                 return
+            forward_seconds = time.perf_counter() - started
             for (entry, tree), tree_logits in zip(proposed, logits, strict=True):
                 try:
-                    step = entry.decoding.advance(tree, tree_logits)
+                    step = entry.decoding.advance(tree, tree_logits, forward_seconds)
                 except Exception as exc:  # noqa: BLE001
                     self._fail(entry, exc)
                     continue

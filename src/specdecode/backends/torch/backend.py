@@ -160,10 +160,17 @@ class TorchBackend(Backend):
         )
 
     def fork(self) -> TorchBackend:
-        """Another sequence on the same weights: a cache of its own, nothing else copied."""
+        """Another sequence on the same weights: a cache of its own (and, for a draft model that
+        scores part of the vocabulary, its own scored set: what one sequence was fed is not
+        another's), no copy of a weight."""
         twin = copy.copy(self)
         Backend.__init__(twin, self.vocab_size, self.max_context)
         twin.cache = KVCache(self.config, self.max_context, self.dtype, self.device)
+        head = self.model.lm_head
+        if isinstance(head, PartialHead):
+            twin.model = copy.copy(self.model)
+            twin.model._modules = dict(self.model._modules)  # the copy's own module table
+            twin.model.lm_head = PartialHead(head.head, head.always)
         return twin
 
     def forward_trees(
