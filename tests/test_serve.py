@@ -60,6 +60,13 @@ class Server:
     def client(self, key: str = KEY):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
 
+    def answer(self, question: str, tokens: int) -> str:
+        """A greedy chat answer, through OpenAI's client."""
+        reply = self.client().chat.completions.create(
+            model=MODEL, messages=ask(question), max_tokens=tokens, temperature=0
+        )
+        return reply.choices[0].message.content
+
     def post(self, path: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
@@ -155,18 +162,10 @@ def test_streamed_chunks_add_up_to_the_whole_answer(server: Server, llm) -> None
 
 
 def test_concurrent_greedy_requests_are_each_generates_output(server: Server, llm) -> None:
-    client = server.client()
-
-    def one(question: str) -> str:
-        reply = client.chat.completions.create(
-            model=MODEL, messages=ask(question), max_tokens=24, temperature=0
-        )
-        return reply.choices[0].message.content
-
     steps = server.metric("specdecode:batch_size_count")
     alone = server.metric("specdecode:batch_size_bucket", le="1.0")
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        answers = list(pool.map(one, QUESTIONS))
+        answers = list(pool.map(server.answer, QUESTIONS, [24] * len(QUESTIONS)))
     assert answers == [plain(llm, ask(q), 24) for q in QUESTIONS]
     steps = server.metric("specdecode:batch_size_count") - steps
     alone = server.metric("specdecode:batch_size_bucket", le="1.0") - alone
@@ -182,20 +181,11 @@ def test_a_request_is_undisturbed_by_others_failing_and_leaving(server: Server, 
         json.dumps(long_stream).encode(),
         {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
     )
-    client = server.client()
     question = "Write a haiku about the sea, then explain it."
     with ThreadPoolExecutor(3) as pool:
         stream = urllib.request.urlopen(request, timeout=60)
         assert stream.readline().startswith(b"data:")
-        answer = pool.submit(
-            lambda: (
-                client.chat.completions.create(
-                    model=MODEL, messages=ask(question), max_tokens=40, temperature=0
-                )
-                .choices[0]
-                .message.content
-            )
-        )
+        answer = pool.submit(server.answer, question, 40)
         too_long = {"prompt": [10] * 50, "max_tokens": llm.target.max_context}
         short = {"prompt": "Hi", "max_tokens": 3}
         others = [pool.submit(server.post, "/v1/completions", b) for b in (too_long, short)]
@@ -303,18 +293,9 @@ def test_a_request_failing_inside_the_batch_leaves_the_others_alone(
 
     monkeypatch.setattr(Decoding, "advance", failing)
     errors = server.metric("specdecode:request_success_total", finished_reason="error")
-    client = server.client()
     question = "Name three colours of the rainbow and say one thing about each."
     with ThreadPoolExecutor(2) as pool:
-        answer = pool.submit(
-            lambda: (
-                client.chat.completions.create(
-                    model=MODEL, messages=ask(question), max_tokens=30, temperature=0
-                )
-                .choices[0]
-                .message.content
-            )
-        )
+        answer = pool.submit(server.answer, question, 30)
         time.sleep(0.2)
         failed = pool.submit(server.post, "/v1/completions", {"prompt": CODE, "max_tokens": 7})
         code, reply = failed.result()
