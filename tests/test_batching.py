@@ -168,3 +168,14 @@ def test_outlook_from_history_starts_at_the_prior_and_follows_the_counts() -> No
     assert Outlook.from_history(0, 100, 4).acceptance < 0.01
     cost = interpolated({1: 1.0, 3: 2.0})
     assert (cost(1), cost(2), cost(3), cost(6)) == (1.0, 1.5, 2.0, 4.0)
+
+
+def test_draft_limit_is_the_controllers_length_within_the_token_limit() -> None:
+    """What the planner may give a sequence: its own controller's draft length (rows planned
+    beyond it would go unused), less where the token limit is near."""
+    engine = Engine(tiny_torch_backend(num_layers=1, vocab_size=16))
+    spec = SpecConfig(drafter="prompt-lookup", controller="fixed", num_draft_tokens=3)
+    decoding = engine.start([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True), spec)
+    assert decoding.draft_limit() == 2  # 3 tokens to go: the root's and two drafts
+    decoding = engine.start([1, 2, 3], SamplingParams(max_new_tokens=50, ignore_eos=True), spec)
+    assert decoding.draft_limit() == 3

@@ -353,6 +353,13 @@ class Decoding:
         self.context = list(prompt)
         self._step_start = self._drafted = 0.0
 
+    def draft_limit(self) -> int:
+        """How deep the next step's drafts may go uncapped: the controller's budget, within the
+        token limit and the context."""
+        remaining = self.sampling.max_new_tokens - self.stats.new_tokens
+        room = self.target.max_context - len(self.context)
+        return max(0, min(self.controller.budget().max_depth, remaining - 1, room - 1))
+
     def propose(self, max_drafts: int | None = None) -> DraftTree | None:
         """The next step's draft tree (no deeper than `max_drafts`), or None where the sequence
         is at its token limit or the end of the context (then `finish()` gives its last output)."""

@@ -301,13 +301,12 @@ def _outlook(entry: _Running) -> Outlook:
     """What the goodput planner knows of a running sequence."""
     decoding = entry.decoding
     stats, spec = decoding.stats, decoding.spec
-    remaining = decoding.sampling.max_new_tokens - stats.new_tokens
     # Drafting time per drafted token (per step where few are drafted: prompt lookup's look-ups).
     per_draft = stats.drafting_seconds / max(stats.drafted_tokens, stats.target_forwards, 1)
     return Outlook.from_history(
         stats.accepted_tokens,
         stats.reached_tokens,
-        max(0, min(spec.max_draft_tokens, remaining - 1)),
+        decoding.draft_limit(),  # its own controller's length: rows planned beyond it go unused
         1 if decoding.shape is None else spec.tree_width,
         per_draft,
     )
