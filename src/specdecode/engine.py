@@ -356,15 +356,18 @@ class Decoding:
     def draft_limit(self) -> int:
         """How deep the next step's drafts may go uncapped: the controller's budget, within the
         token limit and the context."""
-        remaining = self.sampling.max_new_tokens - self.stats.new_tokens
-        room = self.target.max_context - len(self.context)
+        remaining, room = self._left()
         return max(0, min(self.controller.budget().max_depth, remaining - 1, room - 1))
+
+    def _left(self) -> tuple[int, int]:
+        """Tokens the request may still produce, and free positions in the context."""
+        remaining = self.sampling.max_new_tokens - self.stats.new_tokens
+        return remaining, self.target.max_context - len(self.context)
 
     def propose(self, max_drafts: int | None = None) -> DraftTree | None:
         """The next step's draft tree (no deeper than `max_drafts`), or None where the sequence
         is at its token limit or the end of the context (then `finish()` gives its last output)."""
-        remaining = self.sampling.max_new_tokens - self.stats.new_tokens
-        room = self.target.max_context - len(self.context)
+        remaining, room = self._left()
         if remaining <= 0 or room <= 0:
             self.stats.stop_reason = "length" if remaining <= 0 else "context"
             return None
