@@ -8,7 +8,8 @@ time, on loopback; ours (with and without speculation) beside llama-server's, in
 
 Each system is started as a child process on a free local port: `specdecode serve` on the torch
 backend, batching up to the highest concurrency (`-nospec`: speculation off; `-llamacpp`: on the
-llama.cpp backend and the GGUF file llama-server runs, one request at a time), or llama-server
+llama.cpp backend and the GGUF file llama-server runs, batched the same way; `-llamacpp-nospec`:
+that without speculation), or llama-server
 with `-np N` slots, plain or with its `ngram-simple` speculation (built by
 `benchmarks/build_llama_server.sh`). At each concurrency, N client threads send greedy chat
 requests (the suite's prompts in turn) with OpenAI's client, streaming, until `--requests` are
@@ -40,6 +41,7 @@ SYSTEMS = (
     "specdecode",
     "specdecode-nospec",
     "specdecode-llamacpp",
+    "specdecode-llamacpp-nospec",
     "llama-server",
     "llama-server-ngram",
 )
@@ -100,11 +102,11 @@ def start(system: str, args: argparse.Namespace, slots: int) -> ServerProcess:
         command = [sys.executable, "-m", "specdecode", "serve", "--model", args.model,
                    "--port", str(port), "--served-model-name", "model",
                    "--max-batch", str(slots)]  # fmt: skip
-        if system == "specdecode-nospec":
-            command += ["--drafter", "none"]
-        elif system == "specdecode-llamacpp":  # the GGUF llama-server runs; one request at a time
+        if "llamacpp" in system:  # the GGUF file llama-server runs
             command += ["--backend", "llamacpp"]
-        else:
+        if system.endswith("nospec"):
+            command += ["--drafter", "none"]
+        elif "llamacpp" not in system:
             if args.draft_model:
                 command += ["--draft-model", args.draft_model]
             if args.drafter:

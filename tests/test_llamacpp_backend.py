@@ -26,7 +26,13 @@ import torch
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.backends import llamacpp_matched
-from specdecode.backends.llamacpp import ALLOW_AMX, NO_AMX_FLAGS, LlamaCppBackend, amx_error
+from specdecode.backends.llamacpp import (
+    ALLOW_AMX,
+    NO_AMX_FLAGS,
+    LlamaCppBackend,
+    _Context,
+    amx_error,
+)
 from specdecode.certify import CertifyConfig, certify
 from specdecode.cli import CERTIFY_PROMPT
 from specdecode.errors import SpecDecodeError
@@ -308,13 +314,13 @@ def test_a_refused_tree_leaves_the_cache_as_it_was(small: SpecDecoder) -> None:
     cached = backend.num_cached
     before = backend.forward(torch.tensor(prompt[-1:]))
     backend.truncate(cached)
-    free_ids = len(backend._free_sequences)
+    free_ids = len(backend._llama.free_ids)
     # Two nodes at the same depth where the second sees the first: not a tree.
     bad_mask = torch.tensor([[True, False], [True, True]])
     with pytest.raises(SpecDecodeError, match="deeper"):
         backend.forward(torch.tensor([5, 6]), torch.tensor([cached, cached]), bad_mask)
     assert backend.num_cached == cached
-    assert len(backend._free_sequences) == free_ids  # no sequence id leaked
+    assert len(backend._llama.free_ids) == free_ids  # no sequence id leaked
     after = backend.forward(torch.tensor(prompt[-1:]))
     assert before is not None and after is not None and torch.equal(before, after)
 
@@ -415,3 +421,126 @@ def test_matched_kernels_fall_back_to_narrow_when_a_batch_is_not_exact() -> None
     lines = result.stdout.splitlines()
     assert lines[0] == "narrow", result.stdout
     assert "not exact with this llama.cpp" in lines[1]
+
+
+# ---- several sequences in one cache (continuous batching) ----------------------------------------
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "narrow",
+        pytest.param("wide", marks=pytest.mark.slow),
+        pytest.param("matched", marks=[needs_matched, pytest.mark.slow]),
+    ],
+)
+def shared(request) -> LlamaCppBackend:
+    """A cache for three sequences, on each of the exact kernels (matched on the 1.5B)."""
+    model = TARGET if request.param == "matched" else SMALL
+    return LlamaCppBackend(
+        resolve_gguf(model), max_context=1024, kernels=request.param, sequences=3
+    )
+
+
+# Per step, each sequence's draft (parents of its nodes) and the path it keeps; the sequences take
+# them in turn, so one forward mixes chains, trees and a root alone.
+STEPS = [
+    ([-1, 0, 1], [0]),  # a chain of three, its first draft kept
+    ([-1, -1, 0, 0, 2], [1]),  # a tree, a node among dropped ones kept
+    ([], []),  # the root alone
+    ([-1, 0, 1, 2], [0, 1, 2, 3]),  # a chain kept whole
+    ([-1, -1, 1], [1, 2]),  # a tree whose second branch is kept
+]
+
+
+def _step_through(
+    sequences: list[LlamaCppBackend], prompts: list[list[int]], batched: bool
+) -> list[list[torch.Tensor]]:
+    """Every sequence's logits through STEPS, verified together (`forward_trees`) or one sequence
+    at a time; the cache compacted after the second step. Sequence k gets prompts[k], and drafts
+    that depend on k and the step only."""
+    seen: list[list[torch.Tensor]] = [[] for _ in sequences]
+    for backend, prompt in zip(sequences, prompts, strict=True):
+        backend.prefill(prompt)
+    for step in range(len(STEPS)):
+        trees, paths = [], []
+        for prompt in prompts:
+            index = len(prompt) % len(STEPS)  # which sequence this is, alone or batched
+            parents, path = STEPS[(step + index) % len(STEPS)]
+            tokens = [(4000 + 37 * step + 11 * index + node) for node in range(len(parents))]
+            trees.append(
+                DraftTree(
+                    torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+                )
+            )
+            paths.append(path)
+        if batched:
+            logits = sequences[0].forward_trees(sequences, trees)
+        else:
+            logits = [b.forward_tree(tree) for b, tree in zip(sequences, trees, strict=True)]
+        for index, backend in enumerate(sequences):
+            seen[index].append(logits[index])
+            row = paths[index][-1] + 1 if paths[index] else 0
+            backend.commit(paths[index], int(logits[index][row].argmax()))
+        if step == 1:
+            sequences[0]._llama.compact()
+    return seen
+
+
+def test_batched_sequences_get_the_bits_each_gets_alone(shared: LlamaCppBackend) -> None:
+    """Three sequences verified in one forward per step (chains, trees and a lone root side by
+    side; dropped nodes and rejected drafts left among the kept cells; a compaction in between):
+    each gets, bit for bit, the logits of the same steps run on its own in an empty cache."""
+    prompts = [[1000 + (7 * i + 13 * s) % 5000 for i in range(40 + s)] for s in range(3)]
+    alone = [_step_through([shared], [prompt], batched=False)[0] for prompt in prompts]
+    forks = [shared, shared.fork(), shared.fork()]
+    together = _step_through(forks, prompts, batched=True)
+    for index in range(3):
+        for step, (got, expected) in enumerate(zip(together[index], alone[index], strict=True)):
+            assert torch.equal(got, expected), f"sequence {index}, step {step}"
+    with pytest.raises(SpecDecodeError, match="made for 3 sequences"):
+        shared.fork()
+
+
+def test_compaction_frees_the_discarded_cells(small: SpecDecoder) -> None:
+    backend = small.target
+    backend.prefill(small.encode_prompt(QUESTION_PROMPT))
+    committed = backend.num_cached
+    for _ in range(5):  # drafts verified and rejected
+        backend.forward(torch.arange(3000, 3020))
+        backend.truncate(committed)
+    llama = backend._llama
+    assert llama.used >= committed + 100  # rejected cells stay taken until compaction
+    llama.compact()
+    assert llama.used == committed
+
+
+def test_freeing_cells_would_put_a_sequence_out_of_order(monkeypatch) -> None:
+    """The negative control of the bits test: llama.cpp puts new tokens in the first free cells,
+    so freeing rejected cells in place of discarding them (`_Context`) lets one sequence's next
+    tokens land before its own earlier cells, and attention sums them in another order."""
+
+    def free(self, sequence: int, start: int = -1, end: int = -1) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, sequence, start, end)
+
+    monkeypatch.setattr(_Context, "discard", free)
+    backend = LlamaCppBackend(resolve_gguf(SMALL), max_context=1024, kernels="narrow", sequences=3)
+    with pytest.raises(AssertionError, match="sequence"):
+        test_batched_sequences_get_the_bits_each_gets_alone(backend)
+
+
+def test_batched_greedy_decoding_is_generates_output(small: SpecDecoder) -> None:
+    """Five requests through three sequences of one cache (slots reused), prompt lookup under
+    changing draft caps, the trees of all verified in one forward per step: each answer is
+    token for token the one `generate` gives alone."""
+    from test_batching import PROMPTS, run_batched
+
+    backend = LlamaCppBackend(resolve_gguf(SMALL), max_context=1024, kernels="narrow", sequences=3)
+    llm = SpecDecoder(backend, small.tokenizer)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    spec = SpecConfig(drafter="prompt-lookup", controller="fixed", num_draft_tokens=4)
+    sampling = SamplingParams(max_new_tokens=24)
+    batched, accepted = run_batched(llm.engine, prompts, lambda _: sampling, spec, batch=3)
+    alone = [llm.engine.generate(p, sampling, SpecConfig(drafter="none"))[0] for p in prompts]
+    assert batched == alone
+    assert accepted > 0

@@ -141,8 +141,10 @@ def _load_backend(
     device: str,
     max_context: int | None,
     quantize: str | None = None,
+    sequences: int = 1,
 ):
-    """(backend, tokenizer) for a registry name or local path."""
+    """(backend, tokenizer) for a registry name or local path; `sequences`: see
+    `SpecDecoder.load`."""
     from specdecode.models import load_checkpoint, load_tokenizer, resolve_gguf
 
     if backend == "torch":
@@ -193,6 +195,7 @@ def _load_backend(
             threads=torch.get_num_threads(),
             max_context=max_context or 4096,
             kernels=kernels,
+            sequences=sequences,
         )
         return model, load_tokenizer(name_or_path)
     raise SpecDecodeError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -240,6 +243,7 @@ class SpecDecoder:
         max_context: int | None = None,
         draft_quantize: str | None = "int8",
         draft_vocabulary: int | None = DEFAULT_DRAFT_VOCABULARY,
+        sequences: int = 1,
     ) -> SpecDecoder:
         """Load `model`: a registry name, a GGUF file, a Hugging Face directory, or a Hugging
         Face model id whose weights are in the local Hugging Face cache.
@@ -260,6 +264,9 @@ class SpecDecoder:
         draft model scores only the first `draft_vocabulary` token ids (a byte-pair vocabulary's
         most frequent merges), the special tokens and the tokens it has been fed, which makes its
         output layer cheaper; `draft_vocabulary=None` scores them all.
+
+        `sequences`: how many sequences at once the models will run (a server's batch: the
+        backends' `fork`s); the llama.cpp backend sizes its KV cache for them.
         """
         from specdecode.models import resolve_model
 
@@ -296,7 +303,9 @@ class SpecDecoder:
                     f"the draft model {draft_model!r} has a different tokenizer from {model!r}: "
                     "choose a draft model of the same family"
                 )
-        target, tokenizer = _load_backend(model, name, torch_dtype, device, max_context)
+        target, tokenizer = _load_backend(
+            model, name, torch_dtype, device, max_context, sequences=sequences
+        )
         draft = None
         if draft_model is not None:
             if backend != "torch":
@@ -305,7 +314,13 @@ class SpecDecoder:
             # which decode one token fastest.
             draft_backend = "llamacpp-stock" if backend == "llamacpp" else backend
             draft, _ = _load_backend(
-                draft_model, draft_backend, torch_dtype, device, max_context, draft_quantize
+                draft_model,
+                draft_backend,
+                torch_dtype,
+                device,
+                max_context,
+                draft_quantize,
+                sequences,
             )
             if draft_vocabulary is not None and draft_backend == "torch":
                 common = range(min(draft_vocabulary, draft.vocab_size))

@@ -378,7 +378,7 @@ def _spec_from_args(args: argparse.Namespace) -> SpecConfig:
     )
 
 
-def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
+def _load_from_args(args: argparse.Namespace, spec: SpecConfig, sequences: int = 1) -> SpecDecoder:
     return SpecDecoder.load(
         args.model,
         draft_model=args.draft_model if spec.drafter == "draft-model" else None,
@@ -390,6 +390,7 @@ def _load_from_args(args: argparse.Namespace, spec: SpecConfig) -> SpecDecoder:
         threads=args.threads,
         draft_quantize=None if args.draft_quantize == "none" else args.draft_quantize,
         draft_vocabulary=args.draft_vocabulary or None,
+        sequences=sequences,
     )
 
 

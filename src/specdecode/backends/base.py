@@ -207,6 +207,8 @@ class Backend(ABC):
 
     #: Whether `fork` gives sequences that `forward_trees` verifies in one forward.
     supports_batching: bool = False
+    #: How many sequences (this one and its forks) can exist at once; None: no limit.
+    max_sequences: int | None = None
 
     def fork(self) -> Backend:
         """Another sequence on the same model, with a KV cache of its own."""

@@ -5,7 +5,7 @@ this is the backend that makes speculation pay on CPUs. It implements the three 
 `Backend` over llama.cpp's KV cache, which is addressed by (sequence id, position) rather than by
 row:
 
-- The committed chain lives in sequence 0 at positions 0..n-1.
+- A sequence's committed chain lives in a sequence id of its own at positions 0..n-1.
 - Every slot beyond it (a tree node) gets its own sequence id, and each cache cell that slot may
   attend to (the chain, and the slot's ancestors) is tagged with that id too. llama.cpp masks a
   query token to the cells that carry its first sequence id and sit at a position no later than
@@ -13,24 +13,29 @@ row:
 - Tokens decoded in the same batch as their ancestors are listed under their descendants' ids as
   well, which is how a batch holds a tree (llama.cpp requires every sequence to cover consecutive
   positions, so node positions must be depths, as trees have them).
-- `keep()` tags the accepted path with sequence 0 and drops every node's id: cells left with no
-  id are free. Nothing is ever recomputed; rollback and compaction are bookkeeping.
+- `keep()` tags the accepted path with the chain's id and drops every node's id. Nothing is ever
+  recomputed; rollback is bookkeeping.
+- `fork()` gives another sequence in the same cache, and `forward_trees` verifies several
+  sequences' trees in one `llama_decode` (continuous batching in `specdecode serve`).
 
 The context is created with a unified KV buffer (`kv_unified`), without which cells could not be
-shared between sequences.
+shared between sequences; cells are given back by compaction only (`_Context` says why).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import importlib.util
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +43,9 @@ import torch
 from specdecode.backends import llamacpp_matched
 from specdecode.backends.base import Backend
 from specdecode.errors import SpecDecodeError
+
+if TYPE_CHECKING:
+    from specdecode.tree import DraftTree
 
 #: The compiler flags that keep llama.cpp's AMX kernels out of a build (x86-64; see `amx_error`).
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -49,9 +57,12 @@ INSTALL_HINT = (
 #: Set to 1 to run a llama.cpp built with AMX kernels anyway, on machines where they work.
 ALLOW_AMX = "SPECDECODE_LLAMACPP_AMX"
 
-#: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ); sequence 0 is the committed chain.
+#: llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ): one per sequence's committed chain and
+#: per tree node held, two for the discarded and scratch cells.
 MAX_SEQUENCES = 256
 BATCH_SIZE = 512
+#: KV cells beyond every sequence's full context, for the discarded ones (see _Context).
+SPARE_CELLS = 1024
 #: The repacked weights' matrix-matrix kernel takes rows in groups of this many, with another
 #: summation order than the matrix-vector kernel that the rest of the rows (or a single token) take.
 GEMM_ROWS = 4
@@ -274,6 +285,102 @@ class _Slot:
     sequence: int  # the sequence id that this slot's query reads, tagged on all it may see
 
 
+class _Context:
+    """A llama.cpp model and context, and the KV cache that a backend and its forks share.
+
+    Exactness needs each sequence's cells in the cache in position order, as plain decoding
+    leaves them: flash attention sums a query's visible cells in cache order. llama.cpp puts new
+    tokens in the first free cells after a head that moves back to any cell freed before it, so a
+    cell freed below a sequence's last one (a rejected draft, a dropped tree node, a finished
+    request) would take a later token of some sequence out of its order. So between compactions
+    the cache only grows: a cell that would be freed goes to the discard sequence, which no query
+    reads, and compaction gives them all back at once: every sequence's committed chain saved, the
+    cache cleared, the chains loaded back, each in consecutive cells, bytes unchanged. It runs
+    before a forward when no tree node is held (between steps) and the forward would not fit, or
+    the discarded cells outnumber both the live ones and `SPARE_CELLS` (every query's attention
+    steps over them: about 0.2 ms per row per thousand cells for the 1.5B on two cores).
+    """
+
+    def __init__(self, lib, model, context, cells: int, sequence_ids: int, scratch: bool) -> None:
+        self.lib, self.model, self.context = lib, model, context
+        self.memory = lib.llama_get_memory(context)
+        self.cells = cells
+        self.used = 0  # cells holding a token, live or discarded, since the last compaction
+        self.batch = lib.llama_batch_init(BATCH_SIZE, 0, sequence_ids)
+        self.free_ids = list(range(sequence_ids - 1, -1, -1))  # pop() gives the lowest
+        self.discard_id = self.free_ids.pop(0)
+        # The scratch rows' own sequence: no query reads it, so they touch no real token.
+        self.scratch_id = self.free_ids.pop(0) if scratch else None
+        self.members: weakref.WeakSet[LlamaCppBackend] = weakref.WeakSet()
+
+    def __del__(self) -> None:
+        lib = self.lib
+        if getattr(self, "batch", None) is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "context", None):
+            lib.llama_free(self.context)
+            self.context = None
+        if getattr(self, "model", None):
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def take_id(self) -> int:
+        if not self.free_ids:
+            raise SpecDecodeError(
+                f"the llamacpp backend holds at most {MAX_SEQUENCES} sequences and tree nodes "
+                "at once"
+            )
+        return self.free_ids.pop()
+
+    def retire(self, sequence: int) -> None:
+        """A fork is gone: its cells are discarded and its id is free."""
+        if self.context:
+            self.discard(sequence)
+            self.free_ids.append(sequence)
+
+    def discard(self, sequence: int, start: int = -1, end: int = -1) -> None:
+        """Untag `sequence` from its cells at positions [start, end) (-1: open), keeping the
+        cells taken (see the class docstring)."""
+        self.lib.llama_memory_seq_cp(self.memory, sequence, self.discard_id, start, end)
+        self.lib.llama_memory_seq_rm(self.memory, sequence, start, end)
+
+    def make_room(self, rows: int) -> None:
+        """Make sure that a forward of `rows` cells fits, compacting first where it may."""
+        live = sum(member._chain_length + len(member._slots) for member in self.members)
+        crowded = self.used - live > max(SPARE_CELLS, live)
+        if self.used + rows <= self.cells and not crowded:
+            return
+        if not any(member._slots for member in self.members):
+            self.compact()
+        if self.used + rows > self.cells:
+            raise SpecDecodeError(
+                f"the KV cache of {self.cells} cells is full: lower --max-new-tokens or raise "
+                "--max-context"
+            )
+
+    def compact(self) -> None:
+        """Load every committed chain back into consecutive cells, freeing the others."""
+        lib, context = self.lib, self.context
+        saved = []
+        for member in list(self.members):
+            if member._chain_length:
+                size = lib.llama_state_seq_get_size(context, member._chain)
+                state = (ctypes.c_uint8 * size)()
+                written = lib.llama_state_seq_get_data(context, state, size, member._chain)
+                saved.append((member, state, written))
+        lib.llama_memory_clear(self.memory, False)
+        self.used = 0
+        for member, state, written in saved:
+            if lib.llama_state_seq_set_data(context, state, written, member._chain) != written:
+                lib.llama_memory_clear(self.memory, False)
+                self.used = 0
+                for other, _, _ in saved:
+                    other._chain_length = 0
+                raise SpecDecodeError("llama.cpp could not compact its KV cache: start over")
+            self.used += member._chain_length
+
+
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp with a tree-capable KV cache.
 
@@ -329,7 +436,8 @@ class LlamaCppBackend(Backend):
         "layers' hidden states a trained draft head reads: use --backend torch"
     )
 
-    truncate_commits_prefix = False  # tree nodes join sequence 0 only through keep()
+    truncate_commits_prefix = False  # tree nodes join the chain only through keep()
+    supports_batching = True
 
     def __init__(
         self,
@@ -337,7 +445,10 @@ class LlamaCppBackend(Backend):
         threads: int | None = None,
         max_context: int = 4096,
         kernels: str = "narrow",
+        sequences: int = 1,
     ) -> None:
+        """`sequences`: how many sequences (this one and its `fork`s) the KV cache holds at
+        `max_context` tokens each."""
         reserve_kernels([kernels])  # also refuses an unknown name
         plan = KERNEL_PLANS[kernels]
         lib = import_llama_cpp()
@@ -354,6 +465,8 @@ class LlamaCppBackend(Backend):
                 )
         if max_context < 16:
             raise SpecDecodeError(f"the context must hold at least 16 tokens, got {max_context}")
+        if sequences < 1:
+            raise SpecDecodeError(f"the cache must hold at least 1 sequence, got {sequences}")
         threads = threads or torch.get_num_threads()
         if threads < 1:
             raise SpecDecodeError(f"threads must be at least 1, got {threads}")
@@ -373,15 +486,15 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp could not load {path}: is it a GGUF file of an architecture this "
                 "llama.cpp supports? (run with a registry model, or update llama-cpp-python)"
             )
-        self._model = model
+        cells = sequences * max_context + SPARE_CELLS
         context_params = lib.llama_context_default_params()
-        context_params.n_ctx = max_context
+        context_params.n_ctx = cells
         # llama.cpp sizes its output buffers for the largest batch and every sequence at once,
         # and asserts that they fit in the context.
-        sequences = min(MAX_SEQUENCES, max_context)
-        context_params.n_batch = min(BATCH_SIZE, max_context)
-        context_params.n_ubatch = min(BATCH_SIZE, max_context)
-        context_params.n_seq_max = sequences
+        sequence_ids = min(MAX_SEQUENCES, cells)
+        context_params.n_batch = BATCH_SIZE
+        context_params.n_ubatch = BATCH_SIZE
+        context_params.n_seq_max = sequence_ids
         context_params.kv_unified = True  # cells shared between sequences: how trees are held
         context_params.n_threads = threads
         context_params.n_threads_batch = threads
@@ -393,48 +506,30 @@ class LlamaCppBackend(Backend):
         if not context:
             lib.llama_model_free(model)
             raise SpecDecodeError(
-                f"llama.cpp could not create a context of {max_context} tokens: lower --max-context"
+                f"llama.cpp could not create a context of {cells} cells ({sequences} x "
+                f"{max_context} tokens): lower --max-context"
             )
-        self._context = context
-        self._memory = lib.llama_get_memory(context)
+        self._llama = _Context(
+            lib, model, context, lib.llama_n_ctx(context), sequence_ids, plan.scratch_rows
+        )
         vocab = lib.llama_model_get_vocab(model)
         # Room is kept for the scratch rows that pad a batch.
-        super().__init__(
-            lib.llama_vocab_n_tokens(vocab), lib.llama_n_ctx(context) - (plan.row_multiple - 1)
-        )
+        super().__init__(lib.llama_vocab_n_tokens(vocab), max_context - (plan.row_multiple - 1))
         self.path = path
         self.threads = threads
         self.kernels = kernels
         self.exact = plan.exact
+        self.max_sequences = sequences
         self._plan = plan
-        batch_rows = min(BATCH_SIZE, max_context)
-        self._batch = lib.llama_batch_init(batch_rows, 0, sequences)
         # the most tokens a forward takes, so that a padded batch still fits
-        self._batch_size = batch_rows - batch_rows % plan.row_multiple
-        self.prefill_chunk = self._batch_size  # a small context makes batches smaller
-        self._chain_length = 0  # committed tokens, in sequence 0 at positions 0..n-1
+        self._batch_size = BATCH_SIZE - BATCH_SIZE % plan.row_multiple
+        self.prefill_chunk = min(self._batch_size, self.max_context)
+        self._chain = self._llama.take_id()  # the sequence id of the committed tokens
+        self._chain_length = 0  # committed tokens, at positions 0..n-1 of the chain
         self._slots: list[_Slot] = []  # tree nodes after the chain, in cache order
-        self._free_sequences = list(range(sequences - 1, 0, -1))
-        # The scratch rows' own sequence: no query reads it, so they touch no real token.
-        self._scratch_sequence = self._free_sequences.pop(0) if plan.scratch_rows else None
-        self._max_tree_nodes = len(self._free_sequences)
-        self._state_buffer: ctypes.Array | None = None  # reused by _compact
+        self._llama.members.add(self)
         if plan.own_kernels:
             self._check_matched()
-
-    def __del__(self) -> None:
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        if getattr(self, "_batch", None) is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_context", None):
-            lib.llama_free(self._context)
-            self._context = None
-        if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
-            self._model = None
 
     @property
     def cost_key(self) -> str:
@@ -479,6 +574,7 @@ class LlamaCppBackend(Backend):
         tokens, positions = token_ids.tolist(), positions.tolist()
         # Rows that want logits go in pieces that keep every row on one kernel.
         piece = self._plan.piece_rows if self._plan.piece_rows and return_logits else count
+        self._llama.make_room(self._padded_rows(count, piece))
         cached_before = self.num_cached
         logits = []
         try:
@@ -511,7 +607,7 @@ class LlamaCppBackend(Backend):
             self._release(slot)
         del self._slots[kept_slots:]
         if length < self._chain_length:
-            self._lib.llama_memory_seq_rm(self._memory, 0, length, -1)
+            self._llama.discard(self._chain, length)
             self._chain_length = length
 
     def keep(self, start: int, offsets: Sequence[int]) -> None:
@@ -525,25 +621,127 @@ class LlamaCppBackend(Backend):
         end = start + len(chained)
         if end < self._chain_length:
             self.truncate(end)
+        memory = self._llama.memory
         for slot in path:
             if slot.position != self._chain_length:
                 raise SpecDecodeError(
                     "the llamacpp backend keeps only a root-to-node path of the last tree"
                 )
-            # Tagging the node's cell with sequence 0 appends it to the committed chain.
+            # Tagging the node's cell with the chain's id appends it to the committed chain.
             self._lib.llama_memory_seq_cp(
-                self._memory, slot.sequence, 0, slot.position, slot.position + 1
+                memory, slot.sequence, self._chain, slot.position, slot.position + 1
             )
             self._chain_length += 1
-        last_kept = max((self._slots.index(slot) for slot in path), default=-1)
-        holes = len(path) < last_kept + 1  # a dropped node sat among the kept ones
+        kept = {id(slot) for slot in path}
         for slot in self._slots:
-            self._release(slot)
+            self._release(slot, keep_cell=id(slot) in kept)
         self._slots = []
-        if holes and self.exact:
-            self._compact()
+
+    # ---- many sequences at once ----------------------------------------------------------------
+
+    def fork(self) -> LlamaCppBackend:
+        """Another sequence in this backend's KV cache (same weights, same context): the cache
+        holds `max_sequences` of them at full context. Its id goes back to the cache, and its cells
+        to the discarded ones, when it is garbage-collected."""
+        llama = self._llama
+        if len(llama.members) >= self.max_sequences:
+            raise SpecDecodeError(
+                f"this llama.cpp cache was made for {self.max_sequences} sequences: load the model "
+                "for more (SpecDecoder.load(..., sequences=N); specdecode serve sizes it by "
+                "--max-batch)"
+            )
+        twin = copy.copy(self)
+        Backend.__init__(twin, self.vocab_size, self.max_context)
+        twin._chain = llama.take_id()
+        twin._chain_length = 0
+        twin._slots = []
+        llama.members.add(twin)
+        weakref.finalize(twin, llama.retire, twin._chain).atexit = False
+        return twin
+
+    def forward_trees(
+        self, sequences: Sequence[Backend], trees: Sequence[DraftTree]
+    ) -> list[torch.Tensor]:  # per sequence: [N+1, V]
+        """Every sequence's tree in one `llama_decode` when they share this backend's cache (in
+        pieces, with the narrow and wide kernels; in as few batches as fit `BATCH_SIZE`). Each row
+        is computed as in a forward of its sequence alone: the exact kernels' bits do not depend
+        on the rows beside a row, and attention reads only the row's own sequence's cells, in
+        position order (`_Context`)."""
+        llama = self._llama
+        if not all(isinstance(b, LlamaCppBackend) and b._llama is llama for b in sequences):
+            return super().forward_trees(sequences, trees)
+        if len({id(b) for b in sequences}) != len(sequences):
+            raise ValueError("forward_trees() got the same sequence twice")
+        backends = [b for b in sequences if isinstance(b, LlamaCppBackend)]
+        inputs = [b.tree_inputs(tree) for b, tree in zip(backends, trees, strict=True)]
+        logits: list[torch.Tensor] = []
+        start = 0
+        while start < len(backends):
+            stop, rows = start, 0
+            while stop < len(backends) and (
+                stop == start or rows + inputs[stop][0].shape[0] <= self._batch_size
+            ):
+                rows += inputs[stop][0].shape[0]
+                stop += 1
+            logits.extend(self._forward_group(backends[start:stop], inputs[start:stop]))
+            start = stop
+        for b in backends:
+            b.last_hidden = None
+        return logits
+
+    def _forward_group(
+        self,
+        backends: list[LlamaCppBackend],
+        inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    ) -> list[torch.Tensor]:  # per sequence: [N+1, V]
+        counts = [int(ids.shape[0]) for ids, _, _ in inputs]
+        total = sum(counts)
+        if total > self._batch_size:
+            raise SpecDecodeError(
+                f"the llamacpp backend decodes at most {self._batch_size} tokens at once, "
+                f"got a tree of {total}"
+            )
+        piece = self._plan.piece_rows or total
+        self._llama.make_room(self._padded_rows(total, piece))
+        cached_before = [b.num_cached for b in backends]
+        rows: list[tuple[int, int, list[int]]] = []  # token, position, sequence ids
+        chains: list[tuple[LlamaCppBackend, int]] = []  # a chain's backend and its new tokens
+        try:
+            for b, (ids, positions, tree_mask) in zip(backends, inputs, strict=True):
+                tokens, places = ids.tolist(), positions.tolist()
+                if tree_mask is None and not b._slots:
+                    if places != list(range(b._chain_length, b._chain_length + len(tokens))):
+                        raise SpecDecodeError("a chain must continue the committed positions")
+                    rows.extend((t, p, [b._chain]) for t, p in zip(tokens, places, strict=True))
+                    chains.append((b, len(tokens)))
+                else:
+                    if tree_mask is None:  # slots of an earlier forward: seen, as causal
+                        tree_mask = torch.ones(
+                            len(tokens), len(tokens) + len(b._slots), dtype=torch.bool
+                        ).tril(len(b._slots))
+                    members = b._add_tree(tokens, places, tree_mask)
+                    rows.extend(zip(tokens, places, members, strict=True))
+            logits = []
+            for first in range(0, total, piece):
+                part = rows[first : first + piece]
+                self._fill_batch(*map(list, zip(*part, strict=True)), want_logits=True)
+                self._decode()
+                logits.append(self._read_logits(len(part)))
+        except SpecDecodeError:
+            for b, length in zip(backends, cached_before, strict=True):
+                b.truncate(length)
+                self._llama.discard(b._chain, b._chain_length)  # cells of a failed decode
+            raise
+        for b, count in chains:
+            b._chain_length += count
+        return list(torch.cat(logits).split(counts))
 
     # ---- llama.cpp plumbing --------------------------------------------------------------------
+
+    def _padded_rows(self, count: int, piece: int) -> int:
+        """The cells that `count` rows take, decoded in pieces of `piece`, with the padding."""
+        pieces = -(-count // piece)
+        return count + pieces * (self._plan.row_multiple - 1)
 
     def _check_matched(self) -> None:
         """Check that a batch gives each row the bits it gets alone. It would not if the kernel
@@ -571,33 +769,19 @@ class LlamaCppBackend(Backend):
             self.kernels = "narrow"
             self._plan = KERNEL_PLANS["narrow"]
 
-    def _compact(self) -> None:
-        """Rewrite the committed chain into consecutive cells, in position order.
-
-        Attention sums a query's cells in cache order, so exactness needs the committed cells in
-        position order, as plain decoding leaves them. llama.cpp fills the holes that dropped tree
-        nodes leave with the next tokens, which would put those before later path cells. Saving
-        sequence 0 and loading it back into an emptied cache places it contiguously, bytes
-        unchanged."""
-        lib, context = self._lib, self._context
-        size = lib.llama_state_seq_get_size(context, 0)
-        if self._state_buffer is None or len(self._state_buffer) < size:
-            self._state_buffer = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(context, self._state_buffer, size, 0)
-        lib.llama_memory_seq_rm(self._memory, 0, -1, -1)
-        if lib.llama_state_seq_set_data(context, self._state_buffer, written, 0) != written:
-            self._chain_length = 0
-            raise SpecDecodeError("llama.cpp could not compact its KV cache: start over")
-
-    def _release(self, slot: _Slot) -> None:
-        # Untags every cell the slot could see; a cell with no sequence left is freed.
-        self._lib.llama_memory_seq_rm(self._memory, slot.sequence, -1, -1)
-        self._free_sequences.append(slot.sequence)
+    def _release(self, slot: _Slot, keep_cell: bool = False) -> None:
+        """Untag every cell the slot could see; its own cell goes to the discarded ones (see
+        `_Context`), unless the chain keeps it."""
+        llama = self._llama
+        if not keep_cell:
+            llama.discard(slot.sequence, slot.position, slot.position + 1)
+        self._lib.llama_memory_seq_rm(llama.memory, slot.sequence, -1, -1)
+        llama.free_ids.append(slot.sequence)
 
     def _decode_chain(self, tokens: list[int], positions: list[int], want_logits: bool) -> None:
         if positions != list(range(self._chain_length, self._chain_length + len(tokens))):
             raise SpecDecodeError("a chain must continue the committed positions")
-        self._fill_batch(tokens, positions, [[0]] * len(tokens), want_logits)
+        self._fill_batch(tokens, positions, [[self._chain]] * len(tokens), want_logits)
         self._decode()
         self._chain_length += len(tokens)
 
@@ -609,49 +793,59 @@ class LlamaCppBackend(Backend):
         want_logits: bool,
     ) -> None:
         count = len(tokens)
-        cached_columns = tree_mask.shape[1] - count
-        if cached_columns < 0 or cached_columns > len(self._slots):
-            raise SpecDecodeError("the tree mask covers more cached slots than are tree nodes")
-        if len(self._free_sequences) < count:
-            raise SpecDecodeError(
-                f"the llamacpp backend holds at most {self._max_tree_nodes} tree nodes at once"
-            )
-        first_column_slot = len(self._slots) - cached_columns
-        new_slots = [_Slot(pos, self._free_sequences.pop()) for pos in positions]
-        cached_slots = list(self._slots)
-        # Registered before tagging, so that any failure below releases every tag and id.
-        self._slots.extend(new_slots)
+        members = self._add_tree(tokens, positions, tree_mask)
         try:
-            self._tag_and_decode(
-                tokens,
-                positions,
-                tree_mask,
-                cached_slots,
-                first_column_slot,
-                new_slots,
-                want_logits,
-            )
+            self._fill_batch(tokens, positions, members, want_logits)
+            self._decode()
         except SpecDecodeError:
             self.truncate(self.num_cached - count)
             raise
 
-    def _tag_and_decode(
+    def _add_tree(
         self,
         tokens: list[int],
+        positions: list[int],
+        tree_mask: torch.Tensor,  # [T, S] bool: the last S - T cached slots, then the new tokens
+    ) -> list[list[int]]:  # per token: the sequence ids a batch lists it under
+        """Register `tokens` as new slots and tag what each may see; the batch then lists each
+        token under its own id and those of the new slots that see it."""
+        count = len(tokens)
+        cached_columns = tree_mask.shape[1] - count
+        if cached_columns < 0 or cached_columns > len(self._slots):
+            raise SpecDecodeError("the tree mask covers more cached slots than are tree nodes")
+        free_ids = self._llama.free_ids
+        if len(free_ids) < count:
+            raise SpecDecodeError(
+                f"the llamacpp backend holds at most {MAX_SEQUENCES} sequences and tree nodes at "
+                f"once; {count} more nodes do not fit beside those held"
+            )
+        first_column_slot = len(self._slots) - cached_columns
+        new_slots = [_Slot(pos, free_ids.pop()) for pos in positions]
+        cached_slots = list(self._slots)
+        # Registered before tagging, so that any failure below releases every tag and id.
+        self._slots.extend(new_slots)
+        try:
+            return self._tag(positions, tree_mask, cached_slots, first_column_slot, new_slots)
+        except SpecDecodeError:
+            self.truncate(self.num_cached - count)
+            raise
+
+    def _tag(
+        self,
         positions: list[int],
         tree_mask: torch.Tensor,  # [T, S] bool
         cached_slots: list[_Slot],
         first_column_slot: int,
         new_slots: list[_Slot],
-        want_logits: bool,
-    ) -> None:
+    ) -> list[list[int]]:
         cached_columns = len(cached_slots) - first_column_slot
         visible = tree_mask.tolist()
+        memory = self._llama.memory
         members: list[list[int]] = [[slot.sequence] for slot in new_slots]
         for row, slot in enumerate(new_slots):
             # A query sees the committed chain, every slot left of the mask's columns, and the
             # slots the mask allows.
-            self._lib.llama_memory_seq_cp(self._memory, 0, slot.sequence, -1, -1)
+            self._lib.llama_memory_seq_cp(memory, self._chain, slot.sequence, -1, -1)
             seen = cached_slots[:first_column_slot] + [
                 cached_slots[first_column_slot + column]
                 for column in range(cached_columns)
@@ -661,15 +855,14 @@ class LlamaCppBackend(Backend):
                 if other.position >= slot.position:
                     raise SpecDecodeError("a tree node must sit deeper than every node it sees")
                 self._lib.llama_memory_seq_cp(
-                    self._memory, other.sequence, slot.sequence, other.position, other.position + 1
+                    memory, other.sequence, slot.sequence, other.position, other.position + 1
                 )
             for column in range(row):
                 if visible[row][cached_columns + column]:
                     if positions[column] >= slot.position:
                         raise SpecDecodeError("a tree node must sit deeper than every node it sees")
                     members[column].append(slot.sequence)
-        self._fill_batch(tokens, positions, members, want_logits)
-        self._decode()
+        return members
 
     def _fill_batch(
         self,
@@ -680,7 +873,7 @@ class LlamaCppBackend(Backend):
     ) -> None:
         padding = -len(tokens) % self._plan.row_multiple
         rows = len(tokens) + padding
-        batch = self._batch
+        batch = self._llama.batch
         batch.n_tokens = rows
         for i, (token, position, ids) in enumerate(zip(tokens, positions, sequences, strict=True)):
             batch.token[i] = token
@@ -693,16 +886,21 @@ class LlamaCppBackend(Backend):
             batch.token[row] = 0
             batch.pos[row] = i  # a sequence's positions must be consecutive, from 0 when empty
             batch.n_seq_id[row] = 1
-            batch.seq_id[row][0] = self._scratch_sequence
+            batch.seq_id[row][0] = self._llama.scratch_id
         # The output rows go through the vocabulary projection as one product: with the wide
         # kernels their count is padded too. llama.cpp wants at least one output row.
         for i in range(rows):
             batch.logits[i] = want_logits or i >= rows - self._plan.row_multiple
 
     def _decode(self) -> None:
-        status = self._lib.llama_decode(self._context, self._batch)
-        if self._scratch_sequence is not None:
-            self._lib.llama_memory_seq_rm(self._memory, self._scratch_sequence, -1, -1)
+        llama = self._llama
+        status = self._lib.llama_decode(llama.context, llama.batch)
+        if status != 0:
+            llama.used = llama.cells  # unknown: the next forward compacts first
+        else:
+            llama.used += llama.batch.n_tokens
+        if llama.scratch_id is not None:
+            llama.discard(llama.scratch_id)
         if status != 0:
             raise SpecDecodeError(
                 f"llama.cpp failed to decode a batch (status {status}): the KV cache may be full; "
@@ -710,7 +908,7 @@ class LlamaCppBackend(Backend):
             )
 
     def _read_logits(self, count: int) -> torch.Tensor:  # [count, V] float32
-        pointer = self._lib.llama_get_logits(self._context)
+        pointer = self._lib.llama_get_logits(self._llama.context)
         array = np.ctypeslib.as_array(
             ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(count, self.vocab_size)
         )

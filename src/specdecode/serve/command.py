@@ -50,8 +50,9 @@ def add_parser(sub) -> None:
         type=cli.positive_int,
         default=DEFAULT_MAX_BATCH,
         metavar="N",
-        help="requests decoded at once, each with a KV cache of its own (the torch backend; "
-        f"others run one at a time) (default: {DEFAULT_MAX_BATCH})",
+        help="requests decoded at once, their drafts verified in one forward (torch and llamacpp "
+        "backends; hf runs one at a time); llama.cpp's KV cache is sized for N full contexts "
+        f"(default: {DEFAULT_MAX_BATCH})",
     )
     p.add_argument(
         "--shutdown-grace",
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)  # before minutes of model loading
     spec = cli._spec_from_args(args)
     cli.backend_from_args(args)
-    llm = cli._load_from_args(args, spec)
+    llm = cli._load_from_args(args, spec, sequences=args.max_batch)
     cli._warn_if_lossy(args.verifier, args.kernels)
     name = args.served_model_name or args.model
     app = make_app(

@@ -15,7 +15,8 @@ The scheduler runs on a thread of its own (`start`) or, as `specdecode serve` ru
 thread that loaded the model, with the HTTP server on another (`run`). Requests beyond
 `max_waiting` are refused at once (the HTTP layer answers 429), never left to
 hang. Each step's output goes to the request's event loop through `call_soon_threadsafe`. A
-backend that cannot batch (`supports_batching` False) runs one request at a time.
+backend that cannot batch (`supports_batching` False) runs one request at a time, and one that
+holds a set number of sequences (`max_sequences`, llama.cpp's cache) at most that many.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ class Scheduler:
         batching = engine.target.supports_batching and (
             engine.draft_model is None or engine.draft_model.supports_batching
         )
-        self.max_batch = max_batch if batching else 1
+        # A backend that holds a set number of sequences (llama.cpp's cache) caps the batch.
+        held = [b.max_sequences for b in (engine.target, engine.draft_model) if b is not None]
+        self.max_batch = min([max_batch, *(n for n in held if n is not None)]) if batching else 1
         self.forward_seconds = forward_seconds
         # Slot 0 is the engine's own backends; the others are forked on first use, then kept
         # (their caches are reused by the requests that follow).
