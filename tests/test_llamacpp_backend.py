@@ -28,6 +28,7 @@ from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.backends import llamacpp_matched
 from specdecode.backends.llamacpp import (
     ALLOW_AMX,
+    COMPACTION_PAYBACK,
     NO_AMX_FLAGS,
     LlamaCppBackend,
     _Context,
@@ -502,17 +503,23 @@ def test_batched_sequences_get_the_bits_each_gets_alone(shared: LlamaCppBackend)
         shared.fork()
 
 
-def test_compaction_frees_the_discarded_cells(small: SpecDecoder) -> None:
+def test_discarded_cells_stay_taken_until_a_compaction_pays(small: SpecDecoder) -> None:
     backend = small.target
+    llama = backend._llama
     backend.prefill(small.encode_prompt(QUESTION_PROMPT))
     committed = backend.num_cached
-    for _ in range(5):  # drafts verified and rejected
-        backend.forward(torch.arange(3000, 3020))
-        backend.truncate(committed)
-    llama = backend._llama
-    assert llama.used >= committed + 100  # rejected cells stay taken until compaction
+    backend.forward(torch.arange(3000, 3020))  # drafts verified, then rejected
+    backend.truncate(committed)
+    assert llama.used == committed + 20  # rejected cells stay taken (see _Context)
     llama.compact()
     assert llama.used == committed
+    # Rejected drafts again, then a forward wide enough that its steps over them would cost more
+    # than copying the live cells: it compacts first.
+    backend.forward(torch.arange(3000, 3020))
+    backend.truncate(committed)
+    wide = COMPACTION_PAYBACK * committed // 20 + 1
+    backend.forward(torch.arange(3000, 3000 + wide), return_logits=False)
+    assert llama.used == committed + wide
 
 
 def test_freeing_cells_would_put_a_sequence_out_of_order(monkeypatch) -> None:

@@ -63,6 +63,10 @@ MAX_SEQUENCES = 256
 BATCH_SIZE = 512
 #: KV cells beyond every sequence's full context, for the discarded ones (see _Context).
 SPARE_CELLS = 1024
+#: Copying a live cell in a compaction costs what this many rows' attention stepping over one
+#: discarded cell does (the 1.5B on 2 EPYC cores: 15 us a cell against 0.24 us per row per cell;
+#: both grow with the layers and heads).
+COMPACTION_PAYBACK = 64
 #: The repacked weights' matrix-matrix kernel takes rows in groups of this many, with another
 #: summation order than the matrix-vector kernel that the rest of the rows (or a single token) take.
 GEMM_ROWS = 4
@@ -297,8 +301,10 @@ class _Context:
     reads, and compaction gives them all back at once: every sequence's committed chain saved, the
     cache cleared, the chains loaded back, each in consecutive cells, bytes unchanged. It runs
     before a forward when no tree node is held (between steps) and the forward would not fit, or
-    the discarded cells outnumber both the live ones and `SPARE_CELLS` (every query's attention
-    steps over them: about 0.2 ms per row per thousand cells for the 1.5B on two cores).
+    when the forwards since the last compaction have spent more stepping over discarded cells
+    than copying the live ones would cost (every query's attention steps over every cell:
+    `COMPACTION_PAYBACK`), a rent-or-buy rule: a long prompt's prefill after discards compacts
+    first, a batch of short steps once its discarded cells have cost a compaction.
     """
 
     def __init__(self, lib, model, context, cells: int, sequence_ids: int, scratch: bool) -> None:
@@ -306,6 +312,7 @@ class _Context:
         self.memory = lib.llama_get_memory(context)
         self.cells = cells
         self.used = 0  # cells holding a token, live or discarded, since the last compaction
+        self.stepped_over = 0  # rows x discarded cells of the forwards since then
         self.batch = lib.llama_batch_init(BATCH_SIZE, 0, sequence_ids)
         self.free_ids = list(range(sequence_ids - 1, -1, -1))  # pop() gives the lowest
         self.discard_id = self.free_ids.pop(0)
@@ -348,8 +355,9 @@ class _Context:
     def make_room(self, rows: int) -> None:
         """Make sure that a forward of `rows` cells fits, compacting first where it may."""
         live = sum(member._chain_length + len(member._slots) for member in self.members)
-        crowded = self.used - live > max(SPARE_CELLS, live)
-        if self.used + rows <= self.cells and not crowded:
+        self.stepped_over += rows * (self.used - live)
+        worth_it = self.stepped_over > COMPACTION_PAYBACK * live
+        if self.used + rows <= self.cells and not worth_it:
             return
         if not any(member._slots for member in self.members):
             self.compact()
@@ -370,7 +378,7 @@ class _Context:
                 written = lib.llama_state_seq_get_data(context, state, size, member._chain)
                 saved.append((member, state, written))
         lib.llama_memory_clear(self.memory, False)
-        self.used = 0
+        self.used = self.stepped_over = 0
         for member, state, written in saved:
             if lib.llama_state_seq_set_data(context, state, written, member._chain) != written:
                 lib.llama_memory_clear(self.memory, False)
