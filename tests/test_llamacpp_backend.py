@@ -551,3 +551,13 @@ def test_batched_greedy_decoding_is_generates_output(small: SpecDecoder) -> None
     alone = [llm.engine.generate(p, sampling, SpecConfig(drafter="none"))[0] for p in prompts]
     assert batched == alone
     assert accepted > 0
+
+
+def test_a_server_batches_as_many_requests_as_the_cache_holds(small: SpecDecoder) -> None:
+    from specdecode.serve.metrics import ServerMetrics
+    from specdecode.serve.scheduler import Scheduler
+
+    backend = LlamaCppBackend(resolve_gguf(SMALL), max_context=256, kernels="narrow", sequences=2)
+    llm = SpecDecoder(backend, small.tokenizer)
+    scheduler = Scheduler(llm, ServerMetrics("m"), max_batch=8, forward_seconds=lambda rows: 0.03)
+    assert scheduler.max_batch == 2
