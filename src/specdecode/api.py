@@ -224,7 +224,7 @@ class SpecDecoder:
         self.tokenizer = tokenizer
         self.draft_model = draft_model
         self.name = name
-        self.engine = Engine(target, tokenizer, draft_model, name)
+        self.engine = Engine(target, tokenizer, draft_model, name, tokenizer.fingerprint)
         self.target_dtype = target_dtype
         self.spec = spec or self.default_spec()
 

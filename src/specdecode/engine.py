@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -189,12 +189,18 @@ class Engine:
         tokenizer: TextDecoder | None = None,
         draft_model: Backend | None = None,
         model_name: str = "",
+        vocabulary: str = "",
     ) -> None:
-        """`model_name`: the target's registry name or path (where drafters find its head)."""
+        """`model_name`: the target's registry name or path (where drafters find its head);
+        `vocabulary`: the tokenizer's fingerprint, which drafters' saved state is checked
+        against."""
         self.target = target
         self.tokenizer = tokenizer
         self.draft_model = draft_model
         self.model_name = model_name
+        self.vocabulary = vocabulary
+        #: What drafters keep across requests (`DrafterResources.shared`).
+        self.drafter_state: dict[str, Any] = {}
         self._forward_costs: dict[int, float] | None = None
 
     def forward_costs(self) -> dict[int, float] | None:
@@ -306,7 +312,9 @@ class Decoding:
                     f"({target.max_context} tokens) after a {len(prompt)}-token prompt: "
                     f"lower --tree-nodes to at most {room}"
                 )
-        resources = DrafterResources(target, draft_model, shape, engine.model_name)
+        resources = DrafterResources(
+            target, draft_model, shape, engine.model_name, engine.drafter_state, engine.vocabulary
+        )
         drafter = make_drafter(spec.drafter, spec.drafter_options, resources)
         # The layers a trained head reads, captured from the forwards the target runs anyway (none
         # for other drafters, which then cost the target nothing).
@@ -340,6 +348,7 @@ class Decoding:
             self.rng.seed()
         self.target, self.sampling, self.spec, self.shape = target, sampling, spec, shape
         self.drafter, self.verifier, self.controller = drafter, verifier, controller
+        self.closed = False
         self.observe = observe
 
         self.stats = GenerationStats(prompt_tokens=len(prompt))
@@ -434,12 +443,22 @@ class Decoding:
         stats.seconds = time.perf_counter() - self.started
         if finished and not hit_stop:
             delta += self.text.flush()
+        if finished:
+            self.close()
         return StepOutput(new_ids, delta, stats, finished)
 
     def finish(self) -> StepOutput:
         """The last output of a sequence that `propose` ended."""
         self.stats.seconds = time.perf_counter() - self.started
+        self.close()
         return StepOutput([], self.text.flush(), self.stats, True)
+
+    def close(self) -> None:
+        """The sequence is over, however it ended (a scheduler closes one whose client left):
+        its drafter keeps what it learned across requests."""
+        if not self.closed:
+            self.closed = True
+            self.drafter.end(self.context)
 
 
 def verifier_name(spec: SpecConfig, sampling: SamplingParams, shape: TreeShape | None) -> str:

@@ -9,6 +9,7 @@ from specdecode.drafters.hydra import HydraDrafter
 from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.suffix import SuffixDrafter
 from specdecode.errors import SpecDecodeError
 
 DRAFTERS: dict[str, type[Drafter]] = {
@@ -16,6 +17,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
     for cls in (
         NoDrafter,
         PromptLookupDrafter,
+        SuffixDrafter,
         DraftModelDrafter,
         EagleDrafter,
         MedusaDrafter,

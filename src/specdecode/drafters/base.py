@@ -5,7 +5,8 @@ and hears the verdict afterwards. It never decides what is emitted: the verifier
 drafter costs speed, never correctness.
 
 Lifecycle per generation: `begin(prompt, sampling, rng, target)`, then per step
-`propose(context, budget)` and `update(verdict, target)`; `reset()` forgets everything. `context` is
+`propose(context, budget)` and `update(verdict, target)`, then `end(context)`; `reset()` forgets
+everything. `context` is
 the full token sequence so far (prompt and accepted output, the last token being the root of the
 tree); drafters read it and never modify it.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +62,11 @@ class DrafterResources:
     tree: TreeShape | None = None
     #: The target's registry name or path, where a drafter looks up the model's own trained head.
     model_name: str = ""
+    #: State a drafter keeps across requests, for as long as the engine lives (the suffix
+    #: drafter's index of earlier outputs), by a key of the drafter's own.
+    shared: dict[str, Any] = field(default_factory=dict)
+    #: The tokenizer's fingerprint ("" where unknown), for state saved to a file.
+    vocabulary: str = ""
 
 
 class Drafter(ABC):
@@ -97,6 +103,10 @@ class Drafter(ABC):
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
         """Hear which drafts were accepted (for drafters that learn or keep state); `target` is
         the verification forward that decided it."""
+
+    def end(self, context: Sequence[int]) -> None:
+        """The sequence is over (finished, stopped or abandoned); `context` is its prompt and
+        output. Drafters that learn across requests keep what they learned here."""
 
     def reset(self) -> None:
         """Forget all per-sequence state."""

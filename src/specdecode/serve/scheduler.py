@@ -295,6 +295,7 @@ class Scheduler:
         if entry.slot < 0:
             return
         entry.slot = -1
+        entry.decoding.close()
         self.metrics.running.labels(self.metrics.model).dec()
         self.metrics.finished(entry.decoding.stats, reason)
         entry.job.deliver(None)
