@@ -146,3 +146,26 @@ def test_sampling_passes_certify(llm: SpecDecoder) -> None:
     report = certify(llm.engine, prompt, sampling, spec, config)
     assert report.verdict == "PASS", report.summary()
     assert report.speculative_tokens_per_forward > 1.0  # drafts were proposed and judged
+
+
+def test_the_bench_shares_learning_within_a_session_only(llm: SpecDecoder) -> None:
+    """Two requests of one session: the second drafts from the first's answer. The same two as
+    lone prompts, or a repeat of a prompt: nothing learned carries over."""
+    from specdecode.bench.methods import parse_methods
+    from specdecode.bench.runner import Runner
+    from specdecode.bench.suites import Prompt
+
+    text = "Write a Python function that returns the squares of a list of numbers."
+    prompts = [
+        Prompt("s-1", "sessions", text, session="s"),
+        Prompt("s-2", "sessions", text, session="s"),
+        Prompt("alone-1", "alone", text),
+        Prompt("alone-2", "alone", text),
+    ]
+    runner = Runner(llm, parse_methods("suffix"), SamplingParams(max_new_tokens=40))
+    records = {(r.method, r.prompt_id, r.repeat): r for r in runner.run(prompts, repeats=2)}
+    learned = records[("suffix", "s-2", 0)].mean_accepted_tokens
+    assert learned > 3.0
+    for key in [("suffix", "alone-2", 0), ("suffix", "s-1", 1), ("suffix", "alone-1", 1)]:
+        assert records[key].mean_accepted_tokens < learned / 2, key
+    assert all(r.exact is not False for r in records.values())

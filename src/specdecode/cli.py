@@ -251,6 +251,13 @@ def _add_speculation_args(
         "(default: 16; raised to --num-draft-tokens if below it)",
     )
     p.add_argument(
+        "--suffix-cache",
+        metavar="FILE",
+        help="suffix: keep the index of earlier requests' outputs in FILE (loaded if it exists, "
+        "saved after each request; refused if made with another tokenizer). Without it the "
+        "index lives as long as the process (a server, a bench run)",
+    )
+    p.add_argument(
         "--min-ngram",
         type=int,
         metavar="N",
@@ -314,8 +321,9 @@ def _add_draft_quantize(p: argparse.ArgumentParser) -> None:
 
 
 def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float | int | str]:
-    """drafter_options from --min-ngram / --max-ngram (prompt lookup) and --draft-min-confidence
-    (draft model, eagle) and --head (trained heads), checked before any model loads."""
+    """drafter_options from --min-ngram / --max-ngram (prompt lookup), --suffix-cache (suffix),
+    --draft-min-confidence (draft model, eagle) and --head (trained heads), checked before any
+    model loads."""
     from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 
     options: dict[str, float | int | str] = {}
@@ -339,6 +347,12 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
         strong = defaults["strong_ngram"].default
         if max_ngram < strong:
             options["strong_ngram"] = max_ngram
+    if args.suffix_cache is not None:
+        if drafter != "suffix":
+            raise SpecDecodeError(
+                f"--suffix-cache keeps the suffix drafter's index; the drafter is {drafter}"
+            )
+        options["cache_file"] = args.suffix_cache
     if args.draft_min_confidence is not None:
         if drafter not in ("draft-model", "eagle"):
             raise SpecDecodeError(

@@ -105,6 +105,19 @@ BUILTIN: dict[str, Method] = {
             drafter="prompt-lookup",
             controller="cost-aware",
         ),
+        _ours(
+            "suffix",
+            "suffix decoding (this request, and earlier ones of its session), heuristic length",
+            drafter="suffix",
+        ),
+        _ours(
+            "suffix-tree",
+            "suffix decoding, most frequent continuations as a tree, 2 wide, at most 16 nodes",
+            drafter="suffix",
+            tree="static",
+            tree_width=2,
+            tree_nodes=16,
+        ),
         _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
         _ours(
             "draft-model-cost-aware",

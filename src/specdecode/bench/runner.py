@@ -4,6 +4,8 @@ For each prompt and repeat the baseline (plain decoding through the same engine)
 every method, so slow drift of a shared machine hits all of them alike and cancels in the ratios.
 One short untimed warm-up generation per method comes first. Greedy outputs of our methods are
 compared token for token with the baseline's: a mismatch is a bug, and the report shows it first.
+Drafters that learn across requests (suffix) learn within a session only: the requests of one
+`session` of the suite, in the suite's order; every other prompt starts with nothing learned.
 
 Methods may run on another model backend than the run's (a methods file's `backend = ...`). Each
 such backend gets its own plain-decoding baseline, `none-BACKEND`, because losslessness is token
@@ -169,6 +171,7 @@ class Runner:
         self.sampling = sampling
         self.peers = peers or {}
         self.machine = this_machine()
+        self._drafter_states: dict[tuple[str, str, int], dict] = {}
         for method in self.methods:
             if method.peer is not None and method.peer not in self.peers:
                 raise SpecDecodeError(f"no runner for the peer baseline {method.peer!r}")
@@ -184,8 +187,14 @@ class Runner:
         return self.llm.encode_chat(prompt.chat())
 
     def run_one(
-        self, method: Method, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        method: Method,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        drafter_state: dict | None = None,
     ) -> tuple[list[int], float, dict]:
+        """One generation; `drafter_state`: what the method's drafters keep across requests
+        (`Engine.drafter_state`), by default a fresh one: a request sees no other's output."""
         if method.peer is not None:
             out = self.peers[method.peer].generate(
                 method.peer, prompt_ids, sampling, self.llm.tokenizer.eos_token_ids
@@ -197,6 +206,7 @@ class Runner:
         # Every run pays for its own prefill: the backend would otherwise find the prompt that
         # the previous method left in its cache and skip it.
         decoder.target.reset()
+        decoder.engine.drafter_state = {} if drafter_state is None else drafter_state
         result = decoder.generate(prompt_ids, sampling, method.spec)
         return result.token_ids, result.stats.seconds, result.stats.to_dict()
 
@@ -258,8 +268,13 @@ class Runner:
         ids: list[int],
         baselines: dict[tuple[str, str, int], list[int]],
     ) -> Record:
+        # A session's requests share their drafters' cross-request state, in order, per method
+        # and repeat (a repeat must not find its own earlier answer); other prompts start afresh.
+        state = None
+        if prompt.session:
+            state = self._drafter_states.setdefault((method.name, prompt.session, repeat), {})
         with PeakMemory() as peak:
-            token_ids, seconds, stats = self.run_one(method, ids, self.sampling)
+            token_ids, seconds, stats = self.run_one(method, ids, self.sampling, state)
         exact = None
         backend = self.backend_of(method)
         baseline = baselines.get((backend, prompt.id, repeat)) if backend else None

@@ -30,6 +30,9 @@ class Prompt:
     prompt: str | None = None  # one user turn
     messages: tuple[dict, ...] | None = None  # a conversation ending with a user turn
     origin: str = ""
+    #: Requests of one session run in the suite's order and share what drafters learn across
+    #: requests ("": the prompt stands alone).
+    session: str = ""
 
     def chat(self) -> list[dict]:
         """The prompt as chat messages."""
@@ -64,6 +67,7 @@ def load_suite(name_or_path: str, categories: Sequence[str] | None = None) -> li
                 prompt=raw.get("prompt"),
                 messages=tuple(messages) if messages is not None else None,
                 origin=str(raw.get("origin", "")),
+                session=str(raw.get("session", "")),
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise SpecDecodeError(

@@ -187,8 +187,8 @@ class SuffixIndex:
             ) from None
         if saved_identity != identity:
             raise SpecDecodeError(
-                f"the suffix cache {path} was made with another tokenizer: give another "
-                "cache_file for this model"
+                f"the suffix cache {path} was made with another tokenizer: give another file "
+                "(--suffix-cache) for this model"
             )
         index = cls(max_tokens)
         for token in tokens.tolist():
