@@ -169,3 +169,18 @@ def test_the_bench_shares_learning_within_a_session_only(llm: SpecDecoder) -> No
     for key in [("suffix", "alone-2", 0), ("suffix", "s-1", 1), ("suffix", "alone-1", 1)]:
         assert records[key].mean_accepted_tokens < learned / 2, key
     assert all(r.exact is not False for r in records.values())
+
+
+def test_the_sessions_suite_keeps_each_session_in_one_category_and_in_order() -> None:
+    from specdecode.bench.runner import _categories_in_turn
+    from specdecode.bench.suites import load_suite
+
+    prompts = load_suite("sessions")
+    sessions: dict[str, list[str]] = {}
+    for prompt in _categories_in_turn(prompts):  # the order a bench runs them in
+        assert prompt.session, prompt.id
+        sessions.setdefault(prompt.session, []).append(prompt.id)
+    assert len(sessions) == 8
+    for session, ids in sessions.items():
+        assert ids == [f"{session}-{i}" for i in range(1, 6)]
+        assert len({p.category for p in prompts if p.session == session}) == 1

@@ -20,6 +20,8 @@ SUITES = {
     "spec-bench": "six categories after Spec-Bench, 20 prompts each",
     "quick": "two prompts per category, for smoke tests and CI",
     "core": "code editing (6 prompts) and code completion (3 prompts)",
+    "sessions": "8 sessions of 5 requests that repeat one another's structure (edits, "
+    "extraction, tool calls, revisions), for drafters that learn across requests",
 }
 
 
