@@ -508,6 +508,8 @@ def test_discarded_cells_stay_taken_until_a_compaction_pays(small: SpecDecoder) 
     llama = backend._llama
     backend.prefill(small.encode_prompt(QUESTION_PROMPT))
     committed = backend.num_cached
+    llama.compact()  # what earlier tests discarded
+    assert llama.used == committed
     backend.forward(torch.arange(3000, 3020))  # drafts verified, then rejected
     backend.truncate(committed)
     assert llama.used == committed + 20  # rejected cells stay taken (see _Context)
@@ -561,3 +563,28 @@ def test_a_server_batches_as_many_requests_as_the_cache_holds(small: SpecDecoder
     llm = SpecDecoder(backend, small.tokenizer)
     scheduler = Scheduler(llm, ServerMetrics("m"), max_batch=8, forward_seconds=lambda rows: 0.03)
     assert scheduler.max_batch == 2
+
+
+def test_sequence_ids_are_refused_before_a_batch_and_returned_by_a_dropped_fork() -> None:
+    import gc
+
+    backend = LlamaCppBackend(resolve_gguf(SMALL), max_context=256, kernels="narrow", sequences=2)
+    llama = backend._llama
+    fork = backend.fork()
+    prompt = [1000 + 7 * i for i in range(12)]
+    backend.prefill(prompt)
+    fork.prefill(prompt)
+    free = len(llama.free_ids)
+    star = free // 2 + 4  # two trees of this many nodes need more ids than are free
+    wide = DraftTree(torch.arange(3000, 3000 + star), torch.full((star,), -1, dtype=torch.long))
+    with pytest.raises(SpecDecodeError, match="sequence ids"):
+        backend.forward_trees([backend, fork], [wide, wide])
+    assert len(llama.free_ids) == free
+    assert backend.num_cached == fork.num_cached == len(prompt) - 1
+    # A fork dropped while it holds a tree gives back its chain's id and its nodes'.
+    small_tree = DraftTree(torch.tensor([3000, 3001]), torch.tensor([-1, -1]))
+    fork.forward_tree(small_tree)
+    assert len(llama.free_ids) == free - 3  # the root and two nodes
+    del fork
+    gc.collect()
+    assert len(llama.free_ids) == free + 1

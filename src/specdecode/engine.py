@@ -239,15 +239,18 @@ class Engine:
         """Generate step by step; `observe`, if given, sees every step's draft tree, the
         target's logits over it and the verdict (for analysis; it must not modify them)."""
         decoding = self.start(prompt_ids, sampling, spec, observe)
-        while True:
-            tree = decoding.propose()
-            if tree is None:
-                yield decoding.finish()
-                return
-            step = decoding.advance(tree, decoding.target.forward_tree(tree))
-            yield step
-            if step.finished:
-                return
+        try:
+            while True:
+                tree = decoding.propose()
+                if tree is None:
+                    yield decoding.finish()
+                    return
+                step = decoding.advance(tree, decoding.target.forward_tree(tree))
+                yield step
+                if step.finished:
+                    return
+        finally:
+            decoding.close()  # also when the caller stops early or a step fails
 
     def start(
         self,
@@ -458,6 +461,8 @@ class Decoding:
         its drafter keeps what it learned across requests."""
         if not self.closed:
             self.closed = True
+            # A step that failed between its forward and its commit leaves its tree in the cache.
+            self.target.truncate(len(self.context) - 1)
             self.drafter.end(self.context)
 
 

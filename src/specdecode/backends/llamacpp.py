@@ -340,9 +340,12 @@ class _Context:
             )
         return self.free_ids.pop()
 
-    def retire(self, sequence: int) -> None:
-        """A fork is gone: its cells are discarded and its id is free."""
+    def retire(self, sequence: int, slots: list[_Slot]) -> None:
+        """A fork is gone: its cells are discarded and its ids (chain, tree nodes) are free."""
         if self.context:
+            for slot in slots:
+                self.discard(slot.sequence)
+                self.free_ids.append(slot.sequence)
             self.discard(sequence)
             self.free_ids.append(sequence)
 
@@ -383,8 +386,10 @@ class _Context:
             if lib.llama_state_seq_set_data(context, state, written, member._chain) != written:
                 lib.llama_memory_clear(self.memory, False)
                 self.used = 0
-                for other, _, _ in saved:
+                for other in self.members:  # each must start over: its next forward refuses
                     other._chain_length = 0
+                    other.root_token = None
+                    other._prefilled = []
                 raise SpecDecodeError("llama.cpp could not compact its KV cache: start over")
             self.used += member._chain_length
 
@@ -428,7 +433,7 @@ class LlamaCppBackend(Backend):
     - wide: every batch is padded with scratch tokens to a multiple of 4 rows (outputs too), so
       that every row takes the matrix-matrix kernel and no query is alone; the tiled kernel is
       off; pieces of at most 60 rows, below the query tiling. The scratch tokens sit in a sequence
-      of their own that nothing attends to, and their cells are freed after the forward. A plain
+      of their own that nothing attends to, and their cells are discarded after the forward. A plain
       step costs what 4 tokens do, but wide verification runs at about stock speed.
 
     Only the prompt's prefill, which returns no logits, runs wider and unpadded: plain and
@@ -643,7 +648,7 @@ class LlamaCppBackend(Backend):
         kept = {id(slot) for slot in path}
         for slot in self._slots:
             self._release(slot, keep_cell=id(slot) in kept)
-        self._slots = []
+        self._slots.clear()
 
     # ---- many sequences at once ----------------------------------------------------------------
 
@@ -664,7 +669,8 @@ class LlamaCppBackend(Backend):
         twin._chain_length = 0
         twin._slots = []
         llama.members.add(twin)
-        weakref.finalize(twin, llama.retire, twin._chain).atexit = False
+        # `_slots` is only ever changed in place, so the finalizer sees the fork's last nodes.
+        weakref.finalize(twin, llama.retire, twin._chain, twin._slots).atexit = False
         return twin
 
     def forward_trees(
@@ -682,17 +688,31 @@ class LlamaCppBackend(Backend):
             raise ValueError("forward_trees() got the same sequence twice")
         backends = [b for b in sequences if isinstance(b, LlamaCppBackend)]
         inputs = [b.tree_inputs(tree) for b, tree in zip(backends, trees, strict=True)]
+        nodes = sum(ids.shape[0] for ids, _, mask in inputs if mask is not None)
+        if nodes > len(llama.free_ids):
+            raise SpecDecodeError(
+                f"the batch's trees need {nodes} llama.cpp sequence ids and {len(llama.free_ids)} "
+                "are free: lower --tree-nodes or --max-batch"
+            )
+        total = sum(ids.shape[0] for ids, _, _ in inputs)
+        llama.make_room(self._padded_rows(total, self._plan.piece_rows or total))
+        cached_before = [b.num_cached for b in backends]
         logits: list[torch.Tensor] = []
         start = 0
-        while start < len(backends):
-            stop, rows = start, 0
-            while stop < len(backends) and (
-                stop == start or rows + inputs[stop][0].shape[0] <= self._batch_size
-            ):
-                rows += inputs[stop][0].shape[0]
-                stop += 1
-            logits.extend(self._forward_group(backends[start:stop], inputs[start:stop]))
-            start = stop
+        try:
+            while start < len(backends):
+                stop, rows = start, 0
+                while stop < len(backends) and (
+                    stop == start or rows + inputs[stop][0].shape[0] <= self._batch_size
+                ):
+                    rows += inputs[stop][0].shape[0]
+                    stop += 1
+                logits.extend(self._forward_group(backends[start:stop], inputs[start:stop]))
+                start = stop
+        except SpecDecodeError:
+            for b, length in zip(backends, cached_before, strict=True):
+                b.truncate(length)  # the groups before the failing one too
+            raise
         for b in backends:
             b.last_hidden = None
         return logits

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +151,22 @@ class SuffixDrafter(Drafter):
         output = [int(t) for t in context[len(self.prompt) :]]
         self.cache.add_sequence((self.prompt if self.cache_prompts else []) + output)
         if self.cache_file is not None:
-            self.cache.save(self.cache_file, self.vocabulary)
+            try:
+                self.cache.save(self.cache_file, self.vocabulary)
+            except OSError as exc:  # the answer stands; only the file falls behind
+                warnings.warn(
+                    f"specdecode: could not save the suffix cache {self.cache_file}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _draft(self, index: SuffixIndex, context: Sequence[int], budget: Budget) -> _Draft:
         matched, ends = index.longest_match(context, self.max_depth)
         if matched == 0:
             return _NO_DRAFT
         most = math.floor(matched * self.max_spec_factor + self.max_spec_offset)
-        most = min(most, budget.max_nodes or 0, self.max_depth)
+        most = min(most, budget.max_nodes or 0)
+        deepest = min(budget.max_depth, self.max_depth)
         if most <= 0:
             return _NO_DRAFT
         width = budget.max_width if self.tree else 1
@@ -182,7 +191,7 @@ class SuffixDrafter(Drafter):
         while frontier and len(draft.tokens) < most:
             negative, _, parent, share, token, child_ends = heapq.heappop(frontier)
             depth = 1 if parent < 0 else depths[parent] + 1
-            if depth > budget.max_depth:
+            if depth > deepest:
                 continue
             node = len(draft.tokens)
             draft.tokens.append(token)

@@ -16,6 +16,7 @@ are skipped, and the buffer and position lists are rebuilt once the dead part ou
 
 from __future__ import annotations
 
+import zipfile
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,7 +136,7 @@ class SuffixIndex:
         positions = positions[positions > self._start]  # _start holds a separator
         # Something must follow: not the buffer's end, not a separator.
         positions = positions[positions + 1 < self._size]
-        positions = positions[self._tokens[positions + 1] != SEPARATOR][-MAX_OCCURRENCES:]
+        positions = positions[self._tokens[positions + 1] != SEPARATOR]
         if positions.size == 0:
             return 0, positions
         matched = 1
@@ -148,7 +149,7 @@ class SuffixIndex:
                 break
             positions = positions[keep]
             matched += 1
-        return matched, positions
+        return matched, positions[-MAX_OCCURRENCES:]
 
     def children(self, ends: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """What followed the occurrences ending at `ends`: (token, the occurrences extended by it)
@@ -181,10 +182,15 @@ class SuffixIndex:
         try:
             with np.load(Path(path), allow_pickle=False) as saved:
                 tokens, saved_identity = saved["tokens"], str(saved["identity"])
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise SpecDecodeError(
                 f"cannot read the suffix cache {path}: {exc}; delete it or give another cache_file"
             ) from None
+        if tokens.ndim != 1 or (tokens.size and tokens[0] != SEPARATOR) or (tokens < -1).any():
+            raise SpecDecodeError(
+                f"{path} is not a suffix cache (its tokens are malformed); delete it or give "
+                "another file (--suffix-cache)"
+            )
         if saved_identity != identity:
             raise SpecDecodeError(
                 f"the suffix cache {path} was made with another tokenizer: give another file "

@@ -115,6 +115,11 @@ class Scheduler:
         # A backend that holds a set number of sequences (llama.cpp's cache) caps the batch.
         held = [b.max_sequences for b in (engine.target, engine.draft_model) if b is not None]
         self.max_batch = min([max_batch, *(n for n in held if n is not None)]) if batching else 1
+        draft = engine.draft_model
+        if draft is not None and draft.max_sequences is not None and llm.spec.tree != "chain":
+            # A draft model's tree stays in its cache until its sequence's next step, and a
+            # shared cache (llama.cpp's) compacts only when no sequence holds a tree.
+            self.max_batch = 1
         self.forward_seconds = forward_seconds
         # Slot 0 is the engine's own backends; the others are forked on first use, then kept
         # (their caches are reused by the requests that follow).
@@ -295,7 +300,10 @@ class Scheduler:
         if entry.slot < 0:
             return
         entry.slot = -1
-        entry.decoding.close()
+        try:
+            entry.decoding.close()
+        except Exception as exc:  # noqa: BLE001 - the request is over; the loop must go on
+            print(f"warning: closing a request failed: {exc}", file=sys.stderr)
         self.metrics.running.labels(self.metrics.model).dec()
         self.metrics.finished(entry.decoding.stats, reason)
         entry.job.deliver(None)
