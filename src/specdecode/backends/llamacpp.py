@@ -608,6 +608,7 @@ class LlamaCppBackend(Backend):
                     logits.append(self._read_logits(end - start))
         except SpecDecodeError:
             self.truncate(cached_before)
+            self._llama.discard(self._chain, self._chain_length)  # a failed decode's chain cells
             raise
         return torch.cat(logits) if return_logits else None
 
@@ -694,24 +695,33 @@ class LlamaCppBackend(Backend):
                 f"the batch's trees need {nodes} llama.cpp sequence ids and {len(llama.free_ids)} "
                 "are free: lower --tree-nodes or --max-batch"
             )
-        total = sum(ids.shape[0] for ids, _, _ in inputs)
-        llama.make_room(self._padded_rows(total, self._plan.piece_rows or total))
+        # Sequences in groups that fit a batch, and room for all of them before the first.
+        groups: list[tuple[int, int]] = []
+        start = 0
+        while start < len(backends):
+            stop, rows = start, 0
+            while stop < len(backends) and (
+                stop == start or rows + inputs[stop][0].shape[0] <= self._batch_size
+            ):
+                rows += inputs[stop][0].shape[0]
+                stop += 1
+            groups.append((start, stop))
+            start = stop
+        piece = self._plan.piece_rows
+        cells = 0
+        for start, stop in groups:
+            rows = sum(ids.shape[0] for ids, _, _ in inputs[start:stop])
+            cells += self._padded_rows(rows, piece or rows)
+        llama.make_room(cells)
         cached_before = [b.num_cached for b in backends]
         logits: list[torch.Tensor] = []
-        start = 0
         try:
-            while start < len(backends):
-                stop, rows = start, 0
-                while stop < len(backends) and (
-                    stop == start or rows + inputs[stop][0].shape[0] <= self._batch_size
-                ):
-                    rows += inputs[stop][0].shape[0]
-                    stop += 1
+            for start, stop in groups:
                 logits.extend(self._forward_group(backends[start:stop], inputs[start:stop]))
-                start = stop
         except SpecDecodeError:
             for b, length in zip(backends, cached_before, strict=True):
-                b.truncate(length)  # the groups before the failing one too
+                b.truncate(length)  # every group's trees, and the chains' committed rows
+                llama.discard(b._chain, b._chain_length)  # a failed decode's chain cells
             raise
         for b in backends:
             b.last_hidden = None
@@ -722,6 +732,7 @@ class LlamaCppBackend(Backend):
         backends: list[LlamaCppBackend],
         inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     ) -> list[torch.Tensor]:  # per sequence: [N+1, V]
+        """One batch of `forward_trees` (which makes the room and rolls back on failure)."""
         counts = [int(ids.shape[0]) for ids, _, _ in inputs]
         total = sum(counts)
         if total > self._batch_size:
@@ -730,36 +741,28 @@ class LlamaCppBackend(Backend):
                 f"got a tree of {total}"
             )
         piece = self._plan.piece_rows or total
-        self._llama.make_room(self._padded_rows(total, piece))
-        cached_before = [b.num_cached for b in backends]
         rows: list[tuple[int, int, list[int]]] = []  # token, position, sequence ids
         chains: list[tuple[LlamaCppBackend, int]] = []  # a chain's backend and its new tokens
-        try:
-            for b, (ids, positions, tree_mask) in zip(backends, inputs, strict=True):
-                tokens, places = ids.tolist(), positions.tolist()
-                if tree_mask is None and not b._slots:
-                    if places != list(range(b._chain_length, b._chain_length + len(tokens))):
-                        raise SpecDecodeError("a chain must continue the committed positions")
-                    rows.extend((t, p, [b._chain]) for t, p in zip(tokens, places, strict=True))
-                    chains.append((b, len(tokens)))
-                else:
-                    if tree_mask is None:  # slots of an earlier forward: seen, as causal
-                        tree_mask = torch.ones(
-                            len(tokens), len(tokens) + len(b._slots), dtype=torch.bool
-                        ).tril(len(b._slots))
-                    members = b._add_tree(tokens, places, tree_mask)
-                    rows.extend(zip(tokens, places, members, strict=True))
-            logits = []
-            for first in range(0, total, piece):
-                part = rows[first : first + piece]
-                self._fill_batch(*map(list, zip(*part, strict=True)), want_logits=True)
-                self._decode()
-                logits.append(self._read_logits(len(part)))
-        except SpecDecodeError:
-            for b, length in zip(backends, cached_before, strict=True):
-                b.truncate(length)
-                self._llama.discard(b._chain, b._chain_length)  # cells of a failed decode
-            raise
+        for b, (ids, positions, tree_mask) in zip(backends, inputs, strict=True):
+            tokens, places = ids.tolist(), positions.tolist()
+            if tree_mask is None and not b._slots:
+                if places != list(range(b._chain_length, b._chain_length + len(tokens))):
+                    raise SpecDecodeError("a chain must continue the committed positions")
+                rows.extend((t, p, [b._chain]) for t, p in zip(tokens, places, strict=True))
+                chains.append((b, len(tokens)))
+            else:
+                if tree_mask is None:  # slots of an earlier forward: seen, as causal
+                    tree_mask = torch.ones(
+                        len(tokens), len(tokens) + len(b._slots), dtype=torch.bool
+                    ).tril(len(b._slots))
+                members = b._add_tree(tokens, places, tree_mask)
+                rows.extend(zip(tokens, places, members, strict=True))
+        logits = []
+        for first in range(0, total, piece):
+            part = rows[first : first + piece]
+            self._fill_batch(*map(list, zip(*part, strict=True)), want_logits=True)
+            self._decode()
+            logits.append(self._read_logits(len(part)))
         for b, count in chains:
             b._chain_length += count
         return list(torch.cat(logits).split(counts))

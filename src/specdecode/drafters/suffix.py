@@ -112,7 +112,6 @@ class SuffixDrafter(Drafter):
         self.local = SuffixIndex()  # the current request's prompt and output
         self.prompt: list[int] = []
         self.seen = 0  # tokens of the context in `local`
-        self.ended = True
 
     def begin(
         self,
@@ -123,7 +122,6 @@ class SuffixDrafter(Drafter):
     ) -> None:
         self.reset()
         self.prompt = [int(t) for t in prompt]
-        self.ended = False
 
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         self.local.extend(context[self.seen :])
@@ -143,9 +141,6 @@ class SuffixDrafter(Drafter):
         )
 
     def end(self, context: Sequence[int]) -> None:
-        if self.ended:
-            return
-        self.ended = True
         if self.cache is None:
             return
         output = [int(t) for t in context[len(self.prompt) :]]
