@@ -169,6 +169,23 @@ def test_the_bench_shares_learning_within_a_session_only(llm: SpecDecoder) -> No
     for key in [("suffix", "alone-2", 0), ("suffix", "s-1", 1), ("suffix", "alone-1", 1)]:
         assert records[key].mean_accepted_tokens < learned / 2, key
     assert all(r.exact is not False for r in records.values())
+    assert [records[("suffix", p, 0)].session_index for p in ("s-1", "s-2", "alone-1")] == [
+        1,
+        2,
+        None,
+    ]
+    from specdecode.bench.report import report
+
+    text = report(list(records.values()), "bench")
+    assert "| method | request 1 | request 2 |" in text
+    first, second = (records[("suffix", p, r)] for p, r in (("s-1", 0), ("s-2", 0)))
+    by_index = [
+        (first.new_tokens + records[("suffix", "s-1", 1)].new_tokens)
+        / (first.target_forwards + records[("suffix", "s-1", 1)].target_forwards),
+        (second.new_tokens + records[("suffix", "s-2", 1)].new_tokens)
+        / (second.target_forwards + records[("suffix", "s-2", 1)].target_forwards),
+    ]
+    assert f"| suffix | {by_index[0]:.2f} | {by_index[1]:.2f} |" in text
 
 
 def test_the_sessions_suite_keeps_each_session_in_one_category_and_in_order() -> None:

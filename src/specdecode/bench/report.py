@@ -160,8 +160,38 @@ def report(records: Sequence[Record], command: str, settings: str = "") -> str:
         lines += ["## Speed-up by category", "", *_by_category(records, ratios), ""]
     for category in dict.fromkeys(r.category for r in records):
         lines += [f"## {category}", "", *_table(records, category, ratios, decode_ratios), ""]
+    lines += _by_session_index(records)
     lines += [f"Machine: {machine_description(records)}.", "", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def _by_session_index(records: Sequence[Record]) -> list[str]:
+    """Tokens per forward by the request's place in its session: what drafters that learn across
+    requests gain as a session goes on (no lines when no record is part of a session)."""
+    totals: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in records:
+        if r.session_index is not None and r.target_forwards and r.method != BASELINE.name:
+            total = totals[r.method][r.session_index]
+            total[0] += r.new_tokens
+            total[1] += r.target_forwards
+    if not totals:
+        return []
+    indexes = sorted({i for by_index in totals.values() for i in by_index})
+    lines = [
+        "## Tokens per forward by request in its session",
+        "",
+        "Emitted tokens over target forwards, summed over the sessions' requests at each place "
+        "(1 = a session's first request, which has learned nothing from earlier ones).",
+        "",
+        "| method | " + " | ".join(f"request {i}" for i in indexes) + " |",
+        "|---" * (len(indexes) + 1) + "|",
+    ]
+    for method, by_index in totals.items():
+        cells = [
+            f"{by_index[i][0] / by_index[i][1]:.2f}" if by_index[i][1] else "-" for i in indexes
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def acceptance_by_depth(records: Sequence[Record], min_drafted: int = 20) -> dict[str, list[float]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -69,6 +70,9 @@ class Record:
     # The CPU and thread count it ran on: tokens/s and even ratios differ between machines, so a
     # run resumed on another machine is refused (see `this_machine`).
     machine: str | None = None
+    # The request's place in its suite session (1 = first), where drafters learn across requests;
+    # None for a prompt outside any session.
+    session_index: int | None = None
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -246,12 +250,14 @@ class Runner:
         if not todo:
             return records
         self.warm_up(self.encode(todo[0][0]))
+        session_index = _session_indexes(prompts)
         for prompt, repeat in todo:
             ids = self.encode(prompt)
             for method in self.methods:
                 if (method.name, prompt.id, repeat) in finished:
                     continue
                 record = self._measure(method, prompt, repeat, ids, baselines)
+                record.session_index = session_index.get(prompt.id)
                 if method.name in self.baselines:
                     key = (self.baselines[method.name], prompt.id, repeat)
                     baselines[key] = record.token_ids
@@ -309,6 +315,17 @@ class Runner:
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             machine=self.machine,
         )
+
+
+def _session_indexes(prompts: Sequence[Prompt]) -> dict[str, int]:
+    """Each session prompt's place in its session (1 = first), in the suite's order."""
+    counts: dict[str, int] = defaultdict(int)
+    indexes = {}
+    for prompt in prompts:
+        if prompt.session:
+            counts[prompt.session] += 1
+            indexes[prompt.id] = counts[prompt.session]
+    return indexes
 
 
 def _categories_in_turn(prompts: Sequence[Prompt]) -> list[Prompt]:
