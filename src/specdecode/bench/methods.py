@@ -118,6 +118,19 @@ BUILTIN: dict[str, Method] = {
             tree_width=2,
             tree_nodes=16,
         ),
+        _ours(
+            "token-recycling",
+            "token recycling (successors from earlier verifications), heuristic length",
+            drafter="token-recycling",
+        ),
+        _ours(
+            "token-recycling-tree",
+            "token recycling, a tree of the likeliest successors, 4 wide, at most 16 nodes",
+            drafter="token-recycling",
+            tree="static",
+            tree_width=4,
+            tree_nodes=16,
+        ),
         _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
         _ours(
             "draft-model-cost-aware",

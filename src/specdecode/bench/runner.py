@@ -4,8 +4,11 @@ For each prompt and repeat the baseline (plain decoding through the same engine)
 every method, so slow drift of a shared machine hits all of them alike and cancels in the ratios.
 One short untimed warm-up generation per method comes first. Greedy outputs of our methods are
 compared token for token with the baseline's: a mismatch is a bug, and the report shows it first.
-Drafters that learn across requests (suffix) learn within a session only: the requests of one
-`session` of the suite, in the suite's order; every other prompt starts with nothing learned.
+Drafters that learn text across requests (suffix) learn within a session only: the requests of
+one `session` of the suite, in the suite's order; every other prompt starts with nothing learned.
+Drafters that learn only the target's own statistics (token recycling) keep them across all the
+prompts of a repeat, as in a server, and never across repeats (a repeat must not meet its own
+earlier forwards).
 
 Methods may run on another model backend than the run's (a methods file's `backend = ...`). Each
 such backend gets its own plain-decoding baseline, `none-BACKEND`, because losslessness is token
@@ -32,6 +35,7 @@ from specdecode.bench.methods import BASELINE, Method
 from specdecode.bench.peers import Peer
 from specdecode.bench.suites import Prompt
 from specdecode.config import SamplingParams, SpecConfig
+from specdecode.drafters import DRAFTERS
 from specdecode.errors import SpecDecodeError
 
 WARM_UP_TOKENS = 16
@@ -276,9 +280,13 @@ class Runner:
     ) -> Record:
         # A session's requests share their drafters' cross-request state, in order, per method
         # and repeat (a repeat must not find its own earlier answer); other prompts start afresh.
+        # A drafter whose cross-request state is the target's statistics, not text (token
+        # recycling), carries it across every prompt of a repeat, as a server would.
         state = None
         if prompt.session:
             state = self._drafter_states.setdefault((method.name, prompt.session, repeat), {})
+        elif method.spec is not None and DRAFTERS[method.spec.drafter].keeps_model_statistics:
+            state = self._drafter_states.setdefault((method.name, "", repeat), {})
         with PeakMemory() as peak:
             token_ids, seconds, stats = self.run_one(method, ids, self.sampling, state)
         exact = None

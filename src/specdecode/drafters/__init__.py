@@ -10,6 +10,7 @@ from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 from specdecode.drafters.suffix import SuffixDrafter
+from specdecode.drafters.token_recycling import TokenRecyclingDrafter
 from specdecode.errors import SpecDecodeError
 
 DRAFTERS: dict[str, type[Drafter]] = {
@@ -18,6 +19,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
         NoDrafter,
         PromptLookupDrafter,
         SuffixDrafter,
+        TokenRecyclingDrafter,
         DraftModelDrafter,
         EagleDrafter,
         MedusaDrafter,

@@ -80,6 +80,10 @@ class Drafter(ABC):
     #: The target layers whose hidden states the drafter reads (`TargetOutput.hidden`); set by a
     #: drafter that needs them when built, empty for those that read none.
     hidden_layers: tuple[int, ...] = ()
+    #: Whether what the drafter keeps across requests (`DrafterResources.shared`) is the
+    #: target's own statistics and never a request's text (token recycling's successor matrix),
+    #: so that a benchmark may carry it across unrelated prompts without leaking an answer.
+    keeps_model_statistics: ClassVar[bool] = False
 
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
