@@ -175,6 +175,56 @@ def replay_session(config: Config, session: list[Request], maximum: int) -> list
     return counts
 
 
+class ArcticSuffix(Drafter):
+    """Arctic Inference's suffix decoding cache (`arctic_inference.suffix_decoding`, built on the
+    CPU by benchmarks/build_arctic_suffix.sh), driven as vLLM's `suffix` proposer drives it: the
+    prompt starts a request, each step's accepted tokens are added to it (and to the global tree),
+    and the last `max_tree_depth` tokens are the pattern to match."""
+
+    name = "arctic-suffix"
+
+    def __init__(self, shared: dict, tree: bool = False, max_tree_depth: int = 24) -> None:
+        from arctic_inference.suffix_decoding import SuffixDecodingCache
+
+        if "arctic" not in shared:
+            shared["arctic"] = SuffixDecodingCache(max_tree_depth=max_tree_depth)
+        self.cache = shared["arctic"]
+        self.tree = tree
+        self.max_tree_depth = max_tree_depth
+        self.request = 0
+
+    def begin(self, prompt, sampling, rng, target=None) -> None:
+        self.request += 1
+        self.cache.start_request(self.request, list(prompt))
+        self.seen = len(prompt)
+
+    def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
+        if len(context) > self.seen:
+            self.cache.add_active_response(self.request, list(context[self.seen :]))
+            self.seen = len(context)
+        draft = self.cache.speculate(
+            self.request,
+            list(context[-self.max_tree_depth :]),
+            max_spec_tokens=min(budget.max_depth, budget.max_nodes or 0),
+            use_tree_spec=self.tree,
+        )
+        return DraftTree(
+            torch.tensor(draft.token_ids, dtype=torch.long),
+            torch.tensor(draft.parents, dtype=torch.long),
+        )
+
+    def end(self, context: Sequence[int]) -> None:
+        self.cache.stop_request(self.request)
+
+
+def arctic_available() -> bool:
+    try:
+        import arctic_inference.suffix_decoding  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def suffix(**options) -> Callable[[dict], Drafter]:
     tree = options.pop("tree", False)
     return lambda shared: SuffixDrafter(**options, shared=shared, tree=tree)
@@ -203,6 +253,15 @@ CONFIGS = [
     ),
     Config("copy bound (reads the future)", lambda shared: CopyBound(), controlled=False),
 ]
+ARCTIC = [
+    Config("Arctic Inference suffix, own length", lambda shared: ArcticSuffix(shared), False),
+    Config(
+        "Arctic Inference suffix tree 2x16, own length",
+        lambda shared: ArcticSuffix(shared, tree=True),
+        controlled=False,
+        tree=(2, 16),
+    ),
+]
 
 
 def main() -> None:
@@ -224,7 +283,10 @@ def main() -> None:
     categories = sorted({request.category for session in sessions for request in session})
     by_index: dict[str, list[str]] = {}
     by_category: dict[str, list[str]] = {}
-    for config in CONFIGS:
+    configs = CONFIGS + ARCTIC if arctic_available() else CONFIGS
+    if not arctic_available():
+        print("(Arctic Inference's suffix cache is not importable: its rows are left out)\n")
+    for config in configs:
         if args.only and args.only not in config.name:
             continue
         counts = []  # (request, tokens, forwards)

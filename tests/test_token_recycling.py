@@ -158,7 +158,7 @@ def test_control_recycling_rows_for_the_wrong_tokens_drafts_far_worse(
 
     def shifted(self, verdict, target=NO_TARGET_OUTPUT):
         if target.logits is not None:  # each row's logits credited to the token after it
-            target = TargetOutput(torch.roll(target.logits, 1, dims=0))
+            target = TargetOutput(torch.roll(target.logits, 1, dims=0), tokens=target.tokens)
         original(self, verdict, target)
 
     monkeypatch.setattr(TokenRecyclingDrafter, "update", shifted)

@@ -12,7 +12,8 @@ Per step (see DESIGN.md):
     logits  = target.forward_tree(tree)                  # [N+1, V], one forward
     verdict = verifier.verify(tree, logits, sampling, rng)
     target.commit(verdict.path, verdict.next_token)
-    drafter.update(verdict, TargetOutput(logits, target.last_hidden)); controller.observe(...)
+    drafter.update(verdict, TargetOutput(logits, target.last_hidden, [root, *tree.tokens]))
+    controller.observe(verdict, timings)
 
 Generation stops at an end-of-sequence token (not emitted), at `max_new_tokens`, or once the text
 contains a stop string (the text is cut before it).
@@ -359,7 +360,10 @@ class Decoding:
         self.started = time.perf_counter()
         with torch.inference_mode():
             target.prefill(prompt)
-            drafter.begin(prompt, sampling, self.rng, TargetOutput(None, target.prompt_hidden))
+            prefilled = torch.tensor(prompt[:-1], dtype=torch.long)
+            drafter.begin(
+                prompt, sampling, self.rng, TargetOutput(None, target.prompt_hidden, prefilled)
+            )
             controller.reset()
         self.stats.prefill_seconds = time.perf_counter() - self.started
         self.context = list(prompt)
@@ -419,7 +423,9 @@ class Decoding:
                 else forward_seconds + verified - verify_start
             )
             timings = StepTimings(self._drafted - self._step_start, verifying)
-            self.drafter.update(verdict, TargetOutput(target_logits, self.target.last_hidden))
+            rows = torch.cat([torch.tensor(self.context[-1:]), tree.tokens])  # [N+1]
+            output = TargetOutput(target_logits, self.target.last_hidden, rows)
+            self.drafter.update(verdict, output)
             self.controller.observe(verdict, timings)
             if self.observe is not None:  # outside the timed part of the step
                 self.observe(tree, target_logits, verdict)

@@ -131,6 +131,19 @@ BUILTIN: dict[str, Method] = {
             tree_width=4,
             tree_nodes=16,
         ),
+        _ours(
+            "sam",
+            "suffix automaton copies after a match of 2+ tokens, else token recycling",
+            drafter="sam",
+        ),
+        _ours(
+            "sam-tree",
+            "suffix automaton copies, else a token recycling tree, 4 wide, at most 16 nodes",
+            drafter="sam",
+            tree="static",
+            tree_width=4,
+            tree_nodes=16,
+        ),
         _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
         _ours(
             "draft-model-cost-aware",

@@ -9,6 +9,7 @@ from specdecode.drafters.hydra import HydraDrafter
 from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.sam import SamDrafter
 from specdecode.drafters.suffix import SuffixDrafter
 from specdecode.drafters.token_recycling import TokenRecyclingDrafter
 from specdecode.errors import SpecDecodeError
@@ -19,6 +20,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
         NoDrafter,
         PromptLookupDrafter,
         SuffixDrafter,
+        SamDrafter,
         TokenRecyclingDrafter,
         DraftModelDrafter,
         EagleDrafter,

@@ -47,6 +47,9 @@ class TargetOutput:
     # [T, len(hidden_layers), hidden] the hidden state entering each layer the drafter named
     # (Hugging Face's `hidden_states[layer]`); None when it named none
     hidden: torch.Tensor | None = None
+    # [T] int64 the forward's input tokens, whoever drafted them (a drafter that combines
+    # others proposes for them); None where the caller did not say
+    tokens: torch.Tensor | None = None
 
 
 NO_TARGET_OUTPUT = TargetOutput()

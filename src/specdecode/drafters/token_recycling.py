@@ -145,17 +145,21 @@ class TokenRecyclingDrafter(Drafter):
         )
 
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
-        if target.logits is None or not self.rows:
+        if target.logits is None:
             return
         verified = target.logits.shape[0]  # [N+1, V]: a controller may have cut the chain
-        # The rank statistics: each verified node whose parent was accepted was a fair try.
-        accepted = set(verdict.path)
-        for node in range(verified - 1):
-            parent = self.parents[node]
-            if parent < 0 or parent in accepted:
-                self.state.tries[self.ranks[node]] += 1
-                self.state.hits[self.ranks[node]] += node in accepted
+        # The forward's tokens, whoever drafted them; without them, this drafter's own proposal.
+        rows = target.tokens.tolist() if target.tokens is not None else self.rows[:verified]
+        if len(rows) != verified:
+            return  # not this drafter's proposal, and the forward did not say what it was
+        if rows == self.rows[:verified]:
+            # The rank statistics: each verified node whose parent was accepted was a fair try.
+            accepted = set(verdict.path)
+            for node in range(verified - 1):
+                parent = self.parents[node]
+                if parent < 0 or parent in accepted:
+                    self.state.tries[self.ranks[node]] += 1
+                    self.state.hits[self.ranks[node]] += node in accepted
         top = torch.topk(target.logits, self.candidates, dim=-1).indices  # [N+1, candidates]
-        rows = torch.tensor(self.rows[:verified], dtype=torch.long)
-        self.state.successors[rows.numpy()] = top.to(torch.int32).numpy()
+        self.state.successors[np.asarray(rows)] = top.to(torch.int32).numpy()
         self.rows = []

@@ -1,0 +1,91 @@
+"""SAM-Decoding: copy after the longest earlier match, found by a suffix automaton; else fall back.
+
+Hu et al., "SAM Decoding: Speculative Decoding via Suffix Automaton" (ACL 2025). A suffix
+automaton of the request's prompt and output grows with each committed token and keeps, in
+amortised constant time, the longest suffix of the text that occurred earlier in it: the exact
+longest match, where prompt lookup searches n-grams. The draft is what followed that match's
+first occurrence (or a shorter suffix's, whose first occurrence offers a longer copy).
+
+A short match is a weak guess. Below `min_match` tokens the draft comes from the `fallback`
+drafter instead (by default `token-recycling`, the paper's best model-free pairing; `none`: no
+draft), which hears every verification, whoever drafted it. With `--tree`, the fallback drafts
+trees and a long match its chain. Copies are deterministic (point-mass proposals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from specdecode.config import SamplingParams
+from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
+from specdecode.drafters.suffix_automaton import SuffixAutomaton
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import Budget, DraftTree
+from specdecode.verify.base import Verdict
+
+
+class SamDrafter(Drafter):
+    name = "sam"
+    supports_trees = True
+    # Its automaton is per request; what lasts is its fallback's (token recycling's matrix).
+    keeps_model_statistics = True
+
+    def __init__(self, min_match: int = 2, fallback: Drafter | None = None) -> None:
+        if min_match < 1:
+            raise SpecDecodeError(f"sam needs min_match >= 1, got {min_match}")
+        self.min_match = min_match
+        self.fallback = fallback
+        self.reset()
+
+    @classmethod
+    def create(cls, options: dict[str, Any], resources: DrafterResources) -> SamDrafter:
+        from specdecode.drafters import make_drafter  # the registry imports this module
+
+        options = dict(options)
+        fallback_name = options.pop("fallback", "token-recycling")
+        if fallback_name == cls.name:
+            raise SpecDecodeError("sam's fallback must be another drafter, not sam")
+        fallback = None
+        if fallback_name != "none":
+            fallback = make_drafter(fallback_name, options.pop("fallback_options", {}), resources)
+        return cls(**options, fallback=fallback)
+
+    def reset(self) -> None:
+        self.automaton = SuffixAutomaton()
+        if self.fallback is not None:
+            self.fallback.reset()
+
+    def begin(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        rng: torch.Generator | None,
+        target: TargetOutput = NO_TARGET_OUTPUT,
+    ) -> None:
+        self.automaton = SuffixAutomaton()
+        if self.fallback is not None:
+            self.fallback.begin(prompt, sampling, rng, target)
+
+    def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
+        automaton = self.automaton
+        automaton.extend(context[len(automaton.text) :])
+        wanted = min(budget.max_depth, budget.max_nodes or 0)
+        if wanted == 0:
+            return DraftTree.empty()
+        if automaton.match_length >= self.min_match:
+            state, _ = automaton.shorter_with_more_to_copy(wanted, self.min_match)
+            return DraftTree.chain(automaton.continuation(state, wanted))
+        if self.fallback is not None:
+            return self.fallback.propose(context, budget)
+        return DraftTree.empty()
+
+    def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
+        if self.fallback is not None:
+            self.fallback.update(verdict, target)
+
+    def end(self, context: Sequence[int]) -> None:
+        if self.fallback is not None:
+            self.fallback.end(context)

@@ -1,0 +1,149 @@
+"""The `sam` drafter (SAM-Decoding) and its suffix automaton.
+
+- The automaton: after every appended token, its running match is the longest suffix of the text
+  that ended earlier in it, and its state knows where that first ended (against brute force on
+  random texts over small vocabularies, where matches are long and classes split often); it has
+  at most 2n - 1 states for n tokens.
+- The drafter: a match of `min_match` tokens or more drafts the copy after its first occurrence,
+  a shorter suffix when that offers a longer copy; below it the fallback drafts, and hears every
+  verification whoever drafted; bad options are one clear error.
+- Greedy losslessness on a real model, chains and trees, with the automaton's copies accepted.
+- Sampling: `certify` passes at temperature 1 (slow).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specdecode import SamplingParams, SpecConfig, SpecDecoder
+from specdecode.certify import CertifyConfig, certify
+from specdecode.cli import CERTIFY_PROMPT
+from specdecode.drafters import DrafterResources, make_drafter
+from specdecode.drafters.base import TargetOutput
+from specdecode.drafters.sam import SamDrafter
+from specdecode.drafters.suffix_automaton import SuffixAutomaton
+from specdecode.drafters.token_recycling import TokenRecyclingDrafter
+from specdecode.errors import SpecDecodeError
+from specdecode.tree import Budget
+from specdecode.verify.base import Verdict
+
+
+def earliest_longest_match(text: list[int]) -> tuple[int, int]:
+    """(length, first end) of the longest suffix of `text` that also ended earlier in it."""
+    best = (0, -1)
+    for length in range(1, len(text)):
+        suffix = text[-length:]
+        ends = [
+            end
+            for end in range(length - 1, len(text) - 1)
+            if text[end - length + 1 : end + 1] == suffix
+        ]
+        if not ends:
+            break
+        best = (length, ends[0])
+    return best
+
+
+def test_the_running_match_is_the_longest_earlier_suffix() -> None:
+    rng = random.Random(0)
+    for trial in range(200):
+        automaton, text = SuffixAutomaton(), []
+        vocabulary = rng.choice([2, 3, 5])
+        for _ in range(50):
+            text.append(rng.randrange(vocabulary))
+            automaton.extend(text[-1:])
+            length, first_end = earliest_longest_match(text)
+            assert automaton.match_length == length, (trial, text)
+            if length:
+                assert automaton.first_end[automaton.match_state] == first_end, (trial, text)
+        assert automaton.num_states <= 2 * len(text) - 1
+
+
+def test_a_long_match_copies_what_followed_its_first_occurrence() -> None:
+    drafter = SamDrafter(min_match=2)
+    context = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert drafter.propose(context, Budget.chain(3)).tokens.tolist() == [4, 5, 9]
+    # "9 1 2 3" never occurred before; "1 2 3" did, followed by 4 5 9 1 2 3: capped at 8.
+    assert drafter.propose(context, Budget.chain(8)).tokens.tolist() == [4, 5, 9, 1, 2, 3]
+    # One more committed token extends the match to "1 2 3 4".
+    assert drafter.propose([*context, 4], Budget.chain(2)).tokens.tolist() == [5, 9]
+
+
+def test_a_shorter_match_is_copied_where_the_longest_offers_too_little() -> None:
+    drafter = SamDrafter(min_match=1)
+    # "5 6" first ended at index 6, with 3 tokens after it; "6" first ended at 0, with 9 after.
+    context = [6, 6, 1, 2, 3, 5, 6, 7, 5, 6]
+    tree = drafter.propose(context, Budget.chain(4))
+    assert tree.tokens.tolist() == [6, 1, 2, 3]
+    strict = SamDrafter(min_match=2)
+    assert strict.propose(context, Budget.chain(4)).tokens.tolist() == [7, 5, 6]
+
+
+def test_below_min_match_the_fallback_drafts_and_hears_every_verification() -> None:
+    fallback = TokenRecyclingDrafter(vocab_size=16)
+    fallback.state.successors[8] = range(8)
+    fallback.state.successors[0] = range(5, 13)
+    drafter = SamDrafter(min_match=3, fallback=fallback)
+    # "8" never occurred before: no match, so token recycling drafts its chain from 8.
+    assert drafter.propose([1, 2, 9, 1, 2, 8], Budget.chain(2)).tokens.tolist() == [0, 5]
+    # A copy (match "1 2 9" of 3 tokens), verified: the fallback still learns the rows.
+    drafter.begin([1, 2, 9], SamplingParams(), None)
+    tree = drafter.propose([1, 2, 9, 1, 2, 9], Budget.chain(2))
+    assert tree.tokens.tolist() == [1, 2]
+    logits = torch.zeros(3, 16)
+    logits[:, 11] = 1.0
+    drafter.update(
+        Verdict([], [11], 2, False), TargetOutput(logits, tokens=torch.tensor([9, 1, 2]))
+    )
+    assert [int(fallback.state.successors[t, 0]) for t in (9, 1, 2)] == [11, 11, 11]
+
+
+def test_bad_options_are_one_clear_error() -> None:
+    resources = DrafterResources(target=None)  # type: ignore[arg-type]
+    with pytest.raises(SpecDecodeError, match="min_match >= 1"):
+        make_drafter("sam", {"min_match": 0, "fallback": "none"}, resources)
+    with pytest.raises(SpecDecodeError, match="another drafter"):
+        make_drafter("sam", {"fallback": "sam"}, resources)
+    with pytest.raises(SpecDecodeError, match="unknown drafter 'nope'"):
+        make_drafter("sam", {"fallback": "nope"}, resources)
+
+
+@pytest.fixture(scope="module")
+def llm() -> SpecDecoder:
+    return SpecDecoder.load("smollm2-135m-instruct")
+
+
+COPY = (
+    "Here is a function:\n\ndef area(width, height):\n    return width * height\n\n"
+    "Write the same function again, then write a function perimeter in the same style."
+)
+
+
+@pytest.mark.parametrize("tree", ["chain", "static"])
+def test_greedy_is_exact_with_copies_accepted(llm: SpecDecoder, tree: str) -> None:
+    llm.engine.drafter_state.clear()
+    sampling = SamplingParams(max_new_tokens=64)
+    plain = llm.generate(COPY, sampling, SpecConfig(drafter="none"))
+    # The copies alone (no fallback), then with token recycling below a 2-token match.
+    for fallback, least in (("none", 1.25), ("token-recycling", 1.4)):
+        options = {"fallback": fallback}
+        spec = SpecConfig(
+            drafter="sam", tree=tree, tree_width=4, tree_nodes=16, drafter_options=options
+        )
+        fast = llm.generate(COPY, sampling, spec)
+        assert fast.token_ids == plain.token_ids, fallback
+        assert fast.stats.mean_accepted_tokens > least, fallback
+
+
+@pytest.mark.slow
+def test_sampling_passes_certify(llm: SpecDecoder) -> None:
+    llm.engine.drafter_state.clear()
+    spec = SpecConfig(drafter="sam", controller="fixed", num_draft_tokens=3)
+    prompt = llm.encode_prompt(CERTIFY_PROMPT, chat=False)
+    sampling = SamplingParams(temperature=1.0)
+    report = certify(llm.engine, prompt, sampling, spec, CertifyConfig(samples=300, seed=3))
+    assert report.verdict == "PASS", report.summary()
+    assert report.speculative_tokens_per_forward > 1.0  # drafts were proposed and judged
