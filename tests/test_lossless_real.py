@@ -75,13 +75,17 @@ def plain_small(small: SpecDecoder) -> Callable[[str, int], list[int]]:
         pytest.param(EDIT_PROMPT, "fixed", marks=pytest.mark.slow),
         pytest.param(QUESTION_PROMPT, "fixed", marks=pytest.mark.slow),
         pytest.param(QUESTION_PROMPT, "cost-aware", marks=pytest.mark.slow),
+        (EDIT_PROMPT, "tree"),
     ],
 )
 def test_prompt_lookup_greedy_is_exact(
     small: SpecDecoder, plain_small, prompt: str, controller: str
 ) -> None:
     plain = plain_small(prompt, 64)  # one target forward per token
-    fast = generate(small, prompt, "prompt-lookup", 64, controller=controller)
+    if controller == "tree":  # copies of every occurrence, merged into a tree
+        fast = generate(small, prompt, "prompt-lookup", 64, tree="static")
+    else:
+        fast = generate(small, prompt, "prompt-lookup", 64, controller=controller)
     assert fast.token_ids == plain
     # Drafts were accepted, so the identity is not plain decoding's by default: on the edit the
     # answer repeats the prompt; the question's answer repeats itself (names, `return`). The

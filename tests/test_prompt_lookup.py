@@ -68,6 +68,27 @@ def test_a_weak_match_drafts_at_most_weak_draft_tokens() -> None:
     assert drafted(PromptLookupDrafter(), context, 2) == [6, 7]
 
 
+def test_a_tree_merges_the_copies_of_every_occurrence() -> None:
+    drafter = PromptLookupDrafter(tree=True)
+    # "1 2" occurred three times, followed by 3 4, 3 5 and 6 7; the most recent copy comes first.
+    context = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 6, 7, 9, 1, 2]
+    tree = drafter.propose(context, Budget(max_depth=2, max_width=2, max_nodes=8))
+    assert tree.tokens.tolist() == [6, 7, 3, 5, 4]  # copies 6 7, then 3 5, then 3 4 (shares 3)
+    assert tree.parents.tolist() == [-1, 0, -1, 2, 2]
+    # Two children at most per node: the third copy (3 1) has no room at the root.
+    parted = drafter.propose([1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2], Budget(2, 2, 8))
+    assert parted.tokens.tolist() == [5, 1, 4, 1] and parted.parents.tolist() == [-1, 0, -1, 2]
+    # The node budget cuts the tree; a chain budget keeps the chain of the most recent copy.
+    assert drafter.propose(context, Budget(max_depth=2, max_width=2, max_nodes=3)).num_nodes == 3
+    chain = drafter.propose(context, Budget.chain(2))
+    assert chain.is_chain and chain.tokens.tolist() == [6, 7]
+    # Forecasts follow each node's depth, as a chain's.
+    assert tree.confidence.tolist() == pytest.approx(
+        [drafter.continues(2), drafter.continues(3), drafter.continues(2)]
+        + [drafter.continues(3)] * 2
+    )
+
+
 def test_min_ngram_and_a_new_token_draft_nothing() -> None:
     assert drafted(PromptLookupDrafter(), [1, 2, 3, 4], 4) == []
     context = [1, 2, 3, 9, 3]  # [3] recurs, [9, 3] does not

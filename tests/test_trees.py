@@ -95,7 +95,7 @@ def test_bad_tree_configurations_fail_before_decoding() -> None:
             [1], sampling, SpecConfig(drafter="draft-model", tree="iid", verifier="rejection")
         )
     with pytest.raises(SpecDecodeError, match="drafts chains only"):
-        engine.generate([1], sampling, SpecConfig(drafter="prompt-lookup", tree="static"))
+        engine.generate([1], sampling, SpecConfig(drafter="none", tree="static"))
     with pytest.raises(SpecDecodeError, match="unknown tree shape"):
         engine.generate([1], sampling, SpecConfig(drafter="draft-model", tree="bushy"))
     with pytest.raises(SpecDecodeError, match="at least 1"):

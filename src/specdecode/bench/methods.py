@@ -100,6 +100,14 @@ BUILTIN: dict[str, Method] = {
             num_draft_tokens=10,
         ),
         _ours(
+            "prompt-lookup-tree",
+            "prompt lookup, the copies of every occurrence as a tree, 2 wide, at most 16 nodes",
+            drafter="prompt-lookup",
+            tree="static",
+            tree_width=2,
+            tree_nodes=16,
+        ),
+        _ours(
             "prompt-lookup-cost-aware",
             "prompt lookup, draft length from measured costs",
             drafter="prompt-lookup",

@@ -19,6 +19,9 @@ before it are accepted. q is learned per sequence from the verdicts, by groups o
 starting from a prior measured on greedy outputs of the benchmark's prompts (`PRIOR_CONTINUES`,
 worth `prior_weight` observations). A cost-aware controller cuts the draft where it stops paying.
 
+With `--tree` (any shape: its width and node budget are used), the copies after every occurrence
+of the match, most recent first, are merged into one tree: copies that agree share nodes, and
+where they part each becomes a branch, so the target picks whichever continuation is right.
 Drafts are deterministic, so they carry no `draft_probs` (a point-mass proposal).
 """
 
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, TargetOutput
+from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
@@ -46,6 +50,7 @@ PRIOR_CONTINUES = (0.2, 0.4, 0.6, 0.7, 0.75, 0.85, 0.9, 0.95, 0.95, 0.95)
 
 class PromptLookupDrafter(Drafter):
     name = "prompt-lookup"
+    supports_trees = True
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class PromptLookupDrafter(Drafter):
         strong_ngram: int = 3,
         weak_draft: int = 3,
         prior_weight: float = 4.0,
+        tree: bool = False,
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise SpecDecodeError(
@@ -74,13 +80,19 @@ class PromptLookupDrafter(Drafter):
         self.strong_ngram = strong_ngram
         self.weak_draft = weak_draft
         self.prior_weight = prior_weight
+        self.tree = tree
         self.reset()
+
+    @classmethod
+    def create(cls, options: dict[str, Any], resources: DrafterResources) -> PromptLookupDrafter:
+        return cls(**options, tree=resources.tree is not None)
 
     def reset(self) -> None:
         groups = len(MATCH_GROUPS)
         self.tries = [0] * groups  # [group] drafts verified after a match in the group
         self.hits = [0] * groups  # [group] of which accepted
         self.last_match = 0  # match length behind the last proposal (0: none)
+        self.last_depth = 0  # the last proposal's depth
 
     def begin(
         self,
@@ -100,8 +112,9 @@ class PromptLookupDrafter(Drafter):
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
         if not self.last_match:
             return
-        # Draft i was tried when drafts 1..i-1 were accepted, after a match of last_match + i - 1.
-        tried = min(verdict.num_accepted + 1, verdict.num_draft_nodes)
+        # Draft i was tried when drafts 1..i-1 were accepted, after a match of last_match + i - 1
+        # (in a tree, the accepted path's depths, and one more below it).
+        tried = min(verdict.num_accepted + 1, verdict.num_draft_nodes, self.last_depth)
         for depth in range(tried):
             group = _group(self.last_match + depth)
             self.tries[group] += 1
@@ -123,9 +136,14 @@ class PromptLookupDrafter(Drafter):
         if want == 0:
             return DraftTree.empty()
         self.last_match = match_length
-        confidence = torch.tensor(  # [want]
-            [self.continues(match_length + depth) for depth in range(want)], dtype=torch.float32
-        )
+        continues = [self.continues(match_length + depth) for depth in range(want)]
+        if self.tree and budget.max_width > 1 and len(ends) > 1:
+            tree = copy_trie(tokens, ends, want, budget.max_width, budget.max_nodes or want)
+            self.last_depth = int(tree.depths.max())
+            confidence = torch.tensor(continues, dtype=torch.float32)[tree.depths - 1]  # [N]
+            return DraftTree(tree.tokens, tree.parents, confidence=confidence)
+        self.last_depth = want
+        confidence = torch.tensor(continues, dtype=torch.float32)  # [want]
         return DraftTree.chain(copy_after(tokens, int(ends[-1]), want), confidence=confidence)
 
     def longest_match(self, tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -153,6 +171,36 @@ def copy_after(tokens: torch.Tensor, end: int, length: int) -> torch.Tensor:
     `len(tokens) - end`, so it goes on copying its own draft. [length]"""
     offsets = torch.arange(length) % (tokens.numel() - end)  # [length]
     return tokens[end + offsets]
+
+
+def copy_trie(
+    tokens: torch.Tensor, ends: torch.Tensor, depth: int, width: int, max_nodes: int
+) -> DraftTree:
+    """The copies after each occurrence of the match, most recent first, merged into one tree:
+    copies that agree share their nodes, and where they part, each becomes a branch while the
+    node has fewer than `width` children and the tree fewer than `max_nodes` nodes."""
+    draft_tokens: list[int] = []
+    parents: list[int] = []
+    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    fanout: dict[int, int] = {}  # parent node -> children so far
+    for end in reversed(ends.tolist()):
+        node = -1
+        for token in copy_after(tokens, int(end), depth).tolist():
+            child = children.get((node, token))
+            if child is None:
+                if len(draft_tokens) >= max_nodes or fanout.get(node, 0) >= width:
+                    break
+                child = len(draft_tokens)
+                draft_tokens.append(token)
+                parents.append(node)
+                children[(node, token)] = child
+                fanout[node] = fanout.get(node, 0) + 1
+            node = child
+        if len(draft_tokens) >= max_nodes:
+            break
+    return DraftTree(
+        torch.tensor(draft_tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+    )
 
 
 def _group(match_length: int) -> int:
