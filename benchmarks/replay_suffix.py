@@ -1,4 +1,4 @@
-"""Replay model-free drafters over a sessions run's recorded greedy outputs, session by session.
+"""Replay model-free drafters over a run's recorded greedy outputs, session by session.
 
 Greedy decoding is deterministic, so the token ids plain decoding wrote into a benchmark run's
 `results.jsonl` (method `none`) are what every exact method emits. This script feeds them, in each
@@ -6,8 +6,11 @@ session's order, through a drafter that learns across requests (the `suffix` dra
 cross-request index hears each finished request, as in the bench), and counts each step's accepted
 length: a chain is accepted up to its first wrong token, a tree along its deepest path that the
 recorded output follows. It prints tokens per forward (emitted tokens over verification steps) by
-the request's index in its session, for several configurations side by side, in seconds rather
-than the hours a model run takes.
+the request's index in its session (a prompt outside any session is a session of one), for
+several configurations side by side, in seconds rather than the hours a model run takes: prompt
+lookup, suffix decoding with several length rules, sam's automaton copies, Arctic Inference's
+suffix cache where it is importable (benchmarks/build_arctic_suffix.sh), and a bound for every
+drafter that copies text it has seen.
 
 A configuration's draft length comes either from the heuristic controller (as the bench's
 methods: start at 6, +2 after a fully accepted draft, -1 after a rejection, at most
@@ -36,6 +39,7 @@ from specdecode.config import SamplingParams
 from specdecode.control.heuristic import HeuristicController
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.sam import SamDrafter
 from specdecode.drafters.suffix import SuffixDrafter
 from specdecode.errors import SpecDecodeError
 from specdecode.models import load_tokenizer
@@ -251,6 +255,8 @@ CONFIGS = [
         controlled=False,
         tree=(2, 16),
     ),
+    Config("sam copies, min match 1", lambda shared: SamDrafter(min_match=1)),
+    Config("sam copies, min match 2", lambda shared: SamDrafter(min_match=2)),
     Config("copy bound (reads the future)", lambda shared: CopyBound(), controlled=False),
 ]
 ARCTIC = [

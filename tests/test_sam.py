@@ -21,6 +21,7 @@ import torch
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.certify import CertifyConfig, certify
 from specdecode.cli import CERTIFY_PROMPT
+from specdecode.datastore import Datastore
 from specdecode.drafters import DrafterResources, make_drafter
 from specdecode.drafters.base import TargetOutput
 from specdecode.drafters.sam import SamDrafter
@@ -101,12 +102,26 @@ def test_below_min_match_the_fallback_drafts_and_hears_every_verification() -> N
     assert [int(fallback.state.successors[t, 0]) for t in (9, 1, 2)] == [11, 11, 11]
 
 
+def test_a_corpus_match_drafts_where_it_is_longer_than_the_requests_by_the_bias() -> None:
+    corpus = Datastore.from_documents([[10, 11, 12, 13, 14, 15, 16, 17]] * 2 + [[13, 14, 9]], "v")
+    drafter = SamDrafter(min_match=2, datastore=corpus, static_bias=2)
+    # No earlier match in the request; the corpus matches "10 ... 15" (6 tokens): its copy.
+    assert drafter.propose([1, 10, 11, 12, 13, 14, 15], Budget.chain(3)).tokens.tolist() == [16, 17]
+    # The request's own match, "13 14" (2 tokens), against the corpus's "12 13 14" (3): within
+    # the bias, the request's copy wins.
+    drafter.begin([5, 13, 14, 8, 12, 13, 14], SamplingParams(), None)
+    own = drafter.propose([5, 13, 14, 8, 12, 13, 14], Budget.chain(2))
+    assert own.tokens.tolist() == [8, 12]
+
+
 def test_bad_options_are_one_clear_error() -> None:
     resources = DrafterResources(target=None)  # type: ignore[arg-type]
     with pytest.raises(SpecDecodeError, match="min_match >= 1"):
         make_drafter("sam", {"min_match": 0, "fallback": "none"}, resources)
     with pytest.raises(SpecDecodeError, match="another drafter"):
         make_drafter("sam", {"fallback": "sam"}, resources)
+    with pytest.raises(SpecDecodeError, match="static_bias >= 0"):
+        make_drafter("sam", {"static_bias": -1, "fallback": "none"}, resources)
     with pytest.raises(SpecDecodeError, match="unknown drafter 'nope'"):
         make_drafter("sam", {"fallback": "nope"}, resources)
 

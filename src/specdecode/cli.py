@@ -258,6 +258,12 @@ def _add_speculation_args(
         "index lives as long as the process (a server, a bench run)",
     )
     p.add_argument(
+        "--datastore",
+        metavar="FILE",
+        help="rest, sam: the corpus to draft from, made by `specdecode datastore build FILES... "
+        "--out FILE` (refused if made with another tokenizer)",
+    )
+    p.add_argument(
         "--min-ngram",
         type=int,
         metavar="N",
@@ -353,6 +359,17 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
                 f"--suffix-cache keeps the suffix drafter's index; the drafter is {drafter}"
             )
         options["cache_file"] = args.suffix_cache
+    if drafter == "rest" and args.datastore is None:
+        raise SpecDecodeError(
+            "rest drafts from a datastore: give --datastore FILE (make one with "
+            "`specdecode datastore build FILES... --out FILE`)"
+        )
+    if args.datastore is not None:
+        if drafter not in ("rest", "sam"):
+            raise SpecDecodeError(
+                f"--datastore is the corpus of the rest and sam drafters; the drafter is {drafter}"
+            )
+        options["datastore"] = args.datastore
     if args.draft_min_confidence is not None:
         if drafter not in ("draft-model", "eagle"):
             raise SpecDecodeError(
@@ -710,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdecode.serve import command as serve_command
 
     serve_command.add_parser(sub)
+    from specdecode.datastore import command as datastore_command
+
+    datastore_command.add_parser(sub)
     return parser
 
 

@@ -51,6 +51,8 @@ PEERS = {
     "llamacpp-ar": "llama-cpp-python plain decoding of the same GGUF file",
     "llamacpp-server": "llama.cpp's llama-server, plain decoding of the same GGUF file",
     "llamacpp-server-ngram": "llama.cpp's llama-server with its ngram-simple speculation",
+    "llamacpp-server-ngram-mod": "llama.cpp's llama-server with its ngram-mod speculation",
+    "llamacpp-server-ngram-cache": "llama.cpp's llama-server with its ngram-cache speculation",
 }
 
 
@@ -151,6 +153,16 @@ BUILTIN: dict[str, Method] = {
             tree="static",
             tree_width=4,
             tree_nodes=16,
+        ),
+        _ours(
+            "lookahead",
+            "lookahead decoding: a 4-position window of 2 levels and up to 4 trigram guesses",
+            drafter="lookahead",
+            tree="static",
+            tree_width=4,
+            tree_nodes=16,
+            controller="fixed",
+            num_draft_tokens=5,
         ),
         _ours("draft-model", "draft model, heuristic draft length", drafter="draft-model"),
         _ours(

@@ -5,7 +5,10 @@
 - `LlamaCppPeer`: llama-cpp-python's plain decoding (`llamacpp-ar`) of the same GGUF file, as
   quantized as it is shipped (the optional extra `specdecode[llamacpp]`, built from source).
 - `LlamaServerPeer`: llama.cpp's own `llama-server` on the same GGUF file, decoding plainly
-  (`llamacpp-server`) or with its n-gram speculation (`llamacpp-server-ngram`, `ngram-simple`).
+  (`llamacpp-server`) or with one of its n-gram speculations: `llamacpp-server-ngram`
+  (`ngram-simple`: a 12-token match, up to 48 tokens copied), `llamacpp-server-ngram-mod` (its
+  rolling-hash n-gram map, shared across requests) and `llamacpp-server-ngram-cache` (n-gram
+  statistics of the context).
   The binary is built by `benchmarks/build_llama_server.sh` from the llama.cpp sources that
   llama-cpp-python vendors; it runs as a child process on a local port.
 
@@ -63,6 +66,8 @@ SERVER_HINT = "build llama-server with: bash benchmarks/build_llama_server.sh (a
 SERVER_FLAGS = {
     "llamacpp-server": [],
     "llamacpp-server-ngram": ["--spec-type", "ngram-simple"],
+    "llamacpp-server-ngram-mod": ["--spec-type", "ngram-mod"],
+    "llamacpp-server-ngram-cache": ["--spec-type", "ngram-cache"],
 }
 
 

@@ -6,9 +6,11 @@ from specdecode.drafters.base import Drafter, DrafterResources, TargetOutput
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleDrafter
 from specdecode.drafters.hydra import HydraDrafter
+from specdecode.drafters.lookahead import LookaheadDrafter
 from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
+from specdecode.drafters.rest import RestDrafter
 from specdecode.drafters.sam import SamDrafter
 from specdecode.drafters.suffix import SuffixDrafter
 from specdecode.drafters.token_recycling import TokenRecyclingDrafter
@@ -21,6 +23,8 @@ DRAFTERS: dict[str, type[Drafter]] = {
         PromptLookupDrafter,
         SuffixDrafter,
         SamDrafter,
+        RestDrafter,
+        LookaheadDrafter,
         TokenRecyclingDrafter,
         DraftModelDrafter,
         EagleDrafter,

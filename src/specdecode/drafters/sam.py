@@ -6,6 +6,13 @@ amortised constant time, the longest suffix of the text that occurred earlier in
 longest match, where prompt lookup searches n-grams. The draft is what followed that match's
 first occurrence (or a shorter suffix's, whose first occurrence offers a longer copy).
 
+With `datastore` (a corpus indexed by `specdecode datastore build`, as for `rest`), the longest
+suffix of the text that occurs in the corpus is found too, and drafts (its most frequent
+continuation) where it is longer than the request's own match by more than `static_bias` tokens
+(the paper's preference for the request's own text). The paper keeps a second, static automaton of
+the corpus; the datastore's memory-mapped suffix array finds the same longest match in O(log n)
+steps, with no automaton to hold in memory, and serves `rest` from the same file.
+
 A short match is a weak guess. Below `min_match` tokens the draft comes from the `fallback`
 drafter instead (by default `token-recycling`, the paper's best model-free pairing; `none`: no
 draft), which hears every verification, whoever drafted it. With `--tree`, the fallback drafts
@@ -20,7 +27,9 @@ from typing import Any
 import torch
 
 from specdecode.config import SamplingParams
+from specdecode.datastore import Datastore
 from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
+from specdecode.drafters.rest import frequent_trie
 from specdecode.drafters.suffix_automaton import SuffixAutomaton
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
@@ -33,11 +42,26 @@ class SamDrafter(Drafter):
     # Its automaton is per request; what lasts is its fallback's (token recycling's matrix).
     keeps_model_statistics = True
 
-    def __init__(self, min_match: int = 2, fallback: Drafter | None = None) -> None:
+    def __init__(
+        self,
+        min_match: int = 2,
+        fallback: Drafter | None = None,
+        datastore: Datastore | None = None,
+        static_bias: int = 4,
+        max_static_match: int = 32,
+    ) -> None:
         if min_match < 1:
             raise SpecDecodeError(f"sam needs min_match >= 1, got {min_match}")
+        if static_bias < 0 or max_static_match < 1:
+            raise SpecDecodeError(
+                f"sam needs static_bias >= 0 and max_static_match >= 1, got {static_bias}, "
+                f"{max_static_match}"
+            )
         self.min_match = min_match
         self.fallback = fallback
+        self.datastore = datastore
+        self.static_bias = static_bias
+        self.max_static_match = max_static_match
         self.reset()
 
     @classmethod
@@ -45,6 +69,12 @@ class SamDrafter(Drafter):
         from specdecode.drafters import make_drafter  # the registry imports this module
 
         options = dict(options)
+        path = options.pop("datastore", None)
+        if path is not None:
+            key = f"rest:{path}"  # one memory map per file, shared with rest's
+            if key not in resources.shared:
+                resources.shared[key] = Datastore.load(path, resources.vocabulary)
+            options["datastore"] = resources.shared[key]
         fallback_name = options.pop("fallback", "token-recycling")
         if fallback_name == cls.name:
             raise SpecDecodeError("sam's fallback must be another drafter, not sam")
@@ -75,6 +105,11 @@ class SamDrafter(Drafter):
         wanted = min(budget.max_depth, budget.max_nodes or 0)
         if wanted == 0:
             return DraftTree.empty()
+        if self.datastore is not None:
+            matched, lo, hi = self.datastore.longest_match(context, self.max_static_match)
+            if matched >= self.min_match and matched - self.static_bias > automaton.match_length:
+                copies = self.datastore.continuations(lo, hi, matched, wanted, 256)
+                return frequent_trie(copies, wanted, width=1)
         if automaton.match_length >= self.min_match:
             state, _ = automaton.shorter_with_more_to_copy(wanted, self.min_match)
             return DraftTree.chain(automaton.continuation(state, wanted))
