@@ -287,6 +287,7 @@ def main() -> None:
         sys.exit(f"error: {args.results} holds no token ids of method {args.method!r}")
     longest = max(len(session) for session in sessions)
     categories = sorted({request.category for session in sessions for request in session})
+    first = 3 if longest >= 3 else 1  # a suite without sessions: every request
     by_index: dict[str, list[str]] = {}
     by_category: dict[str, list[str]] = {}
     configs = CONFIGS + ARCTIC if arctic_available() else CONFIGS
@@ -306,11 +307,11 @@ def main() -> None:
             ratio(counts, lambda r: True),
         ]
         by_category[config.name] = [
-            ratio(counts, lambda r, c=c: r.category == c and r.index >= 3) for c in categories
+            ratio(counts, lambda r, c=c: r.category == c and r.index >= first) for c in categories
         ]
     print(f"Tokens per forward by the request's index in its session (at most {args.max_draft})\n")
     table([*(f"request {i}" for i in range(1, longest + 1)), "3rd on", "overall"], by_index)
-    print("\nTokens per forward from the 3rd request on, by category\n")
+    print(f"\nTokens per forward from request {first} on, by category\n")
     table(categories, by_category)
 
 
