@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from certified import assert_certify_passes
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.cli import main
@@ -95,3 +96,11 @@ def test_greedy_is_exact_with_guesses_accepted(llm: SpecDecoder) -> None:
     fast = llm.generate(prompt, sampling, spec)
     assert fast.token_ids == plain.token_ids
     assert fast.stats.mean_accepted_tokens > 1.2
+
+
+@pytest.mark.slow
+def test_sampling_passes_certify(llm: SpecDecoder) -> None:
+    spec = SpecConfig(
+        drafter="lookahead", tree="static", tree_nodes=16, controller="fixed", num_draft_tokens=5
+    )
+    assert_certify_passes(llm, spec)

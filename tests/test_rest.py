@@ -16,6 +16,7 @@ import random
 
 import numpy as np
 import pytest
+from certified import assert_certify_passes
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.cli import main
@@ -158,3 +159,18 @@ def test_greedy_is_exact_with_the_corpus_copies_accepted(
 def test_rest_without_a_datastore_is_one_clear_error(capsys) -> None:
     assert main(["generate", "--model", MODEL, "--drafter", "rest", "hi"]) == 2
     assert "--datastore FILE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sampling_passes_certify(llm: SpecDecoder, tmp_path) -> None:
+    (tmp_path / "fruits.txt").write_text(
+        "Random fruits: apple, pear, apple, plum, pear, apple, fig, plum, apple, pear, fig, "
+        "apple, plum, apple, pear, apple, fig, pear, plum, apple, apple, pear, fig, plum."
+    )
+    path = tmp_path / "fruits.datastore"
+    assert main(["datastore", "build", str(tmp_path), "--out", str(path), "--model", MODEL]) == 0
+    options = {"datastore": str(path), "min_match": 1}
+    spec = SpecConfig(
+        drafter="rest", controller="fixed", num_draft_tokens=3, drafter_options=options
+    )
+    assert_certify_passes(llm, spec)

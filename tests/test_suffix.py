@@ -11,10 +11,9 @@
 from __future__ import annotations
 
 import pytest
+from certified import assert_certify_passes
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
-from specdecode.certify import CertifyConfig, certify
-from specdecode.cli import CERTIFY_PROMPT
 from specdecode.drafters.suffix import SuffixDrafter
 from specdecode.drafters.suffix_index import SuffixIndex
 from specdecode.errors import SpecDecodeError
@@ -138,14 +137,7 @@ def test_the_cross_request_index_keeps_its_bound(llm: SpecDecoder) -> None:
 
 @pytest.mark.slow
 def test_sampling_passes_certify(llm: SpecDecoder) -> None:
-    llm.engine.drafter_state.clear()
-    spec = SpecConfig(drafter="suffix", controller="fixed", num_draft_tokens=4)
-    prompt = llm.encode_prompt(CERTIFY_PROMPT, chat=False)
-    sampling = SamplingParams(temperature=1.0)
-    config = CertifyConfig(samples=300, seed=3)
-    report = certify(llm.engine, prompt, sampling, spec, config)
-    assert report.verdict == "PASS", report.summary()
-    assert report.speculative_tokens_per_forward > 1.0  # drafts were proposed and judged
+    assert_certify_passes(llm, SpecConfig(drafter="suffix", controller="fixed", num_draft_tokens=4))
 
 
 def test_the_bench_shares_learning_within_a_session_only(llm: SpecDecoder) -> None:
