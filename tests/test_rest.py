@@ -119,6 +119,8 @@ def test_build_skips_binary_files_in_folders_and_refuses_another_tokenizer(
     folder.mkdir()
     (folder / "a.py").write_text("def area(width, height):\n    return width * height\n")
     (folder / "blob.bin").write_bytes(b"\x00\xff" * 50)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]\n\trepositoryformatversion = 0\n")
     out = tmp_path / "code.datastore"
     assert main(["datastore", "build", str(folder), "--out", str(out), "--model", MODEL]) == 0
     assert "from 1 files" in capsys.readouterr().out
@@ -156,9 +158,17 @@ def test_greedy_is_exact_with_the_corpus_copies_accepted(
     assert fast.stats.mean_accepted_tokens > 3.0
 
 
-def test_rest_without_a_datastore_is_one_clear_error(capsys) -> None:
+def test_rest_without_a_datastore_is_one_clear_error(capsys, tmp_path) -> None:
     assert main(["generate", "--model", MODEL, "--drafter", "rest", "hi"]) == 2
     assert "--datastore FILE" in capsys.readouterr().err
+    # A missing or foreign file is refused before the model loads (a model that does not exist
+    # would fail later, with another message).
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    for path, message in ((tmp_path / "missing", "cannot read"), (notes, "not a datastore")):
+        args = ["generate", "--model", "no-such-model", "--drafter", "rest", "--datastore"]
+        assert main([*args, str(path), "hi"]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -113,6 +113,12 @@ def test_a_corpus_match_drafts_where_it_is_longer_than_the_requests_by_the_bias(
     assert own.tokens.tolist() == [8, 12]
 
 
+def test_the_bench_carries_sam_across_prompts_only_with_a_statistics_fallback() -> None:
+    assert SamDrafter.keeps_only_model_statistics({})  # token recycling's matrix
+    assert not SamDrafter.keeps_only_model_statistics({"fallback": "none"})
+    assert not SamDrafter.keeps_only_model_statistics({"fallback": "suffix"})  # earlier text
+
+
 def test_bad_options_are_one_clear_error() -> None:
     resources = DrafterResources(target=None)  # type: ignore[arg-type]
     with pytest.raises(SpecDecodeError, match="min_match >= 1"):

@@ -369,6 +369,9 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
             raise SpecDecodeError(
                 f"--datastore is the corpus of the rest and sam drafters; the drafter is {drafter}"
             )
+        from specdecode.datastore import Datastore
+
+        Datastore.check(args.datastore)
         options["datastore"] = args.datastore
     if args.draft_min_confidence is not None:
         if drafter not in ("draft-model", "eagle"):

@@ -12,7 +12,7 @@ Per step (see DESIGN.md):
     logits  = target.forward_tree(tree)                  # [N+1, V], one forward
     verdict = verifier.verify(tree, logits, sampling, rng)
     target.commit(verdict.path, verdict.next_token)
-    drafter.update(verdict, TargetOutput(logits, target.last_hidden, [root, *tree.tokens]))
+    drafter.update(verdict, TargetOutput(logits, target.last_hidden, tokens=root + tree.tokens))
     controller.observe(verdict, timings)
 
 Generation stops at an end-of-sequence token (not emitted), at `max_new_tokens`, or once the text

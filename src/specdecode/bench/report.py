@@ -170,7 +170,8 @@ def _by_session_index(records: Sequence[Record]) -> list[str]:
     requests gain as a session goes on (no lines when no record is part of a session)."""
     totals: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for r in records:
-        if r.session_index is not None and r.target_forwards and r.method != BASELINE.name:
+        baseline = r.method == BASELINE.name or r.method.startswith(f"{BASELINE.name}-")
+        if r.session_index is not None and r.target_forwards and not baseline:
             total = totals[r.method][r.session_index]
             total[0] += r.new_tokens
             total[1] += r.target_forwards

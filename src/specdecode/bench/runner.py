@@ -285,7 +285,9 @@ class Runner:
         state = None
         if prompt.session:
             state = self._drafter_states.setdefault((method.name, prompt.session, repeat), {})
-        elif method.spec is not None and DRAFTERS[method.spec.drafter].keeps_model_statistics:
+        elif method.spec is not None and DRAFTERS[method.spec.drafter].keeps_only_model_statistics(
+            method.spec.drafter_options
+        ):
             state = self._drafter_states.setdefault((method.name, "", repeat), {})
         with PeakMemory() as peak:
             token_ids, seconds, stats = self.run_one(method, ids, self.sampling, state)

@@ -77,6 +77,11 @@ class Datastore:
         if not pieces:
             raise SpecDecodeError("the corpus has no text: give files with some text in them")
         tokens = np.concatenate(pieces)
+        if tokens.size >= 2**31:  # positions are int32
+            raise SpecDecodeError(
+                f"the corpus has {tokens.size:,} tokens; a datastore holds fewer than 2**31: "
+                "split it into several"
+            )
         return cls(tokens, suffix_array(tokens), vocabulary, model)
 
     def save(self, path: Path) -> None:
@@ -134,6 +139,21 @@ class Datastore:
         tokens = np.memmap(path, np.int32, "r", HEADER_BYTES, (count,))
         suffixes = np.memmap(path, np.int32, "r", HEADER_BYTES + 4 * count, (count,))
         return cls(tokens, suffixes, header.get("vocabulary", ""), header.get("model", ""))
+
+    @staticmethod
+    def check(path: str | Path) -> None:
+        """Refuse, before a model loads, a path that is not a readable datastore (the tokenizer
+        is checked when it is loaded)."""
+        path = Path(path).expanduser()
+        try:
+            with open(path, "rb") as file:
+                head = file.read(len(MAGIC))
+        except OSError as exc:
+            raise SpecDecodeError(f"cannot read the datastore {path}: {exc.strerror}") from None
+        if head != MAGIC:
+            raise SpecDecodeError(
+                f"{path} is not a datastore: make one with `specdecode datastore build`"
+            )
 
     def occurrences(self, pattern: Sequence[int]) -> tuple[int, int]:
         """The range [lo, hi) of the suffix array whose suffixes start with `pattern`."""

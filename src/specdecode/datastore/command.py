@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     build = dsub.add_parser(
         "build",
         help="tokenize text files and index them",
-        description="Tokenize FILES (text files, or folders searched for them; each file is one "
+        description="Tokenize FILES (text files, or folders searched for them, hidden ones such "
+        "as .git left out; each file is one "
         "document) with MODEL's tokenizer and write one memory-mapped file: the token ids and "
         "their suffix array, with the tokenizer's identity (a datastore is refused with another "
         "model's tokenizer). Binary files inside folders are skipped; named ones are refused.",
@@ -81,7 +82,8 @@ def _text_files(paths: list[Path]) -> Iterator[tuple[Path, bool]]:
     for path in paths:
         if path.is_dir():
             for inner in sorted(path.rglob("*")):
-                if inner.is_file() and _is_text(inner):
+                hidden = any(part.startswith(".") for part in inner.relative_to(path).parts)
+                if not hidden and inner.is_file() and _is_text(inner):
                     yield inner, False
         elif path.is_file():
             if not _is_text(path):

@@ -89,6 +89,12 @@ class Drafter(ABC):
     keeps_model_statistics: ClassVar[bool] = False
 
     @classmethod
+    def keeps_only_model_statistics(cls, options: dict[str, Any]) -> bool:
+        """`keeps_model_statistics` for a drafter built with `options` (a drafter that wraps
+        another answers for it)."""
+        return cls.keeps_model_statistics
+
+    @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
         """Build from user options (a dict from the CLI or a methods file)."""
         return cls(**options)

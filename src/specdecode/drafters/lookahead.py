@@ -87,7 +87,12 @@ class LookaheadDrafter(Drafter):
         parents: list[int] = []
         most = budget.max_nodes if budget.max_nodes is not None else budget.max_depth
         self.last_level, self.diagonals = [], []
-        # The guesses first: the n-grams that start with the last committed token, as a trie.
+        levels = max(1, len(self.levels))
+        # The window is what learns, so its nodes are set aside first: as wide as the depth and
+        # the node budget allow; the guesses take what is left.
+        width = min(self.window, budget.max_depth - levels + 1, most // levels)
+        room = most - levels * max(width, 0)
+        # The guesses: the n-grams that start with the last committed token, as a trie.
         children: dict[tuple[int, int], int] = {}
         for guess in self.pool.get(int(context[-1]), [])[: self.guesses]:
             node = -1
@@ -96,17 +101,15 @@ class LookaheadDrafter(Drafter):
                     break
                 child = children.get((node, token))
                 if child is None:
-                    if len(tokens) >= most:
+                    if len(tokens) >= room:
                         break
                     child = len(tokens)
                     tokens.append(token)
                     parents.append(node)
                     children[(node, token)] = child
                 node = child
-        # Then the window, as wide as the depth and the nodes left allow.
-        levels = len(self.levels)
-        width = min(self.window, budget.max_depth - levels + 1, (most - len(tokens)) // levels)
-        if width >= 1:
+        # Then the window.
+        if width >= 1 and self.levels:
             at: dict[tuple[int, int], int] = {}  # (level, position) -> node
             for level, guessed in enumerate(self.levels):
                 for position in range(level, level + width):

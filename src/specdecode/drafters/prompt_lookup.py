@@ -138,7 +138,10 @@ class PromptLookupDrafter(Drafter):
         self.last_match = match_length
         continues = [self.continues(match_length + depth) for depth in range(want)]
         if self.tree and budget.max_width > 1 and len(ends) > 1:
-            tree = copy_trie(tokens, ends, want, budget.max_width, budget.max_nodes or want)
+            nodes = want * budget.max_width if budget.max_nodes is None else budget.max_nodes
+            if nodes == 0:
+                return DraftTree.empty()
+            tree = copy_trie(tokens, ends, want, budget.max_width, nodes)
             self.last_depth = int(tree.depths.max())
             confidence = torch.tensor(continues, dtype=torch.float32)[tree.depths - 1]  # [N]
             return DraftTree(tree.tokens, tree.parents, confidence=confidence)

@@ -39,8 +39,6 @@ from specdecode.verify.base import Verdict
 class SamDrafter(Drafter):
     name = "sam"
     supports_trees = True
-    # Its automaton is per request; what lasts is its fallback's (token recycling's matrix).
-    keeps_model_statistics = True
 
     def __init__(
         self,
@@ -63,6 +61,16 @@ class SamDrafter(Drafter):
         self.static_bias = static_bias
         self.max_static_match = max_static_match
         self.reset()
+
+    @classmethod
+    def keeps_only_model_statistics(cls, options: dict[str, Any]) -> bool:
+        """Its automaton is per request; what lasts across requests is its fallback's."""
+        from specdecode.drafters import DRAFTERS
+
+        fallback = options.get("fallback", "token-recycling")
+        if fallback not in DRAFTERS or fallback in ("none", cls.name):
+            return False
+        return DRAFTERS[fallback].keeps_only_model_statistics(options.get("fallback_options", {}))
 
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> SamDrafter:
@@ -109,7 +117,9 @@ class SamDrafter(Drafter):
             matched, lo, hi = self.datastore.longest_match(context, self.max_static_match)
             if matched >= self.min_match and matched - self.static_bias > automaton.match_length:
                 copies = self.datastore.continuations(lo, hi, matched, wanted, 256)
-                return frequent_trie(copies, wanted, width=1)
+                tree = frequent_trie(copies, wanted, width=1)
+                if tree.num_nodes:  # every copy may end with its document
+                    return tree
         if automaton.match_length >= self.min_match:
             state, _ = automaton.shorter_with_more_to_copy(wanted, self.min_match)
             return DraftTree.chain(automaton.continuation(state, wanted))
