@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -125,7 +126,7 @@ def test_built_in_methods_keep_the_controllers_their_records_were_made_with(
             continue
         if "cost-aware" in name:
             expected = "cost-aware"
-        elif name.endswith(("-k10", "-k4")):
+        elif re.search(r"-k\d+$", name):  # a fixed length, named
             expected = "fixed"
         else:
             expected = "heuristic"

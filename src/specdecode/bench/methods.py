@@ -155,8 +155,8 @@ BUILTIN: dict[str, Method] = {
             tree_nodes=16,
         ),
         _ours(
-            "lookahead",
-            "lookahead decoding: a 4-position window of 2 levels and up to 4 trigram guesses",
+            "lookahead-k5",
+            "lookahead decoding, 5 deep: a 4-position window of 2 levels, up to 4 trigram guesses",
             drafter="lookahead",
             tree="static",
             tree_width=4,
