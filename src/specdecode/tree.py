@@ -20,6 +20,7 @@ only. A cut must not depend on this step's random draws, so controllers leave sa
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -98,6 +99,32 @@ class DraftTree:
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         parents = torch.arange(tokens.shape[0], dtype=torch.long) - 1
         return cls(tokens, parents, draft_probs, confidence)
+
+    @classmethod
+    def trie(cls, chains: Iterable[Sequence[int]], max_width: int, max_nodes: int) -> DraftTree:
+        """Chains below the root merged, in order: chains that agree share their nodes, and where
+        they part each becomes a branch while its node has fewer than `max_width` children and
+        the tree fewer than `max_nodes` nodes (a chain that finds no room stops there)."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        fanout: dict[int, int] = {}  # parent node -> children so far
+        for chain in chains:
+            if len(tokens) >= max_nodes:
+                break
+            node = -1
+            for token in chain:
+                child = children.get((node, int(token)))
+                if child is None:
+                    if len(tokens) >= max_nodes or fanout.get(node, 0) >= max_width:
+                        break
+                    child = len(tokens)
+                    tokens.append(int(token))
+                    parents.append(node)
+                    children[(node, int(token))] = child
+                    fanout[node] = fanout.get(node, 0) + 1
+                node = child
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
     def prefix(self, length: int) -> DraftTree:
         """The first `length` nodes of a chain (its drafts up to depth `length`)."""

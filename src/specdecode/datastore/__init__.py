@@ -140,6 +140,15 @@ class Datastore:
         suffixes = np.memmap(path, np.int32, "r", HEADER_BYTES + 4 * count, (count,))
         return cls(tokens, suffixes, header.get("vocabulary", ""), header.get("model", ""))
 
+    @classmethod
+    def shared(cls, state: dict, path: str | Path, vocabulary: str) -> Datastore:
+        """The datastore at `path`, mapped once per engine (`state` is its `drafter_state`) and
+        shared by every drafter and request that reads it."""
+        key = f"datastore:{Path(path).expanduser()}"
+        if key not in state:
+            state[key] = cls.load(path, vocabulary)
+        return state[key]
+
     @staticmethod
     def check(path: str | Path) -> None:
         """Refuse, before a model loads, a path that is not a readable datastore (the tokenizer

@@ -83,8 +83,6 @@ class LookaheadDrafter(Drafter):
         self.levels = [[int(prompt[i % len(prompt)]) for i in range(-self.window, 0)]]
 
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
-        tokens: list[int] = []
-        parents: list[int] = []
         most = budget.max_nodes if budget.max_nodes is not None else budget.max_depth
         self.last_level, self.diagonals = [], []
         levels = max(1, len(self.levels))
@@ -93,21 +91,12 @@ class LookaheadDrafter(Drafter):
         width = min(self.window, budget.max_depth - levels + 1, most // levels)
         room = most - levels * max(width, 0)
         # The guesses: the n-grams that start with the last committed token, as a trie.
-        children: dict[tuple[int, int], int] = {}
-        for guess in self.pool.get(int(context[-1]), [])[: self.guesses]:
-            node = -1
-            for depth, token in enumerate(guess, start=1):
-                if depth > budget.max_depth:
-                    break
-                child = children.get((node, token))
-                if child is None:
-                    if len(tokens) >= room:
-                        break
-                    child = len(tokens)
-                    tokens.append(token)
-                    parents.append(node)
-                    children[(node, token)] = child
-                node = child
+        guesses = [
+            guess[: budget.max_depth]
+            for guess in self.pool.get(int(context[-1]), [])[: self.guesses]
+        ]
+        trie = DraftTree.trie(guesses, max_width=max(1, len(guesses)), max_nodes=max(room, 0))
+        tokens, parents = trie.tokens.tolist(), trie.parents.tolist()
         # Then the window.
         if width >= 1 and self.levels:
             at: dict[tuple[int, int], int] = {}  # (level, position) -> node

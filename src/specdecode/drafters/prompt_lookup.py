@@ -141,7 +141,9 @@ class PromptLookupDrafter(Drafter):
             nodes = want * budget.max_width if budget.max_nodes is None else budget.max_nodes
             if nodes == 0:
                 return DraftTree.empty()
-            tree = copy_trie(tokens, ends, want, budget.max_width, nodes)
+            # The copies after every occurrence, most recent first, merged into one tree.
+            copies = (copy_after(tokens, end, want).tolist() for end in reversed(ends.tolist()))
+            tree = DraftTree.trie(copies, budget.max_width, nodes)
             self.last_depth = int(tree.depths.max())
             confidence = torch.tensor(continues, dtype=torch.float32)[tree.depths - 1]  # [N]
             return DraftTree(tree.tokens, tree.parents, confidence=confidence)
@@ -174,36 +176,6 @@ def copy_after(tokens: torch.Tensor, end: int, length: int) -> torch.Tensor:
     `len(tokens) - end`, so it goes on copying its own draft. [length]"""
     offsets = torch.arange(length) % (tokens.numel() - end)  # [length]
     return tokens[end + offsets]
-
-
-def copy_trie(
-    tokens: torch.Tensor, ends: torch.Tensor, depth: int, width: int, max_nodes: int
-) -> DraftTree:
-    """The copies after each occurrence of the match, most recent first, merged into one tree:
-    copies that agree share their nodes, and where they part, each becomes a branch while the
-    node has fewer than `width` children and the tree fewer than `max_nodes` nodes."""
-    draft_tokens: list[int] = []
-    parents: list[int] = []
-    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-    fanout: dict[int, int] = {}  # parent node -> children so far
-    for end in reversed(ends.tolist()):
-        node = -1
-        for token in copy_after(tokens, int(end), depth).tolist():
-            child = children.get((node, token))
-            if child is None:
-                if len(draft_tokens) >= max_nodes or fanout.get(node, 0) >= width:
-                    break
-                child = len(draft_tokens)
-                draft_tokens.append(token)
-                parents.append(node)
-                children[(node, token)] = child
-                fanout[node] = fanout.get(node, 0) + 1
-            node = child
-        if len(draft_tokens) >= max_nodes:
-            break
-    return DraftTree(
-        torch.tensor(draft_tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
-    )
 
 
 def _group(match_length: int) -> int:

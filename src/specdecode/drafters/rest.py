@@ -59,11 +59,8 @@ class RestDrafter(Drafter):
                 "rest drafts from a datastore: give --datastore FILE (make one with "
                 "`specdecode datastore build FILES... --out FILE`)"
             )
-        # One memory map per file for as long as the engine lives, shared by its requests.
-        key = f"rest:{path}"
-        if key not in resources.shared:
-            resources.shared[key] = Datastore.load(path, resources.vocabulary)
-        return cls(resources.shared[key], **options, tree=resources.tree is not None)
+        datastore = Datastore.shared(resources.shared, path, resources.vocabulary)
+        return cls(datastore, **options, tree=resources.tree is not None)
 
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         most = min(budget.max_nodes or 0, budget.max_depth * budget.max_width)

@@ -79,10 +79,7 @@ class SamDrafter(Drafter):
         options = dict(options)
         path = options.pop("datastore", None)
         if path is not None:
-            key = f"rest:{path}"  # one memory map per file, shared with rest's
-            if key not in resources.shared:
-                resources.shared[key] = Datastore.load(path, resources.vocabulary)
-            options["datastore"] = resources.shared[key]
+            options["datastore"] = Datastore.shared(resources.shared, path, resources.vocabulary)
         fallback_name = options.pop("fallback", "token-recycling")
         if fallback_name == cls.name:
             raise SpecDecodeError("sam's fallback must be another drafter, not sam")
