@@ -569,7 +569,8 @@ class Handler(BaseHTTPRequestHandler):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         log.write(json.dumps({{"request": request}}) + "\\n"); log.flush()
         tokens = request["prompt"][-3:] + [{eos}]
-        self.reply({{"tokens": tokens, "timings": {{"prompt_ms": 250.0}}}})
+        timings = {{"prompt_ms": 250.0, "predicted_n": 9, "draft_n": 6, "draft_n_accepted": 4}}
+        self.reply({{"tokens": tokens, "timings": timings}})
 HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
@@ -577,7 +578,8 @@ HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 def test_llama_server_peer_speaks_the_servers_protocol(tmp_path: Path, monkeypatch) -> None:
     """The llamacpp-server peers against a stand-in server: the binary gets the model, the port
     and the n-gram flags; each prompt goes as token ids, greedy, without prompt caching; the
-    reply is cut at EOS and its prompt time is the prefill."""
+    reply is cut at EOS, its prompt time is the prefill, and its draft counts give its forwards
+    (8 tokens after the first, 4 of them accepted drafts: 4 forwards)."""
     from specdecode.bench.peers import LlamaServerPeer
     from specdecode.config import SamplingParams
 
@@ -595,6 +597,7 @@ def test_llama_server_peer_speaks_the_servers_protocol(tmp_path: Path, monkeypat
     finally:
         peer.close()
     assert out.token_ids == [6, 7, 8] and out.prefill_seconds == 0.25
+    assert (out.target_forwards, out.emitted_tokens) == (4, 8)
     assert out.seconds > 0
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     argv, request = entries[0]["argv"], entries[1]["request"]

@@ -101,6 +101,32 @@ def test_below_min_match_the_fallback_drafts_and_hears_every_verification() -> N
     assert [int(fallback.state.successors[t, 0]) for t in (9, 1, 2)] == [11, 11, 11]
 
 
+def test_below_min_match_a_short_copy_competes_with_the_fallback() -> None:
+    fallback = TokenRecyclingDrafter(vocab_size=16)
+    fallback.state.successors[2] = range(8, 16)
+    fallback.state.successors[8] = range(8, 16)
+    drafter = SamDrafter(min_match=2, fallback=fallback)
+    context = [2, 5, 6, 7, 2]  # "2" occurred before (1-token match, copy: 5 6); "7 2" did not
+    chain = Budget.chain(2)
+    assert drafter.propose(context, chain).tokens.tolist() == [5, 6]  # level: the copy first
+    drafter.update(Verdict([], [3], 0, False))  # the copy was wrong
+    assert drafter.propose(context, chain).tokens.tolist() == [8, 8]  # token recycling's chain
+    drafter.update(Verdict([8, 8], [3], 2, False))  # fully accepted
+    sources = []
+    for _ in range(12):
+        sources.append(drafter.propose(context, chain).tokens.tolist()[0])
+        drafter.update(
+            Verdict([8], [3], 1, False) if sources[-1] == 8 else Verdict([], [3], 0, False)
+        )
+    # Token recycling stays ahead; the copy still drafts every 8th step below min_match.
+    assert sources.count(5) == 1 and sources[5] == 5
+    # Without short copies, the fallback always drafts below min_match; with no fallback, nothing.
+    assert SamDrafter(min_match=2, fallback=fallback, short_copies=False).propose(
+        context, chain
+    ).tokens.tolist() == [8, 8]
+    assert SamDrafter(min_match=2).propose(context, chain).num_nodes == 0
+
+
 def test_a_corpus_match_drafts_where_it_is_longer_than_the_requests_by_the_bias() -> None:
     corpus = Datastore.from_documents([[10, 11, 12, 13, 14, 15, 16, 17]] * 2 + [[13, 14, 9]], "v")
     drafter = SamDrafter(min_match=2, datastore=corpus, static_bias=2)
@@ -150,8 +176,15 @@ def test_greedy_is_exact_with_copies_accepted(llm: SpecDecoder, tree: str) -> No
     # The copies alone (no fallback), then with token recycling below a 2-token match.
     for fallback, least in (("none", 1.25), ("token-recycling", 1.4)):
         options = {"fallback": fallback}
+        # The heuristic controller: the default one sizes drafts from timings, which a busy
+        # machine would make vary.
         spec = SpecConfig(
-            drafter="sam", tree=tree, tree_width=4, tree_nodes=16, drafter_options=options
+            drafter="sam",
+            tree=tree,
+            tree_width=4,
+            tree_nodes=16,
+            controller="heuristic",
+            drafter_options=options,
         )
         fast = llm.generate(COPY, sampling, spec)
         assert fast.token_ids == plain.token_ids, fallback

@@ -143,7 +143,8 @@ BUILTIN: dict[str, Method] = {
         ),
         _ours(
             "sam",
-            "suffix automaton copies after a match of 2+ tokens, else token recycling",
+            "suffix automaton copies; below a 2-token match, the 1-token match's copy or token "
+            "recycling, whichever has accepted more",
             drafter="sam",
         ),
         _ours(

@@ -48,6 +48,10 @@ class PeerOutput:
     token_ids: list[int]
     seconds: float
     prefill_seconds: float | None = None  # until the first token: the prompt's evaluation
+    # Decoding forwards after the first token, and the tokens they emitted, where the peer says
+    # (llama-server's timings): tokens per forward comparable with our records'.
+    target_forwards: int | None = None
+    emitted_tokens: int | None = None
 
 
 class Peer(Protocol):
@@ -293,5 +297,14 @@ class LlamaServerPeer:
             reply = json.load(response)
         seconds = time.perf_counter() - start
         tokens = _cut_at_eos([int(t) for t in reply.get("tokens", [])], eos_token_ids)
-        prompt_ms = reply.get("timings", {}).get("prompt_ms")
-        return PeerOutput(tokens, seconds, None if prompt_ms is None else prompt_ms / 1000)
+        timings = reply.get("timings", {})
+        prompt_ms = timings.get("prompt_ms")
+        forwards = emitted = None
+        if "predicted_n" in timings:
+            # The prompt's forward gives the first token; each later forward emits its accepted
+            # drafts and one token of its own. draft_n_accepted is absent where nothing drafted.
+            emitted = max(int(timings["predicted_n"]) - 1, 0)
+            forwards = emitted - int(timings.get("draft_n_accepted", 0))
+        return PeerOutput(
+            tokens, seconds, None if prompt_ms is None else prompt_ms / 1000, forwards, emitted
+        )

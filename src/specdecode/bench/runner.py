@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from specdecode.api import SpecDecoder
 from specdecode.bench.memory import PeakMemory
@@ -207,7 +208,11 @@ class Runner:
             out = self.peers[method.peer].generate(
                 method.peer, prompt_ids, sampling, self.llm.tokenizer.eos_token_ids
             )
-            return out.token_ids, out.seconds, {"prefill_seconds": out.prefill_seconds}
+            stats: dict[str, Any] = {"prefill_seconds": out.prefill_seconds}
+            if out.target_forwards and out.emitted_tokens is not None:
+                stats["target_forwards"] = out.target_forwards
+                stats["mean_accepted_tokens"] = out.emitted_tokens / out.target_forwards
+            return out.token_ids, out.seconds, stats
         backend = self.backend_of(method)
         assert backend is not None
         decoder = self.decoders[backend]

@@ -17,6 +17,13 @@ A short match is a weak guess. Below `min_match` tokens the draft comes from the
 drafter instead (by default `token-recycling`, the paper's best model-free pairing; `none`: no
 draft), which hears every verification, whoever drafted it. With `--tree`, the fallback drafts
 trees and a long match its chain. Copies are deterministic (point-mass proposals).
+
+Which guess is the better one below `min_match` depends on the text: where the answer quotes its
+prompt (summaries, RAG), the copy after a one-token match is right more often than the model's
+recycled successors; where it reasons (math, chat), less often. With `short_copies`, a short
+match's copy competes with the fallback: each such step drafts from whichever has accepted more
+tokens per draft in this request so far (both start level, worth `PRIOR_STEPS` steps), and every
+`EXPLORE_EVERY`-th such step from the other one, so that the other's count stays current.
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
 
+#: What each source (a short match's copy, the fallback) is assumed to accept per draft before the
+#: request says otherwise, and how many steps that assumption is worth.
+PRIOR_ACCEPTED = 0.5
+PRIOR_STEPS = 2.0
+#: Every this many steps below `min_match`, the source that is behind drafts once.
+EXPLORE_EVERY = 8
+SHORT, FALLBACK = 0, 1
+
 
 class SamDrafter(Drafter):
     name = "sam"
@@ -47,6 +62,7 @@ class SamDrafter(Drafter):
         datastore: Datastore | None = None,
         static_bias: int = 4,
         max_static_match: int = 32,
+        short_copies: bool = True,
     ) -> None:
         if min_match < 1:
             raise SpecDecodeError(f"sam needs min_match >= 1, got {min_match}")
@@ -60,6 +76,7 @@ class SamDrafter(Drafter):
         self.datastore = datastore
         self.static_bias = static_bias
         self.max_static_match = max_static_match
+        self.short_copies = short_copies
         self.reset()
 
     @classmethod
@@ -89,9 +106,16 @@ class SamDrafter(Drafter):
         return cls(**options, fallback=fallback)
 
     def reset(self) -> None:
-        self.automaton = SuffixAutomaton()
+        self._begin_request()
         if self.fallback is not None:
             self.fallback.reset()
+
+    def _begin_request(self) -> None:
+        self.automaton = SuffixAutomaton()
+        # [source] steps below min_match each source drafted, and the tokens it had accepted
+        self.short_steps = [0, 0]
+        self.short_accepted = [0, 0]
+        self.drafted_by: int | None = None  # the source of the pending draft, if short
 
     def begin(
         self,
@@ -100,13 +124,14 @@ class SamDrafter(Drafter):
         rng: torch.Generator | None,
         target: TargetOutput = NO_TARGET_OUTPUT,
     ) -> None:
-        self.automaton = SuffixAutomaton()
+        self._begin_request()
         if self.fallback is not None:
             self.fallback.begin(prompt, sampling, rng, target)
 
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         automaton = self.automaton
         automaton.extend(context[len(automaton.text) :])
+        self.drafted_by = None
         wanted = min(budget.max_depth, budget.max_nodes or 0)
         if wanted == 0:
             return DraftTree.empty()
@@ -120,11 +145,32 @@ class SamDrafter(Drafter):
         if automaton.match_length >= self.min_match:
             state, _ = automaton.shorter_with_more_to_copy(wanted, self.min_match)
             return DraftTree.chain(automaton.continuation(state, wanted))
-        if self.fallback is not None:
-            return self.fallback.propose(context, budget)
-        return DraftTree.empty()
+        if self.fallback is None:
+            return DraftTree.empty()
+        if self.short_copies and automaton.match_length > 0:
+            self.drafted_by = self._short_source()
+            if self.drafted_by == SHORT:
+                state, _ = automaton.shorter_with_more_to_copy(wanted, 1)
+                return DraftTree.chain(automaton.continuation(state, wanted))
+        return self.fallback.propose(context, budget)
+
+    def _short_source(self) -> int:
+        """The source that has accepted more per draft below min_match in this request, or, every
+        EXPLORE_EVERY-th step, the other one."""
+        per_step = [
+            (accepted + PRIOR_ACCEPTED * PRIOR_STEPS) / (steps + PRIOR_STEPS)
+            for accepted, steps in zip(self.short_accepted, self.short_steps, strict=True)
+        ]
+        ahead = SHORT if per_step[SHORT] >= per_step[FALLBACK] else FALLBACK
+        if (sum(self.short_steps) + 1) % EXPLORE_EVERY == 0:
+            return 1 - ahead
+        return ahead
 
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
+        if self.drafted_by is not None:
+            self.short_steps[self.drafted_by] += 1
+            self.short_accepted[self.drafted_by] += verdict.num_accepted
+            self.drafted_by = None
         if self.fallback is not None:
             self.fallback.update(verdict, target)
 
