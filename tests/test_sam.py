@@ -82,6 +82,34 @@ def test_a_shorter_match_is_copied_where_the_longest_offers_too_little() -> None
     assert strict.propose(context, Budget.chain(4)).tokens.tolist() == [7, 5, 6]
 
 
+def test_the_most_recent_occurrence_is_tracked_for_ngrams_up_to_its_bound() -> None:
+    automaton = SuffixAutomaton()
+    automaton.extend([1, 2, 3, 9, 1, 2, 4, 1, 2])
+    # "1 2" ended first at index 1 (then 3 follows), last before now at index 5 (then 4).
+    assert automaton.continuation(automaton.match_state, 2) == [3, 9]
+    assert automaton.recent_continuation(2) == [4, 1]
+    long = list(range(20))
+    automaton = SuffixAutomaton()
+    automaton.extend(long + [50] + long + [60] + long)
+    # A 20-token match: the most recent occurrence of its last RECENT_NGRAM tokens.
+    assert automaton.match_length == 20 and automaton.recent_continuation(1) == [60]
+    assert automaton.recent_continuation(1) != automaton.continuation(automaton.match_state, 1)
+
+
+def test_a_copy_follows_whichever_occurrence_has_agreed_with_more_of_the_text() -> None:
+    drafter = SamDrafter(min_match=2)
+    context = [1, 2, 3, 8, 1, 2, 4, 7, 1, 2]  # "1 2": first followed by 3 8, last by 4 7
+    chain = Budget.chain(2)
+    assert drafter.propose(context, chain).tokens.tolist() == [3, 8]  # a tie: the first
+    drafter.update(Verdict([], [4], 0, False))
+    context += [4, 5, 6, 1, 2]  # the text went on as after the most recent occurrence, once
+    # "1 2" again: first followed by 3 8, most recently by 4 5; the recent copy agreed more.
+    assert drafter.propose(context, chain).tokens.tolist() == [4, 5]
+    fresh = SamDrafter(min_match=2)
+    fresh.begin(context, SamplingParams(), None)  # a new request starts level
+    assert fresh.propose(context, chain).tokens.tolist() == [3, 8]
+
+
 def test_below_min_match_the_fallback_drafts_and_hears_every_verification() -> None:
     fallback = TokenRecyclingDrafter(vocab_size=16)
     fallback.state.successors[8] = range(8)

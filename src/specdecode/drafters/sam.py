@@ -4,7 +4,12 @@ Hu et al., "SAM Decoding: Speculative Decoding via Suffix Automaton" (ACL 2025).
 automaton of the request's prompt and output grows with each committed token and keeps, in
 amortised constant time, the longest suffix of the text that occurred earlier in it: the exact
 longest match, where prompt lookup searches n-grams. The draft is what followed that match's
-first occurrence (or a shorter suffix's, whose first occurrence offers a longer copy).
+first occurrence (or a shorter suffix's, whose first occurrence offers a longer copy), or what
+followed its most recent earlier occurrence: each step scores both copies against the tokens that
+were then committed, and the one that has agreed with more of them in this request drafts (the
+first occurrence on a tie). Code that repeats its prompt is copied best from the first
+occurrence; summaries and RAG answers from the most recent one (on spec-bench's outputs, 8% more
+tokens per forward on completion for the first, 2% more on RAG for the most recent).
 
 With `datastore` (a corpus indexed by `specdecode datastore build`, as for `rest`), the longest
 suffix of the text that occurs in the corpus is found too, and drafts (its most frequent
@@ -49,6 +54,7 @@ PRIOR_STEPS = 2.0
 #: Every this many steps below `min_match`, the source that is behind drafts once.
 EXPLORE_EVERY = 8
 SHORT, FALLBACK = 0, 1
+FIRST_OCCURRENCE, RECENT_OCCURRENCE = 0, 1
 
 
 class SamDrafter(Drafter):
@@ -116,6 +122,10 @@ class SamDrafter(Drafter):
         self.short_steps = [0, 0]
         self.short_accepted = [0, 0]
         self.drafted_by: int | None = None  # the source of the pending draft, if short
+        # [occurrence] tokens each copy agreed with of those committed after it was proposed
+        self.copy_agreed = [0, 0]
+        # (text length, first occurrence's copy, most recent's) of the last copy proposed
+        self.copies: tuple[int, list[int], list[int]] | None = None
 
     def begin(
         self,
@@ -131,6 +141,7 @@ class SamDrafter(Drafter):
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         automaton = self.automaton
         automaton.extend(context[len(automaton.text) :])
+        self._score_copies()
         self.drafted_by = None
         wanted = min(budget.max_depth, budget.max_nodes or 0)
         if wanted == 0:
@@ -143,16 +154,38 @@ class SamDrafter(Drafter):
                 if tree.num_nodes:  # every copy may end with its document
                     return tree
         if automaton.match_length >= self.min_match:
-            state, _ = automaton.shorter_with_more_to_copy(wanted, self.min_match)
-            return DraftTree.chain(automaton.continuation(state, wanted))
+            return self._copy(wanted, self.min_match)
         if self.fallback is None:
             return DraftTree.empty()
         if self.short_copies and automaton.match_length > 0:
             self.drafted_by = self._short_source()
             if self.drafted_by == SHORT:
-                state, _ = automaton.shorter_with_more_to_copy(wanted, 1)
-                return DraftTree.chain(automaton.continuation(state, wanted))
+                return self._copy(wanted, 1)
         return self.fallback.propose(context, budget)
+
+    def _copy(self, wanted: int, min_length: int) -> DraftTree:
+        automaton = self.automaton
+        state, _ = automaton.shorter_with_more_to_copy(wanted, min_length)
+        first = automaton.continuation(state, wanted)
+        recent = automaton.recent_continuation(wanted)
+        self.copies = (len(automaton.text), first, recent)
+        ahead = self.copy_agreed[RECENT_OCCURRENCE] > self.copy_agreed[FIRST_OCCURRENCE]
+        return DraftTree.chain(recent if ahead and recent else first)
+
+    def _score_copies(self) -> None:
+        """Credits each copy of the last step with the committed tokens it agreed with."""
+        if self.copies is None:
+            return
+        start, first, recent = self.copies
+        self.copies = None
+        if first == recent:
+            return
+        committed = self.automaton.text[start:]
+        for occurrence, copy in ((FIRST_OCCURRENCE, first), (RECENT_OCCURRENCE, recent)):
+            agreed = 0
+            while agreed < min(len(copy), len(committed)) and copy[agreed] == committed[agreed]:
+                agreed += 1
+            self.copy_agreed[occurrence] += agreed
 
     def _short_source(self) -> int:
         """The source that has accepted more per draft below min_match in this request, or, every

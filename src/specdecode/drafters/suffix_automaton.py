@@ -8,12 +8,19 @@ the longest suffix of the text so far that occurred *earlier* in it, which is wh
 copying needs: the tokens after that earlier occurrence are the draft.
 
 Each state remembers where its substrings first ended (`first_end`, an index into the text): a
-copy from there has as many tokens to offer as lie between it and the end of the text.
+copy from there has as many tokens to offer as lie between it and the end of the text. Where the
+text's most recent earlier occurrence is the better copy (a summary quoting the passage it is at),
+`recent_continuation` copies after that instead: a map from each n-gram of up to `RECENT_NGRAM`
+tokens to where it last ended, updated in O(RECENT_NGRAM) per token, gives it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+#: The longest suffix whose most recent earlier occurrence is tracked; a longer match copies after
+#: the most recent occurrence of its last RECENT_NGRAM tokens.
+RECENT_NGRAM = 8
 
 
 class SuffixAutomaton:
@@ -27,6 +34,9 @@ class SuffixAutomaton:
         # The matcher: the longest suffix of the text that also ended earlier in it.
         self.match_state = 0
         self.match_length = 0
+        self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> where it last ended
+        # [n - 1]: where the text's last n tokens ended before now (-1: nowhere)
+        self._earlier_end = [-1] * RECENT_NGRAM
 
     @property
     def num_states(self) -> int:
@@ -37,11 +47,31 @@ class SuffixAutomaton:
             token = int(token)
             self._follow(token)  # against the text before this token: an earlier occurrence
             self._append(token)
+            self._note_recent_ends()
 
     def continuation(self, state: int, most: int) -> list[int]:
         """Up to `most` tokens after the first occurrence of `state`'s substrings."""
         start = self.first_end[state] + 1
         return self.text[start : start + most]
+
+    def recent_continuation(self, most: int) -> list[int]:
+        """Up to `most` tokens after the most recent earlier occurrence of the match (of its last
+        RECENT_NGRAM tokens, for a longer match); [] without a match."""
+        length = min(self.match_length, RECENT_NGRAM)
+        if length == 0:
+            return []
+        start = self._earlier_end[length - 1] + 1
+        return self.text[start : start + most]
+
+    def _note_recent_ends(self) -> None:
+        end = len(self.text) - 1
+        for length in range(1, RECENT_NGRAM + 1):
+            if length > end + 1:
+                self._earlier_end[length - 1] = -1
+                continue
+            ngram = tuple(self.text[end + 1 - length :])
+            self._earlier_end[length - 1] = self._last_end.get(ngram, -1)
+            self._last_end[ngram] = end
 
     def shorter_with_more_to_copy(self, wanted: int, min_length: int) -> tuple[int, int]:
         """The matched state, or a shorter suffix of it (at least `min_length` tokens) whose first
