@@ -51,8 +51,10 @@ class Server:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
+        # Starting measures what batched forwards cost: seconds here, minutes on a loaded machine.
+        deadline = time.monotonic() + 600
         while not self.server.started:
+            assert self.thread.is_alive(), "the server stopped while starting"
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -98,6 +100,14 @@ class Server:
                 if all(f'{k}="{v}"' in head for k, v in labels.items()):
                     total += float(value)
         return total
+
+    def wait_for(self, name: str, value: float) -> None:
+        """Until a gauge on /metrics reads `value` (sleeps alone can lose a race on a loaded
+        machine)."""
+        deadline = time.monotonic() + 120
+        while self.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -310,9 +320,9 @@ def test_a_full_queue_answers_429_at_once(llm) -> None:
         long = {"prompt": CODE, "max_tokens": 300, "ignore_eos": True}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(busy.post, "/v1/completions", long, None)
-            time.sleep(0.5)
+            busy.wait_for("specdecode:num_requests_running", 1)
             second = pool.submit(busy.post, "/v1/completions", long, None)
-            time.sleep(0.5)
+            busy.wait_for("specdecode:num_requests_waiting", 1)
             started = time.monotonic()
             code, reply = busy.post("/v1/completions", long, None)
             waited = time.monotonic() - started
