@@ -6,7 +6,8 @@
   at most 2n - 1 states for n tokens.
 - The drafter: a match of `min_match` tokens or more drafts the copy after its first occurrence,
   a shorter suffix when that offers a longer copy; below it the fallback drafts, and hears every
-  verification whoever drafted; bad options are one clear error.
+  verification whoever drafted; a short match's copy and the fallback are both scored on every
+  step below it, and the one that agreed with more drafts; bad options are one clear error.
 - Greedy losslessness on a real model, chains and trees, with the automaton's copies accepted.
 - Sampling: `certify` passes at temperature 1 (slow).
 """
@@ -130,29 +131,49 @@ def test_below_min_match_the_fallback_drafts_and_hears_every_verification() -> N
 
 
 def test_below_min_match_a_short_copy_competes_with_the_fallback() -> None:
-    fallback = TokenRecyclingDrafter(vocab_size=16)
-    fallback.state.successors[2] = range(8, 16)
-    fallback.state.successors[8] = range(8, 16)
-    drafter = SamDrafter(min_match=2, fallback=fallback)
-    context = [2, 5, 6, 7, 2]  # "2" occurred before (1-token match, copy: 5 6); "7 2" did not
-    chain = Budget.chain(2)
-    assert drafter.propose(context, chain).tokens.tolist() == [5, 6]  # level: the copy first
-    drafter.update(Verdict([], [3], 0, False))  # the copy was wrong
-    assert drafter.propose(context, chain).tokens.tolist() == [8, 8]  # token recycling's chain
-    drafter.update(Verdict([8, 8], [3], 2, False))  # fully accepted
-    sources = []
-    for _ in range(12):
-        sources.append(drafter.propose(context, chain).tokens.tolist()[0])
-        drafter.update(
-            Verdict([8], [3], 1, False) if sources[-1] == 8 else Verdict([], [3], 0, False)
-        )
-    # Token recycling stays ahead; the copy still drafts every 8th step below min_match.
-    assert sources.count(5) == 1 and sources[5] == 5
+    def sources(fallback: TokenRecyclingDrafter, copy_is_right: bool) -> str:
+        """Which drafted at each step below min_match: the copy after "1 2" (`c`, it says 0 7) or
+        token recycling (`t`), as the text goes on as one of them said."""
+        drafter = SamDrafter(min_match=3, fallback=fallback)
+        context, drafted = [1, 2, 0, 7, 1, 2], ""
+        for new in (3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15):  # "new 1 2" is new: "1 2" is short
+            fallback.state.successors[2] = 9 if copy_is_right else new
+            fallback.state.successors[9] = 9
+            fallback.state.successors[new] = 1
+            first = int(drafter.propose(context, Budget.chain(2)).tokens[0])
+            drafted += "c" if first == 0 else "t"
+            context += ([0, 7, new] if copy_is_right else [new, 1, new]) + [1, 2]
+        return drafted
+
+    class CostlyRecycling(TokenRecyclingDrafter):
+        proposes_freely = False
+
+    # Both are scored at every step: level at first (the copy drafts), then the one that agreed.
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=True) == "c" * 11
+    # A fallback that is not consulted freely drafts every 8th step while behind, to be scored.
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=True) == "ccccccctccc"
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
     # Without short copies, the fallback always drafts below min_match; with no fallback, nothing.
-    assert SamDrafter(min_match=2, fallback=fallback, short_copies=False).propose(
+    fallback = TokenRecyclingDrafter(vocab_size=16)
+    fallback.state.successors[2] = fallback.state.successors[8] = 8
+    context, chain = [1, 2, 0, 7, 6, 1, 2], Budget.chain(2)
+    assert SamDrafter(min_match=3, fallback=fallback, short_copies=False).propose(
         context, chain
     ).tokens.tolist() == [8, 8]
-    assert SamDrafter(min_match=2).propose(context, chain).num_nodes == 0
+    assert SamDrafter(min_match=3).propose(context, chain).num_nodes == 0
+
+
+def test_a_path_agrees_with_as_much_of_the_text_as_it_spells() -> None:
+    from specdecode.drafters.sam import agreed_path_length
+    from specdecode.tree import DraftTree
+
+    tree = DraftTree(torch.tensor([4, 5, 6, 7]), torch.tensor([-1, -1, 1, 2]))  # 4 | 5 6 7
+    assert agreed_path_length(tree, [5, 6, 7, 8]) == 3
+    assert agreed_path_length(tree, [5, 6]) == 2
+    assert agreed_path_length(tree, [4, 6]) == 1
+    assert agreed_path_length(tree, [3]) == 0
+    assert agreed_path_length(DraftTree.empty(), [3]) == 0
 
 
 def test_a_corpus_match_drafts_where_it_is_longer_than_the_requests_by_the_bias() -> None:

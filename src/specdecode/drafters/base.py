@@ -87,6 +87,10 @@ class Drafter(ABC):
     #: target's own statistics and never a request's text (token recycling's successor matrix),
     #: so that a benchmark may carry it across unrelated prompts without leaking an answer.
     keeps_model_statistics: ClassVar[bool] = False
+    #: Whether `propose` calls no model and leaves nothing that misleads a later `update` when
+    #: another drafter's proposal was verified instead, so that a drafter wrapping this one may
+    #: consult it every step and draft something else (sam weighs its short copies against it).
+    proposes_freely: ClassVar[bool] = False
 
     @classmethod
     def keeps_only_model_statistics(cls, options: dict[str, Any]) -> bool:

@@ -26,9 +26,12 @@ trees and a long match its chain. Copies are deterministic (point-mass proposals
 Which guess is the better one below `min_match` depends on the text: where the answer quotes its
 prompt (summaries, RAG), the copy after a one-token match is right more often than the model's
 recycled successors; where it reasons (math, chat), less often. With `short_copies`, a short
-match's copy competes with the fallback: each such step drafts from whichever has accepted more
-tokens per draft in this request so far (both start level, worth `PRIOR_STEPS` steps), and every
-`EXPLORE_EVERY`-th such step from the other one, so that the other's count stays current.
+match's copy competes with the fallback: each such step drafts from whichever has agreed with more
+of the committed text per step in this request so far (both start level, worth `PRIOR_STEPS`
+steps). Both are scored on every such step, the one not drafted too, against the tokens the target
+then committed: the copy always (it is a lookup), the fallback where it `proposes_freely` (token
+recycling). A fallback that costs a model call is scored only when it drafts, and drafts every
+`EXPLORE_EVERY`-th such step while behind, so that its score stays current.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
 from specdecode.verify.base import Verdict
 
-#: What each source (a short match's copy, the fallback) is assumed to accept per draft before the
-#: request says otherwise, and how many steps that assumption is worth.
-PRIOR_ACCEPTED = 0.5
+#: The tokens each source (a short match's copy, the fallback) is assumed to agree with per step
+#: before the request says otherwise, and how many steps that assumption is worth.
+PRIOR_AGREED = 0.5
 PRIOR_STEPS = 2.0
-#: Every this many steps below `min_match`, the source that is behind drafts once.
+#: Every this many steps below `min_match`, a fallback that is behind and not consulted freely
+#: drafts once.
 EXPLORE_EVERY = 8
 SHORT, FALLBACK = 0, 1
 FIRST_OCCURRENCE, RECENT_OCCURRENCE = 0, 1
@@ -118,10 +122,12 @@ class SamDrafter(Drafter):
 
     def _begin_request(self) -> None:
         self.automaton = SuffixAutomaton()
-        # [source] steps below min_match each source drafted, and the tokens it had accepted
+        # [source] steps below min_match each source was scored on, and the tokens it agreed with
         self.short_steps = [0, 0]
-        self.short_accepted = [0, 0]
-        self.drafted_by: int | None = None  # the source of the pending draft, if short
+        self.short_agreed = [0, 0]
+        self.short_turns = 0
+        # (text length, [source] proposal or None where not made) of the last step below min_match
+        self.short_proposals: tuple[int, list[DraftTree | None]] | None = None
         # [occurrence] tokens each copy agreed with of those committed after it was proposed
         self.copy_agreed = [0, 0]
         # (text length, first occurrence's copy, most recent's) of the last copy proposed
@@ -142,7 +148,7 @@ class SamDrafter(Drafter):
         automaton = self.automaton
         automaton.extend(context[len(automaton.text) :])
         self._score_copies()
-        self.drafted_by = None
+        self._score_short_proposals()
         wanted = min(budget.max_depth, budget.max_nodes or 0)
         if wanted == 0:
             return DraftTree.empty()
@@ -158,10 +164,20 @@ class SamDrafter(Drafter):
         if self.fallback is None:
             return DraftTree.empty()
         if self.short_copies and automaton.match_length > 0:
-            self.drafted_by = self._short_source()
-            if self.drafted_by == SHORT:
-                return self._copy(wanted, 1)
+            return self._short_step(context, budget, wanted)
         return self.fallback.propose(context, budget)
+
+    def _short_step(self, context: Sequence[int], budget: Budget, wanted: int) -> DraftTree:
+        """Below min_match: the short match's copy or the fallback's draft (see the module)."""
+        assert self.fallback is not None
+        copy = self._copy(wanted, 1)
+        consulted = self.fallback.proposes_freely
+        source = self._short_source(explore=not consulted)
+        fallback = None
+        if consulted or source == FALLBACK:
+            fallback = self.fallback.propose(context, budget)
+        self.short_proposals = (len(self.automaton.text), [copy, fallback])
+        return copy if source == SHORT else fallback
 
     def _copy(self, wanted: int, min_length: int) -> DraftTree:
         automaton = self.automaton
@@ -187,26 +203,50 @@ class SamDrafter(Drafter):
                 agreed += 1
             self.copy_agreed[occurrence] += agreed
 
-    def _short_source(self) -> int:
-        """The source that has accepted more per draft below min_match in this request, or, every
-        EXPLORE_EVERY-th step, the other one."""
+    def _score_short_proposals(self) -> None:
+        """Credits each proposal of the last step below min_match with the committed tokens one
+        of its paths agreed with (where the drafted one was cut short, the other may agree with
+        one token more: the target's own, which shows it would have gone further)."""
+        if self.short_proposals is None:
+            return
+        start, proposals = self.short_proposals
+        self.short_proposals = None
+        committed = self.automaton.text[start:]
+        for source, proposal in enumerate(proposals):
+            if proposal is not None:
+                self.short_steps[source] += 1
+                self.short_agreed[source] += agreed_path_length(proposal, committed)
+
+    def _short_source(self, explore: bool) -> int:
+        """The source that has agreed with more per step below min_match in this request, or,
+        with `explore`, every EXPLORE_EVERY-th step the fallback where it is behind."""
         per_step = [
-            (accepted + PRIOR_ACCEPTED * PRIOR_STEPS) / (steps + PRIOR_STEPS)
-            for accepted, steps in zip(self.short_accepted, self.short_steps, strict=True)
+            (agreed + PRIOR_AGREED * PRIOR_STEPS) / (steps + PRIOR_STEPS)
+            for agreed, steps in zip(self.short_agreed, self.short_steps, strict=True)
         ]
         ahead = SHORT if per_step[SHORT] >= per_step[FALLBACK] else FALLBACK
-        if (sum(self.short_steps) + 1) % EXPLORE_EVERY == 0:
-            return 1 - ahead
+        self.short_turns += 1
+        if explore and ahead == SHORT and self.short_turns % EXPLORE_EVERY == 0:
+            return FALLBACK
         return ahead
 
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
-        if self.drafted_by is not None:
-            self.short_steps[self.drafted_by] += 1
-            self.short_accepted[self.drafted_by] += verdict.num_accepted
-            self.drafted_by = None
         if self.fallback is not None:
             self.fallback.update(verdict, target)
 
     def end(self, context: Sequence[int]) -> None:
         if self.fallback is not None:
             self.fallback.end(context)
+
+
+def agreed_path_length(tree: DraftTree, committed: Sequence[int]) -> int:
+    """How many of `committed` a root path of `tree` spells from its start."""
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    at, length = -1, 0
+    while length < len(committed):
+        children = [n for n, parent in enumerate(parents) if parent == at]
+        matching = [n for n in children if tokens[n] == committed[length]]
+        if not matching:
+            break
+        at, length = matching[0], length + 1
+    return length

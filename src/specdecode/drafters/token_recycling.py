@@ -61,6 +61,8 @@ class TokenRecyclingDrafter(Drafter):
     name = "token-recycling"
     supports_trees = True
     keeps_model_statistics = True
+    # An update credits the rank statistics only when the verified rows were its own proposal.
+    proposes_freely = True
 
     def __init__(
         self,
