@@ -78,7 +78,7 @@ def head_dir(small: SpecDecoder, plain, tmp_path_factory):
     return work / "head"
 
 
-@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("tree", ["chain", pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_eagle_greedy_is_exact_with_drafts_accepted(small, plain, head_dir, tree) -> None:
     spec = SpecConfig(
         drafter="eagle",
@@ -135,6 +135,7 @@ def test_eagle_sampling_passes_certify_on_the_real_model(small, head_dir, tree, 
     assert report.speculative_tokens_per_forward > 1.0, report.summary()
 
 
+@pytest.mark.slow
 def test_train_drafter_makes_a_head_and_reruns_from_its_cache(tmp_path, monkeypatch) -> None:
     """`specdecode train-drafter`'s whole path at a tiny recipe: the model's answers, their
     features, training and the saved head; run again, it reuses every answer and feature, and

@@ -70,7 +70,7 @@ def plain_small(small: SpecDecoder) -> Callable[[str, int], list[int]]:
     ("prompt", "controller"),
     [
         (EDIT_PROMPT, "cost-aware"),
-        (QUESTION_PROMPT, "heuristic"),
+        pytest.param(QUESTION_PROMPT, "heuristic", marks=pytest.mark.slow),
         pytest.param(EDIT_PROMPT, "heuristic", marks=pytest.mark.slow),
         pytest.param(EDIT_PROMPT, "fixed", marks=pytest.mark.slow),
         pytest.param(QUESTION_PROMPT, "fixed", marks=pytest.mark.slow),
@@ -94,23 +94,46 @@ def test_prompt_lookup_greedy_is_exact(
         assert fast.stats.target_forwards < len(plain)
 
 
-def test_draft_model_greedy_is_exact_same_family_other_dtype(
-    small: SpecDecoder, plain_small
-) -> None:
-    """The 0.5B in float32 drafts for itself in bfloat16: close, but rejections do happen. (Plain
-    decoding of the pair is the 0.5B's own: the draft model takes no part in it.)"""
+@pytest.fixture(scope="module")
+def self_pair(small: SpecDecoder) -> SpecDecoder:
+    """The 0.5B in float32 drafting for itself in bfloat16: close, but rejections do happen.
+    (Plain decoding of the pair is the 0.5B's own: the draft model takes no part in it.)"""
     draft = SpecDecoder.load(SMALL, dtype="float32")
-    pair = SpecDecoder(small.target, small.tokenizer, draft_model=draft.target)
+    return SpecDecoder(small.target, small.tokenizer, draft_model=draft.target)
+
+
+def test_draft_model_greedy_is_exact_same_family_other_dtype(
+    small: SpecDecoder, self_pair: SpecDecoder, plain_small
+) -> None:
+    plain = plain_small(EDIT_PROMPT, 48)
+    # The heuristic controller: a float32 draft costs a bfloat16 target forward, so the
+    # cost-aware one would rightly draft little, and the assertion below needs drafts.
+    fast = generate(self_pair, EDIT_PROMPT, "draft-model", 48, controller="heuristic")
+    assert fast.token_ids == plain
+    assert fast.stats.mean_accepted_tokens > 1.5
+    # It does stop early: a very doubtful draft model proposes short drafts.
+    doubtful = DraftModelDrafter(
+        self_pair.draft_model, small.target.vocab_size, min_confidence=0.999
+    )
+    doubtful.begin([], SamplingParams(), None)
+    context = small.encode_prompt(QUESTION_PROMPT)
+    assert doubtful.propose(context, Budget.chain(8)).num_nodes < 8
+
+
+@pytest.mark.slow
+def test_draft_model_greedy_is_exact_on_both_prompts_early_stops_and_trees(
+    small: SpecDecoder, self_pair: SpecDecoder, plain_small
+) -> None:
     for prompt in (EDIT_PROMPT, QUESTION_PROMPT):
         plain = plain_small(prompt, 48)
         # The heuristic controller: a float32 draft costs a bfloat16 target forward, so the
         # cost-aware one would rightly draft little, and the assertion below needs drafts.
-        fast = generate(pair, prompt, "draft-model", 48, controller="heuristic")
+        fast = generate(self_pair, prompt, "draft-model", 48, controller="heuristic")
         assert fast.token_ids == plain
         assert fast.stats.mean_accepted_tokens > 1.5
         # Stopping a draft early on the draft model's own doubt changes nothing either.
         adaptive = generate(
-            pair,
+            self_pair,
             prompt,
             "draft-model",
             48,
@@ -119,14 +142,9 @@ def test_draft_model_greedy_is_exact_same_family_other_dtype(
         )
         assert adaptive.token_ids == plain
     # A tree of drafts (EAGLE-2's dynamic tree) through the same pair, verified in one forward.
-    tree = generate(pair, EDIT_PROMPT, "draft-model", 32, tree="dynamic", tree_nodes=8)
+    tree = generate(self_pair, EDIT_PROMPT, "draft-model", 32, tree="dynamic", tree_nodes=8)
     assert tree.token_ids == plain_small(EDIT_PROMPT, 32)
     assert tree.stats.mean_accepted_tokens > 1.5
-    # ... and it does stop early: a very doubtful draft model proposes short drafts.
-    doubtful = DraftModelDrafter(draft.target, small.target.vocab_size, min_confidence=0.999)
-    doubtful.begin([], SamplingParams(), None)
-    context = small.encode_prompt(QUESTION_PROMPT)
-    assert doubtful.propose(context, Budget.chain(8)).num_nodes < 8
 
 
 @pytest.mark.slow
@@ -250,8 +268,14 @@ def real_distributions(llm: SpecDecoder, vocab: int = 64) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize(
     "sampling",
-    [SamplingParams(temperature=1.0), SamplingParams(temperature=1.2, top_k=20, top_p=0.9)],
-    ids=["t1", "t1.2-topk-topp"],
+    [
+        pytest.param(SamplingParams(temperature=1.0), id="t1"),
+        pytest.param(
+            SamplingParams(temperature=1.2, top_k=20, top_p=0.9),
+            id="t1.2-topk-topp",
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_rejection_keeps_real_next_token_distribution(small, sampling) -> None:
     target_logits, draft_logits = real_distributions(small)
