@@ -148,12 +148,12 @@ def test_below_min_match_a_short_copy_competes_with_the_fallback() -> None:
     class CostlyRecycling(TokenRecyclingDrafter):
         proposes_freely = False
 
-    # Both are scored at every step: level at first (the copy drafts), then the one that agreed.
-    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
-    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=True) == "c" * 11
+    # Both are scored at every step: level at first (the fallback drafts), then the one that agreed.
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=False) == "t" * 11
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=True) == "t" + "c" * 10
     # A fallback that is not consulted freely drafts every 8th step while behind, to be scored.
-    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=True) == "ccccccctccc"
-    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=True) == "tcccccctccc"
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=False) == "t" * 11
     # Without short copies, the fallback always drafts below min_match; with no fallback, nothing.
     fallback = TokenRecyclingDrafter(vocab_size=16)
     fallback.state.successors[2] = fallback.state.successors[8] = 8
