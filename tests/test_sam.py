@@ -148,12 +148,12 @@ def test_below_min_match_a_short_copy_competes_with_the_fallback() -> None:
     class CostlyRecycling(TokenRecyclingDrafter):
         proposes_freely = False
 
-    # Both are scored at every step: level at first (the fallback drafts), then the one that agreed.
-    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=False) == "t" * 11
-    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=True) == "t" + "c" * 10
+    # Both are scored at every step: level at first (the copy drafts), then the one that agreed.
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
+    assert sources(TokenRecyclingDrafter(vocab_size=16), copy_is_right=True) == "c" * 11
     # A fallback that is not consulted freely drafts every 8th step while behind, to be scored.
-    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=True) == "tcccccctccc"
-    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=False) == "t" * 11
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=True) == "ccccccctccc"
+    assert sources(CostlyRecycling(vocab_size=16), copy_is_right=False) == "c" + "t" * 10
     # Without short copies, the fallback always drafts below min_match; with no fallback, nothing.
     fallback = TokenRecyclingDrafter(vocab_size=16)
     fallback.state.successors[2] = fallback.state.successors[8] = 8
@@ -223,7 +223,9 @@ def test_greedy_is_exact_with_copies_accepted(llm: SpecDecoder, tree: str) -> No
     sampling = SamplingParams(max_new_tokens=64)
     plain = llm.generate(COPY, sampling, SpecConfig(drafter="none"))
     # The copies alone (no fallback), then with token recycling below a 2-token match.
-    for fallback, least in (("none", 1.25), ("token-recycling", 1.4)):
+    # (With token recycling, 1.39 tokens per forward on the chain at commit 28d3f31: this code
+    # repeats little after 1-token matches, whose copies draft first below min_match.)
+    for fallback, least in (("none", 1.25), ("token-recycling", 1.3)):
         options = {"fallback": fallback}
         # The heuristic controller: the default one sizes drafts from timings, which a busy
         # machine would make vary.

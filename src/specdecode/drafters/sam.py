@@ -28,12 +28,12 @@ prompt (summaries, RAG), the copy after a one-token match is right more often th
 recycled successors; where it reasons (math, chat), less often. With `short_copies`, a short
 match's copy competes with the fallback: each such step drafts from whichever has agreed with more
 of the committed text per step in this request so far (both start level, worth `PRIOR_STEPS`
-steps; a tie goes to the fallback, since outside quotations the copy is usually wrong, and a
-wrong long draft also shortens the controller's next ones). Both are scored on every such step,
-the one not drafted too, against the tokens the target then committed: the copy always (it is a
-lookup), the fallback where it `proposes_freely` (token recycling). A fallback that costs a model
-call is scored only when it drafts, and drafts every `EXPLORE_EVERY`-th such step while behind,
-so that its score stays current.
+steps; a tie goes to the copy, which on spec-bench's summaries and RAG answers drafts more than a
+tie to the fallback, and on code that repeats little of its prompt less). Both are scored on
+every such step, the one not drafted too, against the tokens the target then committed: the copy
+always (it is a lookup), the fallback where it `proposes_freely` (token recycling). A fallback
+that costs a model call is scored only when it drafts, and drafts every `EXPLORE_EVERY`-th such
+step while behind, so that its score stays current.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class SamDrafter(Drafter):
             (agreed + PRIOR_AGREED * PRIOR_STEPS) / (steps + PRIOR_STEPS)
             for agreed, steps in zip(self.short_agreed, self.short_steps, strict=True)
         ]
-        ahead = SHORT if per_step[SHORT] > per_step[FALLBACK] else FALLBACK
+        ahead = SHORT if per_step[SHORT] >= per_step[FALLBACK] else FALLBACK
         self.short_turns += 1
         if explore and ahead == SHORT and self.short_turns % EXPLORE_EVERY == 0:
             return FALLBACK
