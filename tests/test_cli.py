@@ -73,11 +73,39 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
             "--draft-min-confidence must be in [0, 1)",
         ),
         (["generate", "hi", "--draft-model", SMALL, "--max-ngram", "8"], "drafter is draft-model"),
+        (
+            ["generate", "hi", "--drafter", "layer-skip", "--backend", "llamacpp"],
+            "only --backend torch can",
+        ),
+        (["generate", "hi", "--drafter", "clasp", "--backend", "hf"], "only --backend torch can"),
+        (["generate", "hi", "--drafter", "layer-skip", "--skip-ratio", "1.5"], "between 0 and 1"),
+        (["generate", "hi", "--skip-ratio", "0.3"], "option of layer-skip and clasp"),
+        (["generate", "hi", "--drafter", "clasp", "--exit-layer", "4"], "option of early-exit"),
+        (
+            ["generate", "hi", "--drafter", "layer-skip", "--skip-file", "/no/such/skip.json"],
+            "cannot read the skip set",
+        ),
+        (["tune-skip", "--model", SMALL, "--out", "x.json", "--tries", "0"], "--tries >= 1"),
     ],
 )
 def test_bad_input_gives_one_line_error(capsys, argv, fragment) -> None:
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, fragment)
+
+
+def test_an_exit_layer_beyond_the_model_is_refused_before_decoding(capsys) -> None:
+    code, _, err = run(
+        capsys,
+        "generate",
+        "hi",
+        "--model",
+        "smollm2-135m-instruct",
+        "--drafter",
+        "early-exit",
+        "--exit-layer",
+        "99",
+    )
+    assert_one_line_error(code, err, "the exit layer must be between 1 and 30")
 
 
 def test_prompt_longer_than_the_context(capsys) -> None:

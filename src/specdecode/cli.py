@@ -6,6 +6,7 @@
     specdecode analyze [--model M] [--draft-model D] [--methods TREE/VERIFIER,...] ...
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
     specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
+    specdecode tune-skip --model M --out FILE [--skip-ratio R] [--tries N]
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
 `error: ...`, and exit with status 2; no traceback.
@@ -264,6 +265,27 @@ def _add_speculation_args(
         "--out FILE` (refused if made with another tokenizer)",
     )
     p.add_argument(
+        "--skip-ratio",
+        type=float,
+        metavar="R",
+        help="layer-skip: the fraction of the middle layers' attention and MLP sublayers the "
+        "draft leaves out, which ones searched while decoding; clasp: the fraction of the middle "
+        "layers, re-chosen after verifications (default: 0.45)",
+    )
+    p.add_argument(
+        "--skip-file",
+        metavar="FILE",
+        help="layer-skip: draft with the sublayers a `specdecode tune-skip` run saved in FILE "
+        "(no search while decoding)",
+    )
+    p.add_argument(
+        "--exit-layer",
+        type=int,
+        metavar="N",
+        help="early-exit: draft with the first N layers and the output layer (default: three "
+        "quarters of the layers)",
+    )
+    p.add_argument(
         "--min-ngram",
         type=int,
         metavar="N",
@@ -281,9 +303,10 @@ def _add_speculation_args(
         "--draft-min-confidence",
         type=float,
         metavar="P",
-        help="draft model and eagle: stop a draft after a token the drafter gives less than "
-        "probability P, in [0, 1) (the built-in bench method draft-model-adaptive uses 0.4; "
-        "default: 0, never stop early)",
+        help="draft model, eagle, layer-skip, clasp and early-exit: stop a draft after a token "
+        "the drafter gives less than probability P, in [0, 1) (the built-in bench method "
+        "draft-model-adaptive uses 0.4; default: 0, never stop early, for the draft model and "
+        "eagle; 0.6 for the self-speculative drafters)",
     )
     p.add_argument(
         "--head",
@@ -373,11 +396,38 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
 
         Datastore.check(args.datastore)
         options["datastore"] = args.datastore
+    for flag, value, option, owners in (
+        ("--skip-ratio", args.skip_ratio, "skip_ratio", ("layer-skip", "clasp")),
+        ("--skip-file", args.skip_file, "skip_file", ("layer-skip",)),
+        ("--exit-layer", args.exit_layer, "exit_layer", ("early-exit",)),
+    ):
+        if value is not None:
+            if drafter not in owners:
+                raise SpecDecodeError(
+                    f"{flag} is an option of {' and '.join(owners)}; the drafter is {drafter}"
+                )
+            options[option] = value
+    if (
+        drafter in ("layer-skip", "clasp", "early-exit")
+        and getattr(args, "backend", "torch") != "torch"
+    ):
+        raise SpecDecodeError(
+            f"{drafter} runs part of the target's layers, which only --backend torch can "
+            f"(the {args.backend} backend runs its model whole)"
+        )
+    if args.skip_file is not None:
+        from specdecode.drafters.layer_search import read_plan_record
+
+        read_plan_record(args.skip_file)
+    if args.skip_ratio is not None and args.skip_file is not None:
+        raise SpecDecodeError("give --skip-ratio (search while decoding) or --skip-file, not both")
+    if args.skip_ratio is not None and not 0.0 < args.skip_ratio < 1.0:
+        raise SpecDecodeError(f"--skip-ratio must be between 0 and 1, got {args.skip_ratio}")
     if args.draft_min_confidence is not None:
-        if drafter not in ("draft-model", "eagle"):
+        if drafter not in ("draft-model", "eagle", "layer-skip", "clasp", "early-exit"):
             raise SpecDecodeError(
-                "--draft-min-confidence sets the draft model's or eagle head's threshold; the "
-                f"drafter is {drafter}"
+                "--draft-min-confidence sets the threshold of the draft model, eagle and the "
+                f"self-speculative drafters; the drafter is {drafter}"
             )
         if not 0.0 <= args.draft_min_confidence < 1.0:
             raise SpecDecodeError(
@@ -733,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdecode.datastore import command as datastore_command
 
     datastore_command.add_parser(sub)
+    from specdecode import tune_skip
+
+    tune_skip.add_parser(sub)
     return parser
 
 

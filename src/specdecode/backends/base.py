@@ -17,6 +17,12 @@ On top of them this base class implements the target-side protocol of the engine
 cache always holds the committed tokens *but the last*: the last committed token (the root) is fed
 at the head of the next tree, so that one forward yields both its logits and the drafts'.
 
+Part of the model, for self-speculation: a backend that `supports_layer_plans` runs
+`forward_partial(token_ids, plan, ...)`, a forward through the layers a `LayerPlan` keeps, on the
+same KV cache. It writes the kept layers' rows of its tokens like `forward`; the caller truncates
+them afterwards, and the full forward that verifies the same positions overwrites every layer's
+rows, so a partial forward never leaves a trace in what the target computes.
+
 Hidden states, for trained draft heads: after `capture_hidden(layers)`, a backend that
 `supports_hidden_states` keeps, from the forwards it runs anyway, the hidden state entering each
 listed layer: `prompt_hidden` for the last prefill's rows and `last_hidden` for the last tree's.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +41,39 @@ from specdecode.models.config import TransformerConfig
 from specdecode.tree import DraftTree
 
 PREFILL_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which parts of the model a partial forward runs: every layer but the sublayers listed in
+    `skip_attention` and `skip_mlp` (a skipped sublayer passes its input on unchanged, its
+    residual branch left out), and with `exit_layer` only the layers below it; then the final
+    norm and the shared output layer."""
+
+    skip_attention: frozenset[int] = frozenset()
+    skip_mlp: frozenset[int] = frozenset()
+    exit_layer: int | None = None
+
+    def check(self, num_layers: int) -> None:
+        """Refuses a plan that names a layer the model lacks, in one line."""
+        named = sorted(self.skip_attention | self.skip_mlp)
+        if named and (named[0] < 0 or named[-1] >= num_layers):
+            raise SpecDecodeError(
+                f"the layers to skip must be between 0 and {num_layers - 1} (the model has "
+                f"{num_layers} layers), got {named}"
+            )
+        if self.exit_layer is not None and not 1 <= self.exit_layer <= num_layers:
+            raise SpecDecodeError(
+                f"the exit layer must be between 1 and {num_layers} (the model has {num_layers} "
+                f"layers), got {self.exit_layer}"
+            )
+
+    def runs(self, num_layers: int) -> float:
+        """The fraction of the layers' sublayers it runs (an attention and an MLP per layer)."""
+        top = num_layers if self.exit_layer is None else self.exit_layer
+        skipped = sum(1 for layer in self.skip_attention if layer < top)
+        skipped += sum(1 for layer in self.skip_mlp if layer < top)
+        return (2 * top - skipped) / (2 * num_layers)
 
 
 class Backend(ABC):
@@ -51,6 +91,8 @@ class Backend(ABC):
     supports_hidden_states: bool = False
     #: Why not, in the one line a user gets when a drafter needs them.
     hidden_states_refusal: str = "this backend does not hand out its hidden states"
+    #: Whether `forward_partial` works (layers can be skipped or exited early).
+    supports_layer_plans: bool = False
 
     def __init__(self, vocab_size: int, max_context: int) -> None:
         self.vocab_size = vocab_size
@@ -87,6 +129,35 @@ class Backend(ABC):
     @abstractmethod
     def keep(self, start: int, offsets: Sequence[int]) -> None:
         """Move cache rows `start + offsets[k]` to `start + k` and truncate after them."""
+
+    def forward_partial(
+        self,
+        token_ids: torch.Tensor,  # [T] int64
+        plan: LayerPlan,
+        positions: torch.Tensor | None = None,  # [T] int64; default num_cached + arange(T)
+        tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T; None = causal
+    ) -> torch.Tensor:  # [T, V] float32
+        """`forward` through the part of the model `plan` keeps (see the module docstring)."""
+        raise SpecDecodeError(
+            f"the {type(self).__name__} backend runs its model whole and cannot skip layers: "
+            "use --backend torch for self-speculation"
+        )
+
+    def forward_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H] the states entering `layer`
+        positions: torch.Tensor,  # [T] int64
+        tree_mask: torch.Tensor,  # [T, S] bool, S >= T
+    ) -> torch.Tensor:  # [T, H] the states leaving it
+        """One decoder layer over given hidden states, as tokens after the cache (which see the
+        cached slots `tree_mask` leaves them): what CLaSp's search over layers runs. Its keys and
+        values go to the slots after the cached ones and are never read (the cache's length is
+        unchanged)."""
+        raise SpecDecodeError(
+            f"the {type(self).__name__} backend runs its model whole and cannot run one layer: "
+            "use --backend torch for self-speculation"
+        )
 
     @property
     def num_layers(self) -> int | None:

@@ -247,9 +247,23 @@ BUILTIN: dict[str, Method] = {
             tree_width=3,
             tree_nodes=16,
         ),
+        _ours(
+            "layer-skip",
+            "self-speculation: 45% of the middle sublayers skipped, which ones searched while "
+            "decoding (SWIFT), heuristic draft length",
+            drafter="layer-skip",
+        ),
+        _ours(
+            "early-exit",
+            "self-speculation: the first three quarters of the layers and the output layer, "
+            "heuristic draft length",
+            drafter="early-exit",
+        ),
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
+#: Built-in methods that draft with part of the target (the torch backend only).
+SELF_SPECULATION = ("layer-skip", "early-exit")
 #: Built-in methods that draft with the model's own trained head (made by `train-drafter`).
 HEAD_METHODS = tuple(
     f"{kind}{shape}" for kind in ("eagle", "medusa", "hydra") for shape in ("", "-dynamic-tree")
@@ -261,9 +275,13 @@ SETS: dict[str, list[str]] = {
     "all-lossless": [
         name
         for name, m in BUILTIN.items()
-        if m.peer is None and name != "none" and name not in HEAD_METHODS
+        if m.peer is None
+        and name != "none"
+        and name not in HEAD_METHODS
+        and name not in SELF_SPECULATION
     ],
     "heads": list(HEAD_METHODS),
+    "self-speculation": list(SELF_SPECULATION),
     "peers": list(PEERS),
 }
 

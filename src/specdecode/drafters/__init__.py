@@ -3,9 +3,12 @@
 from typing import Any
 
 from specdecode.drafters.base import Drafter, DrafterResources, TargetOutput
+from specdecode.drafters.clasp import ClaspDrafter
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleDrafter
+from specdecode.drafters.early_exit import EarlyExitDrafter
 from specdecode.drafters.hydra import HydraDrafter
+from specdecode.drafters.layer_skip import LayerSkipDrafter
 from specdecode.drafters.lookahead import LookaheadDrafter
 from specdecode.drafters.medusa import MedusaDrafter
 from specdecode.drafters.none import NoDrafter
@@ -30,6 +33,9 @@ DRAFTERS: dict[str, type[Drafter]] = {
         EagleDrafter,
         MedusaDrafter,
         HydraDrafter,
+        LayerSkipDrafter,
+        EarlyExitDrafter,
+        ClaspDrafter,
     )
 }
 

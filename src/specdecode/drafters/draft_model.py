@@ -16,7 +16,7 @@ the draft model, so the output stays the target's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -118,7 +118,7 @@ class DraftModelDrafter(Drafter):
         if self.tree is not None:
             room = self.model.max_context - len(context) - 1
             budget = Budget(depth, budget.max_width, min(budget.max_nodes or 0, room))
-            expander = _TreeExpander(self.model, len(context))
+            expander = TreeExpander(self.model.forward, len(context))
             # The tree's nodes follow the context in the draft cache, outside `_fed`, so the
             # next catch-up drops them.
             tree = self.tree.grow(logits, expander, budget, self.sampling, self.rng)
@@ -126,45 +126,68 @@ class DraftModelDrafter(Drafter):
                 return tree
             probs = _match_vocab(tree.draft_probs, self.target_vocab_size)  # [N, V]
             return DraftTree(tree.tokens, tree.parents, probs)
-        drafts: list[int] = []
-        probs: list[torch.Tensor] = []
-        for step in range(depth):
-            if self.sampling.greedy:  # the greedy verifier needs no draft distribution
-                token = int(logits.argmax())
-                confident = self.min_confidence == 0.0 or (
-                    float(torch.softmax(logits, dim=-1)[token]) >= self.min_confidence
-                )
-            else:
-                dist = shaped_probs(logits, self.sampling)  # [V_draft]
-                token = int(sample_from(dist, self.rng))
-                probs.append(dist)
-                confident = float(dist[token]) >= self.min_confidence
-            drafts.append(token)
-            if step + 1 < depth and confident:
-                out = self.model.forward(torch.tensor([token], dtype=torch.long))
-                assert out is not None
-                logits = out[-1]
-                self._fed.append(token)
-            else:
-                break
-        if self.sampling.greedy:
-            return DraftTree.chain(drafts)
-        draft_probs = torch.stack(probs)  # [k, V_draft]
-        draft_probs = _match_vocab(draft_probs, self.target_vocab_size)  # [k, V]
-        return DraftTree.chain(drafts, draft_probs)
+
+        def feed(token: int) -> torch.Tensor:  # [V_draft] logits after `token`
+            out = self.model.forward(torch.tensor([token], dtype=torch.long))
+            assert out is not None
+            self._fed.append(token)
+            return out[-1]
+
+        chain = draft_chain(logits, feed, depth, self.sampling, self.rng, self.min_confidence)
+        if chain.draft_probs is None:
+            return chain
+        probs = _match_vocab(chain.draft_probs, self.target_vocab_size)  # [k, V]
+        return DraftTree.chain(chain.tokens.tolist(), probs)
 
 
-class _TreeExpander:
-    """Feeds tree nodes to the draft model level by level, after the context: each node sees the
-    context and its own ancestors among the nodes fed so far."""
+def draft_chain(
+    logits: torch.Tensor,  # [V] the drafting model's logits after the root
+    feed: Callable[[int], torch.Tensor],  # a drafted token -> [V] the logits after it
+    depth: int,
+    sampling: SamplingParams,
+    rng: torch.Generator | None,
+    min_confidence: float = 0.0,
+) -> DraftTree:
+    """Up to `depth` tokens decoded one by one by a drafting model: the argmax when greedy (no
+    draft distribution: the greedy verifier needs none), else a sample of its shaped
+    distribution, kept as `draft_probs`. Stops early after a token the drafting model gives less
+    than `min_confidence`; the last token is never fed."""
+    drafts: list[int] = []
+    probs: list[torch.Tensor] = []
+    for step in range(depth):
+        if sampling.greedy:
+            token = int(logits.argmax())
+            confident = min_confidence == 0.0 or (
+                float(torch.softmax(logits.float(), dim=-1)[token]) >= min_confidence
+            )
+        else:
+            dist = shaped_probs(logits, sampling)  # [V]
+            token = int(sample_from(dist, rng))
+            probs.append(dist)
+            confident = float(dist[token]) >= min_confidence
+        drafts.append(token)
+        if step + 1 == depth or not confident:
+            break
+        logits = feed(token)
+    return DraftTree.chain(drafts, torch.stack(probs) if probs else None)
 
-    def __init__(self, model: Backend, context_length: int) -> None:
-        self.model = model
+
+#: A model's forward: (token ids [T], positions [T], mask [T, S]) -> logits [T, V].
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+class TreeExpander:
+    """Feeds tree nodes to a drafting model level by level, after the context (whose last token
+    the model has cached): each node sees the context and its own ancestors among the nodes fed
+    so far."""
+
+    def __init__(self, forward: Forward, context_length: int) -> None:
+        self.forward = forward
         self.fed = FedNodes(context_length - 1)
 
     def expand(self, nodes: list[int], parents: list[int], tokens: list[int]) -> torch.Tensor:
         visible, positions = self.fed.add(nodes, parents)
-        logits = self.model.forward(
+        logits = self.forward(
             torch.tensor([tokens[n] for n in nodes], dtype=torch.long), positions, visible
         )
         assert logits is not None

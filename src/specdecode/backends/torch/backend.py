@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from specdecode.backends.base import Backend
+from specdecode.backends.base import Backend, LayerPlan
 from specdecode.backends.torch.invariance import MAX_INVARIANT_ROWS
 from specdecode.backends.torch.kv_cache import KVCache
 from specdecode.backends.torch.model import Rows, Transformer, rms_norm
@@ -30,6 +30,7 @@ class TorchBackend(Backend):
     supports_trees = True
     supports_hidden_states = True
     supports_batching = True
+    supports_layer_plans = True
 
     def __init__(
         self,
@@ -126,6 +127,34 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             (logits,) = self.model([rows], return_logits, self.hidden_layers)
         return None if logits is None else logits.cpu()
+
+    def forward_partial(
+        self,
+        token_ids: torch.Tensor,  # [T]
+        plan: LayerPlan,
+        positions: torch.Tensor | None = None,  # [T]
+        tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T
+    ) -> torch.Tensor:  # [T, V] float32 (on the CPU)
+        plan.check(self.config.num_layers)
+        rows = self._rows(token_ids, positions, tree_mask)
+        rows.captured = None  # the hidden states captured are the full forwards' alone
+        with torch.inference_mode():
+            (logits,) = self.model([rows], True, (), plan)
+        assert logits is not None
+        return logits.cpu()
+
+    def forward_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        tree_mask: torch.Tensor,  # [T, S] bool, S >= T
+    ) -> torch.Tensor:  # [T, H]
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer {layer} of a {self.config.num_layers}-layer model")
+        rows = self._rows(torch.zeros(hidden.shape[0], dtype=torch.long), positions, tree_mask)
+        with torch.inference_mode():
+            return self.model.forward_block(layer, hidden.to(self.device, self.dtype), rows)
 
     def _rows(
         self,

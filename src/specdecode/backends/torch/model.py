@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdecode.backends.base import LayerPlan
 from specdecode.backends.torch import kernels
 from specdecode.backends.torch.invariance import (
     MAX_INVARIANT_ROWS,
@@ -257,13 +258,21 @@ class Block(nn.Module):
         act = F.gelu(gate, approximate="tanh") if self.cfg.family == "gemma3" else F.silu(gate)
         return self.down(act * up)
 
-    def forward(self, x, rope, segments: list[Segment]):
+    def forward(self, x, rope, segments: list[Segment], attention: bool = True, mlp: bool = True):
+        """The block; a self-speculative draft may leave out its attention or its MLP (the
+        residual stream passes on without that branch, and a skipped attention writes no KV)."""
         if self.pre_mlp_norm is None:  # Llama / Qwen2
-            x = x + self.attention(self.norm(x, self.input_norm), rope, segments)
-            return x + self.mlp(self.norm(x, self.post_attn_norm))
-        attn = self.attention(self.norm(x, self.input_norm), rope, segments)
-        x = x + self.norm(attn, self.post_attn_norm)
-        return x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
+            if attention:
+                x = x + self.attention(self.norm(x, self.input_norm), rope, segments)
+            if mlp:
+                x = x + self.mlp(self.norm(x, self.post_attn_norm))
+            return x
+        if attention:
+            attn = self.attention(self.norm(x, self.input_norm), rope, segments)
+            x = x + self.norm(attn, self.post_attn_norm)
+        if mlp:
+            x = x + self.norm(self.mlp(self.norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
+        return x
 
 
 class Transformer(nn.Module):
@@ -334,13 +343,15 @@ class Transformer(nn.Module):
         parts: Sequence[Rows],
         return_logits: bool = True,
         capture: tuple[int, ...] = (),
+        plan: LayerPlan | None = None,
     ) -> list[torch.Tensor | None]:  # per part: [T, V] float32
         """Next-token logits of each part's new tokens, in one forward over all of them (each part
-        appends to and attends to its own cache). With `capture`, the hidden state entering each
-        listed layer (Hugging Face's `hidden_states[i]`, except that `num_layers` is the last
-        layer's output before the final norm, where Hugging Face's is after it) is appended to
-        each part's `captured` as one `[T, len(capture), hidden]` tensor: what trained draft heads
-        read, at no extra cost."""
+        appends to and attends to its own cache). With `plan`, only the layers and sublayers it
+        keeps run (a self-speculative draft; capture is then not offered). With `capture`, the
+        hidden state entering each listed layer (Hugging Face's `hidden_states[i]`, except that
+        `num_layers` is the last layer's output before the final norm, where Hugging Face's is
+        after it) is appended to each part's `captured` as one `[T, len(capture), hidden]`
+        tensor: what trained draft heads read, at no extra cost."""
         cfg = self.cfg
         # Library products take another kernel for a lone row than for several, with other
         # rounding; a copy of the row keeps every forward on the multi-row kernel. (The row-wise
@@ -369,12 +380,20 @@ class Transformer(nn.Module):
         rope_local = self.ropes["local"].at(positions, x.dtype)
         states: dict[int, torch.Tensor] = {}
         for block in self.blocks:
+            if plan is not None and plan.exit_layer is not None and block.layer >= plan.exit_layer:
+                break
             if block.layer in capture:
                 states[block.layer] = x
-            x = block(x, rope_local if block.sliding else rope_global, segments)
+            rope = rope_local if block.sliding else rope_global
+            if plan is None:
+                x = block(x, rope, segments)
+            else:
+                attention = block.layer not in plan.skip_attention
+                x = block(x, rope, segments, attention, block.layer not in plan.skip_mlp)
         for part, seg in zip(parts, segments, strict=True):
             part.cache.length = seg.write_at + seg.num_new
         if capture:
+            assert plan is None, "a partial forward captures no hidden states"
             states[cfg.num_layers] = x
             for part, seg in zip(parts, segments, strict=True):
                 assert part.captured is not None
@@ -388,6 +407,14 @@ class Transformer(nn.Module):
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return [logits[seg.start : seg.start + seg.num_new] for seg in segments]
+
+    def forward_block(self, layer: int, x: torch.Tensor, part: Rows) -> torch.Tensor:
+        """Block `layer` alone over the states `x` [T, h] of `part`'s rows, whose keys and values
+        go after its cache without changing the cache's length."""
+        segment = self._segment(part, 0, pad_lone_row=False)
+        block = self.blocks[layer]
+        rope = self.ropes["local" if block.sliding else "global"].at(part.positions, x.dtype)
+        return block(x, rope, [segment])
 
     def _segment(self, part: Rows, start: int, pad_lone_row: bool) -> Segment:
         """Where `part` sits in the forward and which cache slots each of its rows may attend:
