@@ -407,10 +407,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
                     f"{flag} is an option of {' and '.join(owners)}; the drafter is {drafter}"
                 )
             options[option] = value
-    if (
-        drafter in ("layer-skip", "clasp", "early-exit")
-        and getattr(args, "backend", "torch") != "torch"
-    ):
+    if drafter in ("layer-skip", "clasp", "early-exit") and args.backend != "torch":
         raise SpecDecodeError(
             f"{drafter} runs part of the target's layers, which only --backend torch can "
             f"(the {args.backend} backend runs its model whole)"

@@ -24,15 +24,13 @@ exiting threshold). See `partial_target.py` for how drafts share the target's KV
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from specdecode.backends.base import Backend, LayerPlan
-from specdecode.config import SamplingParams
-from specdecode.drafters.base import NO_TARGET_OUTPUT, DrafterResources, TargetOutput
-from specdecode.drafters.partial_target import PartialTargetDrafter, require_layer_plans
+from specdecode.drafters.base import NO_TARGET_OUTPUT, TargetOutput
+from specdecode.drafters.partial_target import PartialTargetDrafter
 from specdecode.errors import SpecDecodeError
 from specdecode.trees import TreeShape
 from specdecode.verify.base import Verdict
@@ -69,21 +67,8 @@ class ClaspDrafter(PartialTargetDrafter):
         self.skipped = frozenset(odd_first[: self.count])
         self.verifications = 0
         self._states: torch.Tensor | None = None  # [L + 1, H] to search from at the next step
-        self.searches = 0
 
-    @classmethod
-    def create(cls, options: dict[str, Any], resources: DrafterResources) -> ClaspDrafter:
-        require_layer_plans(resources.target, cls.name)
-        return cls(resources.target, **options, tree=resources.tree)
-
-    def begin(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        rng: torch.Generator | None,
-        target: TargetOutput = NO_TARGET_OUTPUT,
-    ) -> None:
-        super().begin(prompt, sampling, rng, target)
+    def start(self, prompt: Sequence[int], target: TargetOutput) -> None:
         self.verifications = 0
         # The first search: from the prefill's states of the last cached prompt token.
         self._states = (
@@ -107,7 +92,6 @@ class ClaspDrafter(PartialTargetDrafter):
     def search(self, states: torch.Tensor, position: int) -> frozenset[int]:
         """The dynamic programme (see the module docstring) for the token cached at `position`
         (the last accepted one), from the full model's states `states` [L + 1, H]."""
-        self.searches += 1
         layers, count = self.num_layers, self.count
         target = self.target
         # cells[j]: (state, skipped layers) after the layers so far with j of them skipped

@@ -12,11 +12,9 @@ a token the partial model gives less than `min_confidence` (Kangaroo's second ea
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from specdecode.backends.base import Backend, LayerPlan
-from specdecode.drafters.base import DrafterResources
-from specdecode.drafters.partial_target import PartialTargetDrafter, require_layer_plans
+from specdecode.drafters.partial_target import PartialTargetDrafter
 from specdecode.trees import TreeShape
 
 
@@ -35,11 +33,6 @@ class EarlyExitDrafter(PartialTargetDrafter):
         # By default the upper quarter of the layers is left out.
         self.exit_plan = LayerPlan(exit_layer=exit_layer or max(1, (3 * self.num_layers) // 4))
         self.exit_plan.check(self.num_layers)
-
-    @classmethod
-    def create(cls, options: dict[str, Any], resources: DrafterResources) -> EarlyExitDrafter:
-        require_layer_plans(resources.target, cls.name)
-        return cls(resources.target, **options, tree=resources.tree)
 
     def plan(self, context: Sequence[int]) -> LayerPlan:
         return self.exit_plan

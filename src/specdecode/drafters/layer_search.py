@@ -41,12 +41,6 @@ def plan_of(sublayers: Sequence[int]) -> LayerPlan:
     )
 
 
-def sublayers_of(plan: LayerPlan) -> list[int]:
-    """The sublayers `plan` skips (the inverse of `plan_of`)."""
-    attention = [2 * layer + ATTENTION for layer in plan.skip_attention]
-    return sorted(attention + [2 * layer + MLP for layer in plan.skip_mlp])
-
-
 def skip_count(num_layers: int, skip_ratio: float) -> int:
     """How many sublayers a ratio skips: of the 2 (L - 2) the search may choose from."""
     if not 0.0 < skip_ratio < 1.0:

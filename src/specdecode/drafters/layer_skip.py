@@ -22,10 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from specdecode.backends.base import Backend, LayerPlan
-from specdecode.config import SamplingParams
 from specdecode.drafters.base import NO_TARGET_OUTPUT, DrafterResources, TargetOutput
 from specdecode.drafters.layer_search import (
     PlanScorer,
@@ -34,7 +31,7 @@ from specdecode.drafters.layer_search import (
     plan_of,
     skip_count,
 )
-from specdecode.drafters.partial_target import PartialTargetDrafter, require_layer_plans
+from specdecode.drafters.partial_target import PartialTargetDrafter
 from specdecode.errors import SpecDecodeError
 from specdecode.trees import TreeShape
 
@@ -75,26 +72,15 @@ class LayerSkipDrafter(PartialTargetDrafter):
             key = f"layer-skip:{self.num_layers}:{count}:{seed}"
             store = shared if shared is not None else {}
             self.search = store.setdefault(key, SkipSearch(self.num_layers, count, seed))
-        self._begin_request(0)
+        self.start((), NO_TARGET_OUTPUT)
 
     @classmethod
     def create(cls, options: dict[str, Any], resources: DrafterResources) -> LayerSkipDrafter:
-        require_layer_plans(resources.target, cls.name)
         return cls(resources.target, **options, tree=resources.tree, shared=resources.shared)
 
-    def _begin_request(self, prompt_length: int) -> None:
-        self.prompt_length = prompt_length
+    def start(self, prompt: Sequence[int], target: TargetOutput) -> None:
+        self.prompt_length = len(prompt)
         self.scorer: PlanScorer | None = None
-
-    def begin(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        rng: torch.Generator | None,
-        target: TargetOutput = NO_TARGET_OUTPUT,
-    ) -> None:
-        super().begin(prompt, sampling, rng, target)
-        self._begin_request(len(prompt))
 
     @property
     def searching(self) -> bool:

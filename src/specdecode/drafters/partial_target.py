@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from specdecode.backends.base import Backend, LayerPlan
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, TargetOutput
+from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.drafters.draft_model import TreeExpander, draft_chain
 from specdecode.errors import SpecDecodeError
 from specdecode.tree import Budget, DraftTree
@@ -59,9 +60,16 @@ class PartialTargetDrafter(Drafter):
         self.sampling = SamplingParams()
         self.rng: torch.Generator | None = None
 
+    @classmethod
+    def create(cls, options: dict[str, Any], resources: DrafterResources) -> Drafter:
+        return cls(resources.target, **options, tree=resources.tree)
+
     @abstractmethod
     def plan(self, context: Sequence[int]) -> LayerPlan:
         """The part of the target that drafts this step."""
+
+    def start(self, prompt: Sequence[int], target: TargetOutput) -> None:
+        """A new request begins (`target`: its prompt's prefill), for a subclass's own state."""
 
     def begin(
         self,
@@ -72,6 +80,7 @@ class PartialTargetDrafter(Drafter):
     ) -> None:
         self.sampling = sampling
         self.rng = rng
+        self.start(prompt, target)
 
     def propose(self, context: Sequence[int], budget: Budget) -> DraftTree:
         target = self.target
