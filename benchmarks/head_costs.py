@@ -38,7 +38,7 @@ def eagle_steps(args, target, config, context: torch.Tensor) -> dict[str, Callab
     steps = {}
     for cfg in (trimmed, full):
         head = Eagle3Head(cfg).to(torch.bfloat16).eval().requires_grad_(False)
-        cache = HeadCache(cfg, 4096, torch.bfloat16, "cpu")
+        cache = HeadCache(cfg.num_kv_heads, cfg.head_dim, 4096, torch.bfloat16, "cpu")
         cache.step(  # the context the draft step attends to
             head,
             torch.randn(len(context), config.hidden_size, dtype=torch.bfloat16),

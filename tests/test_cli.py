@@ -78,6 +78,14 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
             "only --backend torch can",
         ),
         (["generate", "hi", "--drafter", "clasp", "--backend", "hf"], "only --backend torch can"),
+        (
+            ["generate", "hi", "--drafter", "kangaroo", "--backend", "llamacpp"],
+            "only --backend torch can",
+        ),
+        (
+            ["train-drafter", "--model", SMALL, "--kind", "kangaroo", "--exit-layer", "0"],
+            "exit layer must be at least 1",
+        ),
         (["generate", "hi", "--drafter", "layer-skip", "--skip-ratio", "1.5"], "between 0 and 1"),
         (["generate", "hi", "--skip-ratio", "0.3"], "option of layer-skip and clasp"),
         (["generate", "hi", "--drafter", "clasp", "--exit-layer", "4"], "option of early-exit"),

@@ -93,7 +93,7 @@ def test_a_plan_out_of_range_is_refused(plan: LayerPlan) -> None:
         tiny().forward_partial(torch.tensor(PROMPT), plan)
 
 
-@pytest.mark.parametrize("drafter", ["layer-skip", "clasp", "early-exit"])
+@pytest.mark.parametrize("drafter", ["layer-skip", "clasp", "early-exit", "kangaroo"])
 def test_a_backend_that_runs_its_model_whole_is_refused(drafter: str) -> None:
     with pytest.raises(SpecDecodeError, match="use --backend torch"):
         make_drafter(drafter, {}, DrafterResources(target=ToyBackend(seed=0)))

@@ -5,7 +5,7 @@
     specdecode certify [--model M] [--drafter D] [--verifier V] [--temperature T] [--samples N]
     specdecode analyze [--model M] [--draft-model D] [--methods TREE/VERIFIER,...] ...
     specdecode bench [--suite S] [--methods M] [--model M] [--draft-model D] [--out DIR] ...
-    specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
+    specdecode train-drafter --model M --kind eagle|medusa|hydra|kangaroo [--out DIR] ...
     specdecode tune-skip --model M --out FILE [--skip-ratio R] [--tries N]
 
 Errors caused by input (a bad flag value, an unknown model, a corrupt file) print one line,
@@ -303,7 +303,7 @@ def _add_speculation_args(
         "--draft-min-confidence",
         type=float,
         metavar="P",
-        help="draft model, eagle, layer-skip, clasp and early-exit: stop a draft after a token "
+        help="draft model, eagle and the self-speculative drafters: stop a draft after a token "
         "the drafter gives less than probability P, in [0, 1) (the built-in bench method "
         "draft-model-adaptive uses 0.4; default: 0, never stop early, for the draft model and "
         "eagle; 0.6 for the self-speculative drafters)",
@@ -311,7 +311,7 @@ def _add_speculation_args(
     p.add_argument(
         "--head",
         metavar="DIR",
-        help="eagle, medusa and hydra: the trained head to draft with, a folder with its "
+        help="eagle, medusa, hydra and kangaroo: the trained head to draft with, a folder with its "
         "config.json and weights (default: the model's own head of that kind, made by "
         "`specdecode train-drafter`)",
     )
@@ -407,7 +407,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
                     f"{flag} is an option of {' and '.join(owners)}; the drafter is {drafter}"
                 )
             options[option] = value
-    if drafter in ("layer-skip", "clasp", "early-exit") and args.backend != "torch":
+    if drafter in ("layer-skip", "clasp", "early-exit", "kangaroo") and args.backend != "torch":
         raise SpecDecodeError(
             f"{drafter} runs part of the target's layers, which only --backend torch can "
             f"(the {args.backend} backend runs its model whole)"
@@ -421,7 +421,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
     if args.skip_ratio is not None and not 0.0 < args.skip_ratio < 1.0:
         raise SpecDecodeError(f"--skip-ratio must be between 0 and 1, got {args.skip_ratio}")
     if args.draft_min_confidence is not None:
-        if drafter not in ("draft-model", "eagle", "layer-skip", "clasp", "early-exit"):
+        if drafter not in ("draft-model", "eagle", "layer-skip", "clasp", "early-exit", "kangaroo"):
             raise SpecDecodeError(
                 "--draft-min-confidence sets the threshold of the draft model, eagle and the "
                 f"self-speculative drafters; the drafter is {drafter}"

@@ -136,8 +136,11 @@ class Backend(ABC):
         plan: LayerPlan,
         positions: torch.Tensor | None = None,  # [T] int64; default num_cached + arange(T)
         tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T; None = causal
-    ) -> torch.Tensor:  # [T, V] float32
-        """`forward` through the part of the model `plan` keeps (see the module docstring)."""
+        hidden: bool = False,
+    ) -> torch.Tensor:  # [T, V] float32, or [T, H] with `hidden`
+        """`forward` through the part of the model `plan` keeps (see the module docstring); with
+        `hidden`, the states leaving its last layer (before the final norm) instead of logits,
+        which a trained adapter reads (Kangaroo)."""
         raise SpecDecodeError(
             f"the {type(self).__name__} backend runs its model whole and cannot skip layers: "
             "use --backend torch for self-speculation"

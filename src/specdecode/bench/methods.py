@@ -259,14 +259,21 @@ BUILTIN: dict[str, Method] = {
             "heuristic draft length",
             drafter="early-exit",
         ),
+        _ours(
+            "kangaroo",
+            "self-speculation: the first layers, a trained Kangaroo adapter and the output layer, "
+            "heuristic draft length",
+            drafter="kangaroo",
+        ),
         *[Method(name, peer=name, description=text) for name, text in PEERS.items()],
     ]
 }
 #: Built-in methods that draft with part of the target (the torch backend only).
 SELF_SPECULATION = ("layer-skip", "early-exit")
 #: Built-in methods that draft with the model's own trained head (made by `train-drafter`).
-HEAD_METHODS = tuple(
-    f"{kind}{shape}" for kind in ("eagle", "medusa", "hydra") for shape in ("", "-dynamic-tree")
+HEAD_METHODS = (
+    *(f"{kind}{shape}" for kind in ("eagle", "medusa", "hydra") for shape in ("", "-dynamic-tree")),
+    "kangaroo",
 )
 
 SETS: dict[str, list[str]] = {

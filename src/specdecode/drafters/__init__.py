@@ -8,6 +8,7 @@ from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleDrafter
 from specdecode.drafters.early_exit import EarlyExitDrafter
 from specdecode.drafters.hydra import HydraDrafter
+from specdecode.drafters.kangaroo import KangarooDrafter
 from specdecode.drafters.layer_skip import LayerSkipDrafter
 from specdecode.drafters.lookahead import LookaheadDrafter
 from specdecode.drafters.medusa import MedusaDrafter
@@ -35,6 +36,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
         HydraDrafter,
         LayerSkipDrafter,
         EarlyExitDrafter,
+        KangarooDrafter,
         ClaspDrafter,
     )
 }

@@ -63,7 +63,9 @@ class EagleDrafter(Drafter):
         self.hidden_layers = tuple(head.cfg.aux_layers)
         self.dtype = head.fc.weight.dtype
         self.device = head.fc.weight.device
-        self.cache = HeadCache(head.cfg, target.max_context, self.dtype, self.device)
+        self.cache = HeadCache(
+            head.cfg.num_kv_heads, head.cfg.head_dim, target.max_context, self.dtype, self.device
+        )
         self.vocab_size = target.vocab_size
         self.target_ids = head.target_ids.cpu()  # [draft_vocab]; drafts are chosen on the CPU
         self.sampling = SamplingParams()

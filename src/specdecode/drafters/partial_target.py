@@ -9,7 +9,9 @@ the cache is cut back to the committed tokens, so the verification forward rewri
 every layer and nothing a draft computed reaches the target's output (greedy output is plain
 decoding's, token for token).
 
-A subclass says which plan drafts (`plan`), and may learn from each verification (`update`).
+A subclass says which plan drafts (`plan`), may learn from each verification (`update`), and may
+run the plan's states through more than the target's own output layer (`draft_logits`, with
+`drop_drafts` forgetting what that kept).
 Drafts stop early after a token the partial model doubts (`ConfidenceStop`).
 """
 
@@ -98,7 +100,7 @@ class PartialTargetDrafter(Drafter):
             positions: torch.Tensor | None = None,  # [T]
             mask: torch.Tensor | None = None,  # [T, S]
         ) -> torch.Tensor:  # [T, V]
-            return target.forward_partial(ids, plan, positions, mask)
+            return self.draft_logits(plan, ids, positions, mask)
 
         try:
             logits = forward(torch.tensor([context[-1]], dtype=torch.long))[-1]  # [V]
@@ -116,7 +118,21 @@ class PartialTargetDrafter(Drafter):
                 self.stop.threshold,
             )
         finally:
-            target.truncate(committed)
+            self.drop_drafts(committed)
+
+    def draft_logits(
+        self,
+        plan: LayerPlan,
+        ids: torch.Tensor,  # [T]
+        positions: torch.Tensor | None,  # [T]; None: after the cached tokens
+        mask: torch.Tensor | None,  # [T, S]; None: causal
+    ) -> torch.Tensor:  # [T, V]
+        """The drafting model's next-token logits at `ids`, appended after the cached tokens."""
+        return self.target.forward_partial(ids, plan, positions, mask)
+
+    def drop_drafts(self, committed: int) -> None:
+        """Forget what drafting appended after the `committed` tokens."""
+        self.target.truncate(committed)
 
     def update(self, verdict: Verdict, target: TargetOutput = NO_TARGET_OUTPUT) -> None:
         if verdict.num_draft_nodes and self.tree is None:

@@ -1,7 +1,7 @@
 """Trained draft heads: small networks that draft from the target's own hidden states.
 
-`eagle3.py` holds the EAGLE-3 head, `medusa.py` the Medusa-1 heads and `hydra.py` the Hydra
-heads, with their checkpoints. A
+`eagle3.py` holds the EAGLE-3 head, `medusa.py` the Medusa-1 heads, `hydra.py` the Hydra
+heads and `kangaroo.py` Kangaroo's early-exit adapter, with their checkpoints. A
 model's own head, made by `specdecode train-drafter`, lives in the cache (`default_head_dir`),
 where the drafter of its kind finds it when no `--head` is given.
 """
@@ -19,7 +19,7 @@ from specdecode.models.install import cache_root
 from specdecode.models.registry import REGISTRY
 
 #: The kinds of trained drafter, and the drafter each is used by.
-HEAD_KINDS = ("eagle", "medusa", "hydra")
+HEAD_KINDS = ("eagle", "medusa", "hydra", "kangaroo")
 
 
 def _model_dir(model: str) -> Path:

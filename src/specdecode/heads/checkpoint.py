@@ -67,7 +67,8 @@ def refuse_family(target: TransformerConfig) -> None:
     embedding scale differ, and batched self-distillation is written for Llama's layers)."""
     if target.family != "llama":
         raise SpecDecodeError(
-            f"Medusa and Hydra heads are built for Llama / Qwen2 targets, not {target.family}"
+            f"Medusa, Hydra and Kangaroo heads are built for Llama / Qwen2 targets, not "
+            f"{target.family}"
         )
 
 

@@ -299,26 +299,28 @@ class Eagle3Head(nn.Module):
 
 
 class HeadCache:
-    """The head's keys and values by position (one layer): committed pairs, then the drafts of the
-    current step, which a truncation drops."""
+    """A one-layer head's keys and values by position: committed entries, then the drafts of the
+    current step, which a truncation (`length = ...`) drops. Shared by EAGLE-3's head and
+    Kangaroo's adapter, each of which projects its own inputs (`Projected`)."""
 
-    def __init__(self, cfg: Eagle3Config, max_len: int, dtype: torch.dtype, device) -> None:
-        shape = (cfg.num_kv_heads, max_len, cfg.head_dim)
+    def __init__(
+        self, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device
+    ) -> None:
+        shape = (num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
-    def step(
+    def attend(
         self,
-        head: Eagle3Head,
-        hidden: torch.Tensor,  # [T, H]
-        embeds: torch.Tensor,  # [T, H]
-        positions: torch.Tensor,  # [T]
+        projected: Projected,
+        scale: float,
         visible: torch.Tensor | None = None,  # [T, S] bool over the last S slots; None = causal
-    ) -> torch.Tensor:  # [T, H]: outputs before the final norm
-        """Append T pairs and run them: each sees every earlier cached slot, and among the last
-        `S` slots (the new rows and, for a tree, the nodes cached before) those `visible` says."""
-        rows = hidden.shape[0]
+    ) -> torch.Tensor:  # [heads, T, D]
+        """Append T rows' keys and values and attend: each row sees every earlier cached slot,
+        and among the last `S` slots (the new rows and, for a tree, the nodes cached before)
+        those `visible` says."""
+        rows = projected.q.shape[1]
         start, end = self.length, self.length + rows
         if end > self.k.shape[1]:  # a wide tree near the end of the context: grow
             extra = max(end - self.k.shape[1], 256)
@@ -328,10 +330,9 @@ class HeadCache:
             self.v = torch.cat(
                 [self.v, self.v.new_zeros(self.v.shape[0], extra, self.v.shape[2])], 1
             )
-        projected = head.project(hidden, embeds, positions)
         self.k[:, start:end] = projected.k
         self.v[:, start:end] = projected.v
-        mask = torch.ones(rows, end, dtype=torch.bool, device=hidden.device)
+        mask = torch.ones(rows, end, dtype=torch.bool, device=self.k.device)
         if visible is None:
             mask[:, start:end] = torch.ones(rows, rows, dtype=torch.bool).tril_()
         else:
@@ -341,11 +342,23 @@ class HeadCache:
             self.k[:, :end],
             self.v[:, :end],
             attn_mask=mask,
-            scale=head.scale,
+            scale=scale,
             enable_gqa=True,
         )
         self.length = end
-        return head.finish(hidden, attended)
+        return attended
+
+    def step(
+        self,
+        head: Eagle3Head,
+        hidden: torch.Tensor,  # [T, H]
+        embeds: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        visible: torch.Tensor | None = None,  # [T, S] bool over the last S slots; None = causal
+    ) -> torch.Tensor:  # [T, H]: outputs before the final norm
+        """Append T pairs of an EAGLE-3 head and run them (see `attend`)."""
+        projected = head.project(hidden, embeds, positions)
+        return head.finish(hidden, self.attend(projected, head.scale, visible))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

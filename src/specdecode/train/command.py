@@ -1,6 +1,6 @@
 """`specdecode train-drafter`: data, target features, training and the saved head, in one command.
 
-    specdecode train-drafter --model M --kind eagle|medusa|hydra [--out DIR] [--data FILES...]
+    specdecode train-drafter --model M --kind eagle|medusa|hydra|kangaroo [--out DIR] [--data F...]
 
 The training data is kept in the model's data folder (`--work-dir`; by default one in the cache
 that every head kind of the model shares): the target's answers to the self-distillation prompts
@@ -9,7 +9,8 @@ sequence and set of layers, those of the answers captured while they were writte
 checkpoint is kept in `<out>/training/`. An interrupted run started again with the same command
 picks up where it stopped: answers and features already on disk are not recomputed, and training
 resumes from its last checkpoint. A second kind reuses the first one's answers (Medusa and Hydra,
-which read other layers than EAGLE-3, compute their features once over them, and share those).
+which read other layers than EAGLE-3, compute their features once over them, and share those;
+Kangaroo's adapter reads the input of its exit layer).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from specdecode.heads.checkpoint import refuse_family
 from specdecode.heads.eagle3 import Eagle3Config, save_head
 from specdecode.heads.hydra import HydraConfig
 from specdecode.heads.hydra import save_heads as save_hydra
+from specdecode.heads.kangaroo import KangarooConfig, save_adapter
 from specdecode.heads.medusa import MedusaConfig, save_heads
 from specdecode.train.batched import Answer, generate_answers
 from specdecode.train.data import (
@@ -45,6 +47,7 @@ from specdecode.train.data import (
 from specdecode.train.eagle import TrainReport, TrainSettings, train_eagle
 from specdecode.train.features import FeatureStore
 from specdecode.train.hydra import train_hydra
+from specdecode.train.kangaroo import train_kangaroo
 from specdecode.train.medusa import train_medusa
 from specdecode.train.prompts import Conversation, follow_up
 
@@ -212,6 +215,10 @@ def train_drafter(
             config, settings.draft_vocab, settings.intermediate_size
         )
         layers = tuple(head_config.aux_layers)
+    elif kind == "kangaroo":
+        refuse_family(config)
+        adapter_config = KangarooConfig.for_target(config, settings.exit_layer)
+        layers = (adapter_config.exit_layer,)
     else:  # medusa and hydra: the last layer's output
         refuse_family(config)
         layers = (config.num_layers,)
@@ -278,6 +285,19 @@ def train_drafter(
             **{**asdict(heads.cfg), "base_model": str(model), "provenance": provenance(report)}
         )
         save_heads(heads, weights.lm_head.weight.detach(), head_dir)
+    elif kind == "kangaroo":
+        adapter, report = train_kangaroo(
+            examples,
+            adapter_config,
+            weights.lm_head.weight.detach(),
+            weights.final_norm.detach(),
+            settings,
+            work,
+            stop_after=stop_after,
+        )
+        seconds["training"] = time.perf_counter() - started
+        adapter.cfg = replace(adapter.cfg, base_model=str(model), provenance=provenance(report))
+        save_adapter(adapter, head_dir)
     else:
         hydra, report = train_hydra(
             examples,
@@ -301,9 +321,11 @@ def train_drafter(
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train-drafter",
-        help="train a draft head (EAGLE-3, Medusa-1 or Hydra) on a model's own hidden states",
+        help="train a draft head (EAGLE-3, Medusa-1, Hydra or a Kangaroo adapter) on a model's "
+        "own hidden states",
         description="Train a draft head for MODEL on this machine, offline (--kind eagle: an "
-        "EAGLE-3 head; --kind medusa: Medusa-1 heads; --kind hydra: Hydra heads): on the "
+        "EAGLE-3 head; --kind medusa: Medusa-1 heads; --kind hydra: Hydra heads; --kind "
+        "kangaroo: Kangaroo's adapter after the first layers): on the "
         "model's own answers to generated instructions and follow-up questions (made many at "
         "a time) and a little of the Python standard library's source and docstrings (or on "
         "--data FILES), never on the benchmark's prompts. The "
@@ -311,7 +333,8 @@ def add_parser(sub) -> None:
         "started again with the same command. An EAGLE-3 head is saved in the layout vLLM and "
         "SGLang load (config.json, model.safetensors), Medusa heads in the Medusa repository's "
         "(config.json, medusa_lm_head.safetensors), Hydra heads beside theirs (config.json, "
-        "hydra_heads.safetensors); use them with --drafter eagle, medusa or hydra.",
+        "hydra_heads.safetensors), a Kangaroo adapter as config.json and "
+        "kangaroo_adapter.safetensors; use them with --drafter eagle, medusa, hydra or kangaroo.",
     )
     p.add_argument("--model", required=True, help="the target: registry name, GGUF file or HF dir")
     p.add_argument(
@@ -320,7 +343,9 @@ def add_parser(sub) -> None:
         default="eagle",
         help="eagle (EAGLE-3: one decoder layer over three target layers, drafting step by step) "
         "or medusa (Medusa-1: heads on the last hidden state, each one token further ahead) or "
-        "hydra (Medusa's heads, each also reading the tokens drafted above it); default eagle",
+        "hydra (Medusa's heads, each also reading the tokens drafted above it) or kangaroo (an "
+        "attention-only adapter after the target's first layers, for --drafter kangaroo); "
+        "default eagle",
     )
     p.add_argument(
         "--out",
@@ -362,6 +387,13 @@ def add_parser(sub) -> None:
         default=defaults.num_heads,
         help="medusa and hydra: heads, each predicting one more token ahead "
         f"(default {defaults.num_heads})",
+    )
+    p.add_argument(
+        "--exit-layer",
+        type=int,
+        default=None,
+        help="kangaroo: the adapter reads the input of this target layer, drafting with the "
+        "layers below it (default: Kangaroo's 2 of 32 layers, scaled to the model's depth)",
     )
     p.add_argument(
         "--intermediate-size",
@@ -423,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
         intermediate_size=args.intermediate_size,
         ttt_steps=args.ttt_steps,
         num_heads=args.num_heads,
+        exit_layer=args.exit_layer,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         batch_tokens=args.batch_tokens,

@@ -134,14 +134,15 @@ class TorchBackend(Backend):
         plan: LayerPlan,
         positions: torch.Tensor | None = None,  # [T]
         tree_mask: torch.Tensor | None = None,  # [T, S] bool, S >= T
-    ) -> torch.Tensor:  # [T, V] float32 (on the CPU)
+        hidden: bool = False,
+    ) -> torch.Tensor:  # [T, V] float32 (on the CPU), or [T, H] with `hidden`
         plan.check(self.config.num_layers)
         rows = self._rows(token_ids, positions, tree_mask)
         rows.captured = None  # the hidden states captured are the full forwards' alone
         with torch.inference_mode():
-            (logits,) = self.model([rows], True, (), plan)
-        assert logits is not None
-        return logits.cpu()
+            (out,) = self.model([rows], True, (), plan, return_hidden=hidden)
+        assert out is not None
+        return out if hidden else out.cpu()
 
     def forward_layer(
         self,

@@ -344,14 +344,16 @@ class Transformer(nn.Module):
         return_logits: bool = True,
         capture: tuple[int, ...] = (),
         plan: LayerPlan | None = None,
-    ) -> list[torch.Tensor | None]:  # per part: [T, V] float32
+        return_hidden: bool = False,
+    ) -> list[torch.Tensor | None]:  # per part: [T, V] float32, or [T, H] with return_hidden
         """Next-token logits of each part's new tokens, in one forward over all of them (each part
         appends to and attends to its own cache). With `plan`, only the layers and sublayers it
         keeps run (a self-speculative draft; capture is then not offered). With `capture`, the
         hidden state entering each listed layer (Hugging Face's `hidden_states[i]`, except that
         `num_layers` is the last layer's output before the final norm, where Hugging Face's is
         after it) is appended to each part's `captured` as one `[T, len(capture), hidden]`
-        tensor: what trained draft heads read, at no extra cost."""
+        tensor: what trained draft heads read, at no extra cost. With `return_hidden`, each
+        part's states leaving the last layer run, before the final norm, instead of logits."""
         cfg = self.cfg
         # Library products take another kernel for a lone row than for several, with other
         # rounding; a copy of the row keeps every forward on the multi-row kernel. (The row-wise
@@ -399,6 +401,8 @@ class Transformer(nn.Module):
                 assert part.captured is not None
                 rows = slice(seg.start, seg.start + seg.num_new)
                 part.captured.append(torch.stack([states[layer][rows] for layer in capture], 1))
+        if return_hidden:
+            return [x[seg.start : seg.start + seg.num_new] for seg in segments]
         if not return_logits:
             return [None] * len(parts)
         x = rms_norm(x, self.final_norm, cfg.rms_norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
