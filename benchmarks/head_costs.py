@@ -26,7 +26,8 @@ import torch
 
 
 def eagle_steps(args, target, config, context: torch.Tensor) -> dict[str, Callable[[], None]]:
-    from specdecode.heads.eagle3 import Eagle3Config, Eagle3Head, HeadCache, read_config
+    from specdecode.heads.attention import HeadCache
+    from specdecode.heads.eagle3 import Eagle3Config, Eagle3Head, read_config
 
     if args.head:
         trimmed = read_config(Path(args.head), config.num_layers)
@@ -39,16 +40,16 @@ def eagle_steps(args, target, config, context: torch.Tensor) -> dict[str, Callab
     for cfg in (trimmed, full):
         head = Eagle3Head(cfg).to(torch.bfloat16).eval().requires_grad_(False)
         cache = HeadCache(cfg.num_kv_heads, cfg.head_dim, 4096, torch.bfloat16, "cpu")
-        cache.step(  # the context the draft step attends to
-            head,
+        head.step(  # the context the draft step attends to
+            cache,
             torch.randn(len(context), config.hidden_size, dtype=torch.bfloat16),
             target.token_embeddings(context).to(torch.bfloat16),
             torch.arange(len(context)),
         )
 
         def step(head=head, cache=cache) -> None:
-            out = cache.step(
-                head, hidden, target.token_embeddings(token), torch.tensor([len(context)])
+            out = head.step(
+                cache, hidden, target.token_embeddings(token), torch.tensor([len(context)])
             )
             head.logits(out).float().argmax(-1)
             cache.length = len(context)

@@ -392,8 +392,8 @@ def test_drafting_computes_what_training_trains(target, tmp_path) -> None:
         # step 0, row n-2: the pair (features at token n-2, token n-1) at position n-2
         assert torch.allclose(drafter._last_out, outputs[0][n - 2], atol=1e-4)
         # step 1, row n-2: the pair (that output, token n) at position n-1
-        step1 = drafter.cache.step(
-            head,
+        step1 = head.step(
+            drafter.cache,
             drafter._last_out[None],
             target.token_embeddings(tokens[n : n + 1]),
             torch.tensor([n - 1]),

@@ -5,6 +5,9 @@
   and a backend that cannot exit early are one clear error; no adapter yet names the command.
 - Training raises the held-out agreement above early exit's (and an optimizer that never steps
   leaves it where it was: the negative control).
+- Drafting computes what training trains: every row a chain or a tree fed scores the logits of the
+  adapter run over that node's whole path at once (with random attention weights, so that a
+  wrong mask or position shows; both were checked to fail it).
 - Greedy output equals plain decoding's with drafts accepted (tiny model: chains and trees; a real
   model: the 135M with an adapter trained here on its own answers); the adapter's cache holds
   exactly the committed tokens' entries afterwards, which a drafter that kept its drafts' entries
@@ -95,6 +98,7 @@ PROMPT = list(range(3, 33))
 
 
 def test_an_untrained_adapter_drafts_what_early_exit_drafts(target) -> None:
+    target.reset()
     drafter = KangarooDrafter(target, untrained(target), min_confidence=0.0)
     ids = torch.tensor(PROMPT[:6])
     exited = target.forward_partial(ids, LayerPlan(exit_layer=EXIT))
@@ -200,6 +204,89 @@ def test_greedy_output_is_plain_decoding_with_drafts_accepted(
     assert stats.accepted_tokens > 10
 
 
+class _Recording(KangarooDrafter):
+    """Keeps what each drafting forward fed and scored: (token, position, logits) per row."""
+
+    def draft_logits(self, plan, ids, positions, mask):
+        if positions is None:
+            positions = torch.arange(self.target.num_cached, self.target.num_cached + len(ids))
+        logits = super().draft_logits(plan, ids, positions, mask)
+        self.scored += list(zip(ids.tolist(), positions.tolist(), logits, strict=True))
+        return logits
+
+
+def scrambled(adapter: KangarooAdapter) -> KangarooAdapter:
+    """The adapter with random attention weights, so that what each row attends to (its mask,
+    its position, the cache's entries) moves its logits far."""
+    changed = KangarooAdapter(adapter.cfg)
+    changed.load_state_dict(adapter.state_dict())
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in (changed.q_proj, changed.k_proj, changed.v_proj, changed.o_proj):
+            layer.weight.normal_(std=0.5, generator=generator)
+    return changed.eval().requires_grad_(False)
+
+
+def _expected_logits(target, adapter, tokens: list[int]) -> torch.Tensor:  # [V]
+    """What training computes over `tokens`: the adapter over the whole sequence's exit states,
+    the logits at the last row (-inf outside the draft vocabulary)."""
+    target.reset()
+    states = target.forward_partial(torch.tensor(tokens), LayerPlan(exit_layer=EXIT), hidden=True)
+    target.reset()
+    draft = adapter.logits(adapter.sequence(states.to(adapter.q_proj.weight.dtype))).float()
+    logits = torch.full((target.vocab_size,), float("-inf"))
+    logits[adapter.target_ids] = draft[-1]
+    return logits
+
+
+def _path(drafted, node: int) -> list[int]:
+    path, parents = [], drafted.parents.tolist()
+    while node >= 0:
+        path.insert(0, int(drafted.tokens[node]))
+        node = parents[node]
+    return path
+
+
+@pytest.mark.parametrize("tree", ["chain", "static"])
+def test_drafting_computes_what_training_trains(target, trained, tree) -> None:
+    """Every row a draft fed (the root, then each node that was expanded) scored the logits the
+    adapter gives when run over that node's whole path at once, as in training: the adapter's
+    cache, positions, rotations and tree masks in step with the target's."""
+    from specdecode.trees import make_tree_shape
+
+    adapter = scrambled(trained[0])
+    shape = None if tree == "chain" else make_tree_shape(tree, {})
+    drafter = _Recording(target, adapter, min_confidence=0.0, tree=shape)
+    drafter.scored = []
+    context = PROMPT[:20]
+    target.reset()
+    target.capture_hidden(drafter.hidden_layers)
+    target.prefill(context)
+    drafter.begin(context, SamplingParams(), None, TargetOutput(hidden=target.prompt_hidden))
+    drafted = drafter.propose(context, Budget(3, 2, 8) if shape else Budget.chain(4))
+    target.capture_hidden(())
+    assert drafted.num_nodes == (8 if shape else 4)
+    depth = {-1: 0}
+    for node, parent in enumerate(drafted.parents.tolist()):
+        depth[node] = depth[parent] + 1
+    root = len(context) - 1
+    assert len(drafter.scored) >= 4
+    for token, position, logits in drafter.scored:
+        # The nodes this row could be (cousins may share a token at one depth).
+        nodes = [n for n in depth if depth[n] == position - root]
+        nodes = [n for n in nodes if n == -1 or int(drafted.tokens[n]) == token]
+        assert nodes, (token, position)
+        finite = torch.isfinite(logits)
+        assert any(
+            torch.allclose(
+                logits[finite],
+                _expected_logits(target, adapter, context + _path(drafted, n))[finite],
+                atol=1e-3,
+            )
+            for n in nodes
+        ), (token, position)
+
+
 class _KeepsItsDrafts(KangarooDrafter):
     """Broken on purpose: the adapter's entries of a step's drafts stay in its cache."""
 
@@ -243,8 +330,10 @@ def test_the_adapters_cache_holds_exactly_the_committed_tokens(
     target.capture_hidden(())
     assert fresh.length == len(context) - 1
     rows = slice(0, fresh.length)
-    holds = made.cache.length == fresh.length and torch.allclose(
-        made.cache.k[:, rows], fresh.k[:, rows], atol=1e-4
+    holds = (
+        made.cache.length == fresh.length
+        and torch.allclose(made.cache.k[:, rows], fresh.k[:, rows], atol=1e-4)
+        and torch.allclose(made.cache.v[:, rows], fresh.v[:, rows], atol=1e-4)
     )
     assert holds == exact
 

@@ -353,6 +353,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
     """drafter_options from --min-ngram / --max-ngram (prompt lookup), --suffix-cache (suffix),
     --draft-min-confidence (draft model, eagle) and --head (trained heads), checked before any
     model loads."""
+    from specdecode.drafters import DRAFTERS
     from specdecode.drafters.prompt_lookup import PromptLookupDrafter
 
     options: dict[str, float | int | str] = {}
@@ -407,7 +408,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
                     f"{flag} is an option of {' and '.join(owners)}; the drafter is {drafter}"
                 )
             options[option] = value
-    if drafter in ("layer-skip", "clasp", "early-exit", "kangaroo") and args.backend != "torch":
+    if DRAFTERS[drafter].runs_part_of_target and args.backend != "torch":
         raise SpecDecodeError(
             f"{drafter} runs part of the target's layers, which only --backend torch can "
             f"(the {args.backend} backend runs its model whole)"
@@ -421,7 +422,7 @@ def _drafter_options(args: argparse.Namespace, drafter: str) -> dict[str, float 
     if args.skip_ratio is not None and not 0.0 < args.skip_ratio < 1.0:
         raise SpecDecodeError(f"--skip-ratio must be between 0 and 1, got {args.skip_ratio}")
     if args.draft_min_confidence is not None:
-        if drafter not in ("draft-model", "eagle", "layer-skip", "clasp", "early-exit", "kangaroo"):
+        if drafter not in ("draft-model", "eagle") and not DRAFTERS[drafter].runs_part_of_target:
             raise SpecDecodeError(
                 "--draft-min-confidence sets the threshold of the draft model, eagle and the "
                 f"self-speculative drafters; the drafter is {drafter}"

@@ -80,6 +80,9 @@ class Drafter(ABC):
     samples_drafts: ClassVar[bool] = False
     #: Whether the drafter can grow trees of any `TreeShape` (False: chains only).
     supports_trees: ClassVar[bool] = False
+    #: Whether it drafts with part of the target's own layers (self-speculation), which only a
+    #: backend that `supports_layer_plans` runs.
+    runs_part_of_target: ClassVar[bool] = False
     #: The target layers whose hidden states the drafter reads (`TargetOutput.hidden`); set by a
     #: drafter that needs them when built, empty for those that read none.
     hidden_layers: tuple[int, ...] = ()

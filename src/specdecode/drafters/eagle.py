@@ -28,7 +28,8 @@ from specdecode.config import SamplingParams
 from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
 from specdecode.errors import SpecDecodeError
 from specdecode.heads import head_dir, loaded
-from specdecode.heads.eagle3 import WEIGHTS_FILE, Eagle3Head, HeadCache, load_head
+from specdecode.heads.attention import HeadCache
+from specdecode.heads.eagle3 import WEIGHTS_FILE, Eagle3Head, load_head
 from specdecode.sampling import sample_from, shaped_probs
 from specdecode.tree import Budget, DraftTree
 from specdecode.trees import TreeShape
@@ -144,7 +145,7 @@ class EagleDrafter(Drafter):
             hidden = self.head.fuse(features[piece])
             count = hidden.shape[0]
             positions = torch.arange(self._committed, self._committed + count)
-            out = self.cache.step(self.head, hidden, self._embed(tokens[piece]), positions)
+            out = self.head.step(self.cache, hidden, self._embed(tokens[piece]), positions)
             self._committed += count
         self._last_out = out[-1]
         self._last_logits = self.head.logits(out[-1:])[0].float().cpu()
@@ -192,8 +193,8 @@ class EagleDrafter(Drafter):
             confidence.append(chance)
             if step + 1 == depth or chance < self.min_confidence:
                 break
-            out = self.cache.step(
-                self.head,
+            out = self.head.step(
+                self.cache,
                 out[None],
                 self._embed(torch.tensor([token])),
                 torch.tensor([self._committed + step]),
@@ -221,8 +222,8 @@ class _HeadExpander:
         visible, positions = self.fed.add(nodes, parents)
         hidden = torch.stack([self.out[parents[node]] for node in nodes])  # [n, H]
         token_ids = torch.tensor([tokens[node] for node in nodes], dtype=torch.long)
-        out = drafter.cache.step(
-            drafter.head,
+        out = drafter.head.step(
+            drafter.cache,
             hidden,
             drafter._embed(token_ids),
             positions,

@@ -22,7 +22,7 @@ import torch
 
 from specdecode.backends.base import Backend, LayerPlan
 from specdecode.drafters.base import NO_TARGET_OUTPUT, Drafter, DrafterResources, TargetOutput
-from specdecode.drafters.partial_target import PartialTargetDrafter
+from specdecode.drafters.partial_target import PartialTargetDrafter, require_layer_plans
 from specdecode.errors import SpecDecodeError
 from specdecode.heads import head_dir, loaded
 from specdecode.heads.kangaroo import WEIGHTS_FILE, KangarooAdapter, load_adapter
@@ -66,12 +66,10 @@ class KangarooDrafter(PartialTargetDrafter):
                 f"got {sorted(unknown)}"
             )
         target = resources.target
+        require_layer_plans(target, cls.name)
         config = target.model_config
-        if not target.supports_layer_plans or config is None or not target.supports_hidden_states:
-            raise SpecDecodeError(
-                f"the 'kangaroo' drafter runs part of the target, which the "
-                f"{type(target).__name__} cannot: use --backend torch"
-            )
+        if config is None or not target.supports_hidden_states:
+            raise SpecDecodeError(target.hidden_states_refusal)
         if config.family != "llama":
             raise SpecDecodeError(
                 f"Kangaroo adapters draft for Llama / Qwen2 targets, not {config.family}"

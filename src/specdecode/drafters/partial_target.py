@@ -46,6 +46,7 @@ def require_layer_plans(target: Backend, name: str) -> int:
 class PartialTargetDrafter(Drafter):
     samples_drafts = True
     supports_trees = True
+    runs_part_of_target = True
 
     def __init__(
         self,

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.model import Rope, apply_rope
+from specdecode.backends.torch.model import apply_rope
 from specdecode.errors import SpecDecodeError
+from specdecode.heads.attention import GrowingRope, HeadCache, Projected
 from specdecode.heads.checkpoint import (
     CONFIG_FILE,
     read_config_json,
@@ -219,15 +220,6 @@ class _MidLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
 
 
-@dataclass
-class Projected:
-    """One draft step's attention inputs, rotated: queries, keys, values per head."""
-
-    q: torch.Tensor  # [heads, T, D]
-    k: torch.Tensor  # [kv_heads, T, D]
-    v: torch.Tensor  # [kv_heads, T, D]
-
-
 class Eagle3Head(nn.Module):
     """The head's weights and its step, split around attention (which the caller runs: over a KV
     cache when drafting, over the training-time test's layout when training)."""
@@ -243,7 +235,7 @@ class Eagle3Head(nn.Module):
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self._rope: Rope | None = None
+        self.rope = GrowingRope(cfg.head_dim, cfg.rope_theta)
 
     def set_draft_vocabulary(self, target_ids: torch.Tensor) -> None:  # [draft_vocab] sorted
         """Draft id `d` stands for target token `target_ids[d]`."""
@@ -260,14 +252,6 @@ class Eagle3Head(nn.Module):
         """The three target layers' states at a token, fused into one (`fc`)."""
         return self.fc(features.flatten(-2).to(self.fc.weight.dtype))
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        needed = int(positions.max()) + 1 if positions.numel() else 1
-        if self._rope is None or self._rope.cos.shape[0] < needed:
-            length = max(needed, 4096)
-            device = self.fc.weight.device
-            self._rope = Rope(self.cfg.head_dim, self.cfg.rope_theta, length, 1.0, device)
-        return self._rope.at(positions, dtype)
-
     def project(
         self,
         hidden: torch.Tensor,  # [T, H]: fused target features, or the head's own last output
@@ -281,7 +265,7 @@ class Eagle3Head(nn.Module):
         q = attn.q_proj(x).view(rows, cfg.num_heads, cfg.head_dim).transpose(0, 1)
         k = attn.k_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         v = attn.v_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        cos_sin = self.rope(positions, x.dtype)
+        cos_sin = self.rope.at(positions, x.dtype, x.device)
         return Projected(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v)
 
     def finish(
@@ -297,68 +281,17 @@ class Eagle3Head(nn.Module):
     def logits(self, out: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, draft_vocab]
         return self.lm_head(self.norm(out))
 
-
-class HeadCache:
-    """A one-layer head's keys and values by position: committed entries, then the drafts of the
-    current step, which a truncation (`length = ...`) drops. Shared by EAGLE-3's head and
-    Kangaroo's adapter, each of which projects its own inputs (`Projected`)."""
-
-    def __init__(
-        self, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device
-    ) -> None:
-        shape = (num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    def attend(
-        self,
-        projected: Projected,
-        scale: float,
-        visible: torch.Tensor | None = None,  # [T, S] bool over the last S slots; None = causal
-    ) -> torch.Tensor:  # [heads, T, D]
-        """Append T rows' keys and values and attend: each row sees every earlier cached slot,
-        and among the last `S` slots (the new rows and, for a tree, the nodes cached before)
-        those `visible` says."""
-        rows = projected.q.shape[1]
-        start, end = self.length, self.length + rows
-        if end > self.k.shape[1]:  # a wide tree near the end of the context: grow
-            extra = max(end - self.k.shape[1], 256)
-            self.k = torch.cat(
-                [self.k, self.k.new_zeros(self.k.shape[0], extra, self.k.shape[2])], 1
-            )
-            self.v = torch.cat(
-                [self.v, self.v.new_zeros(self.v.shape[0], extra, self.v.shape[2])], 1
-            )
-        self.k[:, start:end] = projected.k
-        self.v[:, start:end] = projected.v
-        mask = torch.ones(rows, end, dtype=torch.bool, device=self.k.device)
-        if visible is None:
-            mask[:, start:end] = torch.ones(rows, rows, dtype=torch.bool).tril_()
-        else:
-            mask[:, end - visible.shape[1] :] = visible
-        attended = F.scaled_dot_product_attention(
-            projected.q,
-            self.k[:, :end],
-            self.v[:, :end],
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        self.length = end
-        return attended
-
     def step(
         self,
-        head: Eagle3Head,
+        cache: HeadCache,
         hidden: torch.Tensor,  # [T, H]
         embeds: torch.Tensor,  # [T, H]
         positions: torch.Tensor,  # [T]
         visible: torch.Tensor | None = None,  # [T, S] bool over the last S slots; None = causal
     ) -> torch.Tensor:  # [T, H]: outputs before the final norm
-        """Append T pairs of an EAGLE-3 head and run them (see `attend`)."""
-        projected = head.project(hidden, embeds, positions)
-        return head.finish(hidden, self.attend(projected, head.scale, visible))
+        """Append T pairs to `cache` and run them (see `HeadCache.attend`)."""
+        projected = self.project(hidden, embeds, positions)
+        return self.finish(hidden, cache.attend(projected, self.scale, visible))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

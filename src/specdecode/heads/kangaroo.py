@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.model import Rope, apply_rope
+from specdecode.backends.torch.model import apply_rope
 from specdecode.errors import SpecDecodeError
+from specdecode.heads.attention import GrowingRope, HeadCache, Projected
 from specdecode.heads.checkpoint import read_config_json, read_weights, write_checkpoint
-from specdecode.heads.eagle3 import HeadCache, Projected
 from specdecode.models.config import TransformerConfig
 
 WEIGHTS_FILE = "kangaroo_adapter.safetensors"
@@ -69,8 +69,12 @@ class KangarooConfig:
                 f"the adapter's exit layer must be 1 to {self.num_target_layers - 1} (the "
                 f"target has {self.num_target_layers} layers), got {self.exit_layer}"
             )
-        if min(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim) < 1:
-            raise SpecDecodeError("the adapter needs positive sizes")
+        sizes = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim)
+        if min(sizes) < 1:
+            raise SpecDecodeError(
+                f"the adapter's hidden size, heads, key-value heads and head size must be "
+                f"positive, got {sizes}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise SpecDecodeError("the adapter's heads must be a multiple of its key-value heads")
         if any(not 0 <= t < self.vocab_size for t in self.draft_vocab):
@@ -160,14 +164,7 @@ class KangarooAdapter(nn.Module):
         self.lm_head = nn.Linear(h, len(cfg.draft_vocab), bias=False).requires_grad_(False)
         self.register_buffer("target_ids", torch.tensor(cfg.draft_vocab, dtype=torch.long))
         self.scale = 1.0 / math.sqrt(d)
-        self._rope: Rope | None = None
-
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        needed = int(positions.max()) + 1 if positions.numel() else 1
-        if self._rope is None or self._rope.cos.shape[0] < needed:
-            cfg, device = self.cfg, self.q_proj.weight.device
-            self._rope = Rope(cfg.head_dim, cfg.rope_theta, max(needed, 4096), 1.0, device)
-        return self._rope.at(positions, dtype)
+        self.rope = GrowingRope(cfg.head_dim, cfg.rope_theta)
 
     def project(
         self,
@@ -179,7 +176,7 @@ class KangarooAdapter(nn.Module):
         q = self.q_proj(x).view(rows, cfg.num_heads, cfg.head_dim).transpose(0, 1)
         k = self.k_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        cos_sin = self.rope(positions, x.dtype)
+        cos_sin = self.rope.at(positions, x.dtype, x.device)
         return Projected(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v)
 
     def finish(

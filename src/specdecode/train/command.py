@@ -185,14 +185,19 @@ def train_drafter(
     settings: TrainSettings | None = None,
     stop_after: int | None = None,
     work_dir: str | Path | None = None,
+    exit_layer: int | None = None,
 ) -> TrainResult:
     """Make `model`'s draft head of `kind` (see the module docstring); the Python entry point of
-    `specdecode train-drafter`."""
+    `specdecode train-drafter`. `exit_layer`: kangaroo's (None: `default_exit_layer`)."""
     from specdecode.api import SpecDecoder
     from specdecode.models import resolve_model
 
     if kind not in HEAD_KINDS:
         raise SpecDecodeError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
+    if exit_layer is not None and kind != "kangaroo":
+        raise SpecDecodeError(f"--exit-layer is the kangaroo adapter's; the kind is {kind}")
+    if exit_layer is not None and exit_layer < 1:
+        raise SpecDecodeError(f"the exit layer must be at least 1, got {exit_layer}")
     recipe = recipe or Recipe()
     settings = settings or TrainSettings()
     user_texts = read_user_files(data) if data else None  # a bad file fails before any load
@@ -217,7 +222,7 @@ def train_drafter(
         layers = tuple(head_config.aux_layers)
     elif kind == "kangaroo":
         refuse_family(config)
-        adapter_config = KangarooConfig.for_target(config, settings.exit_layer)
+        adapter_config = KangarooConfig.for_target(config, exit_layer)
         layers = (adapter_config.exit_layer,)
     else:  # medusa and hydra: the last layer's output
         refuse_family(config)
@@ -455,7 +460,6 @@ def run(args: argparse.Namespace) -> int:
         intermediate_size=args.intermediate_size,
         ttt_steps=args.ttt_steps,
         num_heads=args.num_heads,
-        exit_layer=args.exit_layer,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         batch_tokens=args.batch_tokens,
@@ -463,7 +467,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = train_drafter(
-        args.model, args.kind, args.out, args.data, recipe, settings, work_dir=args.work_dir
+        args.model,
+        args.kind,
+        args.out,
+        args.data,
+        recipe,
+        settings,
+        work_dir=args.work_dir,
+        exit_layer=args.exit_layer,
     )
     report = result.report
     agreement = " ".join(f"{a:.3f}" for a in report.agreement)

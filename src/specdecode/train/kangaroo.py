@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from specdecode.heads.kangaroo import KangarooAdapter, KangarooConfig
-from specdecode.train.loop import TrainReport, TrainSettings, train_head
+from specdecode.train.loop import Scorer, TrainReport, TrainSettings, train_head
 from specdecode.train.ttt import Example, StepScore, score_rows
 
 
@@ -48,7 +49,7 @@ def train_kangaroo(
     """Train an adapter on `examples` (see `loop.train_head`); the draft vocabulary is chosen
     here."""
 
-    def build(vocab: torch.Tensor) -> tuple[KangarooAdapter, dict]:
+    def build(vocab: torch.Tensor) -> tuple[KangarooAdapter, dict[str, Any]]:
         shaped = replace(config, draft_vocab=tuple(vocab.tolist()))
         adapter = KangarooAdapter(shaped)
         with torch.no_grad():
@@ -57,7 +58,7 @@ def train_kangaroo(
             adapter.lm_head.weight.copy_(lm_head[vocab].float())
         return adapter, {**asdict(shaped), "draft_vocab": len(vocab)}
 
-    def scorer(adapter: KangarooAdapter, draft_id_of: torch.Tensor):
+    def scorer(adapter: KangarooAdapter, draft_id_of: torch.Tensor) -> Scorer:
         return lambda example: kangaroo_scores(adapter, example, draft_id_of)
 
     adapter, report = train_head(
@@ -71,4 +72,4 @@ def train_kangaroo(
         stop_after,
     )
     assert isinstance(adapter, KangarooAdapter)
-    return adapter, report
+    return adapter.requires_grad_(False), report

@@ -39,7 +39,6 @@ class TrainSettings:
     intermediate_size: int | None = None  # None: the target's
     ttt_steps: int = 3  # eagle: draft steps of the training-time test
     num_heads: int = 4  # medusa and hydra: heads, each one more token ahead
-    exit_layer: int | None = None  # kangaroo: the layer whose input the adapter reads
     epochs: int = 3
     learning_rate: float = 1e-3
     batch_tokens: int = 2048
@@ -62,8 +61,6 @@ class TrainSettings:
             raise SpecDecodeError(
                 f"the training fraction must be in (0, 1], got {self.train_fraction}"
             )
-        if self.exit_layer is not None and self.exit_layer < 1:
-            raise SpecDecodeError(f"the exit layer must be at least 1, got {self.exit_layer}")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise SpecDecodeError(
                 f"the head's intermediate size must be at least 1, got {self.intermediate_size}"
