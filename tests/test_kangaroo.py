@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from certified import assert_certify_passes
-from tiny_models import tiny_torch_backend
+from tiny_models import decode_greedily, examples_of, tiny_torch_backend
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.backends.base import LayerPlan
@@ -40,9 +40,7 @@ from specdecode.heads.kangaroo import (
 from specdecode.train.batched import generate_answers
 from specdecode.train.kangaroo import train_kangaroo
 from specdecode.train.loop import TrainSettings
-from specdecode.train.ttt import Example
 from specdecode.tree import Budget
-from specdecode.verify.base import Verdict
 
 EXIT = 1
 
@@ -148,16 +146,7 @@ def examples(target):
     prompts = [
         torch.randint(0, target.vocab_size, (8,), generator=generator).tolist() for _ in range(30)
     ]
-    made = generate_answers(target.model, prompts, 88, frozenset(), (EXIT,), batch=10)
-    return [
-        Example(
-            answer.features,
-            torch.tensor(answer.prompt + answer.answer[:-1]),
-            answer.labels,
-            torch.tensor([False] * (len(answer.prompt) - 1) + [True] * len(answer.answer)),
-        )
-        for answer in made
-    ]
+    return examples_of(generate_answers(target.model, prompts, 88, frozenset(), (EXIT,), batch=10))
 
 
 def train(target, examples, work: Path):
@@ -303,25 +292,7 @@ def test_the_adapters_cache_holds_exactly_the_committed_tokens(
     caught (its cache runs ahead of the context)."""
     adapter, _ = trained
     made = drafter(target, adapter, min_confidence=0.0)
-    context = list(PROMPT)
-    target.reset()
-    target.capture_hidden(made.hidden_layers)
-    target.prefill(context)
-    made.begin(context, SamplingParams(), None, TargetOutput(hidden=target.prompt_hidden))
-    while len(context) < len(PROMPT) + 30:
-        tree = made.propose(context, Budget.chain(4))
-        logits = target.forward_tree(tree)
-        accepted = []
-        for node in range(tree.num_nodes):
-            if int(logits[node].argmax()) != int(tree.tokens[node]):
-                break
-            accepted.append(node)
-        next_token = int(logits[len(accepted)].argmax())
-        target.commit(accepted, next_token)
-        tokens = [int(tree.tokens[n]) for n in accepted] + [next_token]
-        verdict = Verdict(accepted, tokens, tree.num_nodes, len(accepted) == tree.num_nodes)
-        made.update(verdict, TargetOutput(hidden=target.last_hidden))
-        context += tokens
+    context = PROMPT + decode_greedily(target, made, PROMPT, 30)
     made.propose(context, Budget.chain(0))  # runs the last accepted states through it
     target.reset()
     target.prefill(context)
@@ -358,19 +329,13 @@ def real_adapter(llm: SpecDecoder, tmp_path_factory) -> Path:
     target = llm.target
     config = KangarooConfig.for_target(target.model_config, None)
     prompt = llm.encode_prompt(CODE)
-    (made,) = generate_answers(
+    made = generate_answers(
         target.model, [prompt], TOKENS + 8, frozenset(), (config.exit_layer,), batch=1
-    )
-    example = Example(
-        made.features,
-        torch.tensor(made.prompt + made.answer[:-1]),
-        made.labels,
-        torch.tensor([False] * (len(made.prompt) - 1) + [True] * len(made.answer)),
     )
     settings = replace(SETTINGS, draft_vocab=512, epochs=60, heldout_fraction=0.2)
     weights = target.model
     adapter, report = train_kangaroo(
-        [example] * 5,  # held out: a copy
+        examples_of(made) * 5,  # held out: a copy
         config,
         weights.lm_head.weight.detach(),
         weights.final_norm.detach(),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from significance import ALPHA
-from tiny_models import tiny_torch_backend
+from tiny_models import examples_of, tiny_torch_backend
 
 from specdecode.certify import CertifyConfig, certify
 from specdecode.config import SamplingParams, SpecConfig
@@ -22,7 +22,6 @@ from specdecode.train.batched import generate_answers
 from specdecode.train.hydra import train_hydra
 from specdecode.train.loop import TrainSettings
 from specdecode.train.medusa import train_medusa
-from specdecode.train.ttt import Example
 
 HEADS = 3
 
@@ -159,15 +158,7 @@ def examples(learnable):
     ]
     layers = (learnable.config.num_layers,)
     made = generate_answers(learnable.model, prompts, 88, frozenset(), layers, batch=8)
-    return [
-        Example(
-            answer.features,
-            torch.tensor(answer.prompt + answer.answer[:-1]),
-            answer.labels,
-            torch.tensor([False] * (len(answer.prompt) - 1) + [True] * len(answer.answer)),
-        )
-        for answer in made
-    ]
+    return examples_of(made)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ decoding on a chain and a dynamic tree, and the llama.cpp backend's refusal."""
 from __future__ import annotations
 
 import pytest
-import torch
+from tiny_models import examples_of
 
 from specdecode import SpecDecoder
 from specdecode.config import SamplingParams, SpecConfig
@@ -14,7 +14,6 @@ from specdecode.train.batched import generate_answers
 from specdecode.train.hydra import train_hydra
 from specdecode.train.loop import TrainSettings
 from specdecode.train.medusa import train_medusa
-from specdecode.train.ttt import Example
 
 SMALL = "qwen2.5-coder-0.5b-instruct"
 PROMPTS = (
@@ -49,15 +48,7 @@ def head_dirs(small: SpecDecoder, tmp_path_factory) -> dict[str, str]:
     prompts = [small.encode_prompt(p) for p in PROMPTS]
     layers = (config.num_layers,)
     made = generate_answers(target.model, prompts, TOKENS + 8, frozenset(), layers, batch=2)
-    examples = [
-        Example(
-            answer.features,
-            torch.tensor(answer.prompt + answer.answer[:-1]),
-            answer.labels,
-            torch.tensor([False] * (len(answer.prompt) - 1) + [True] * len(answer.answer)),
-        )
-        for answer in made
-    ] * 4  # held out: a copy
+    examples = examples_of(made) * 4  # held out: a copy
     settings = TrainSettings(
         draft_vocab=1024,
         num_heads=3,

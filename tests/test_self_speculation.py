@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 from certified import assert_certify_passes
-from tiny_models import tiny_torch_backend
+from tiny_models import decode_greedily, tiny_torch_backend
 from toy import ToyBackend, ToyTokenizer
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
@@ -194,31 +194,9 @@ def test_a_drafter_that_overwrites_committed_rows_changes_the_output() -> None:
     engine = Engine(tiny_torch_backend(4, 32, seed=5, layer_std=1.0), ToyTokenizer())
     plain, _ = _generate(engine, PROMPT)
     sound = LayerSkipDrafter(engine.target, skip_ratio=0.5, window=6, min_confidence=0)
-    assert _generate_with(engine, sound) == plain
+    assert decode_greedily(engine.target, sound, PROMPT, 40) == plain
     broken = _OverwritesCommittedRows(engine.target, skip_ratio=0.5, window=6, min_confidence=0)
-    assert _generate_with(engine, broken) != plain
-
-
-def _generate_with(engine: Engine, drafter) -> list[int]:
-    """Greedy decoding with a drafter object of the test's own (the engine's step loop)."""
-    context = list(PROMPT)
-    target = engine.target
-    target.prefill(context)
-    drafter.begin(context, SamplingParams(), None)
-    while len(context) < len(PROMPT) + 40:
-        tree = drafter.propose(context, Budget.chain(4))
-        logits = target.forward_tree(tree)
-        accepted = []
-        for node in range(tree.num_nodes):
-            if int(logits[node].argmax()) != int(tree.tokens[node]):
-                break
-            accepted.append(node)
-        next_token = int(logits[len(accepted)].argmax())
-        target.commit(accepted, next_token)
-        tokens = [int(tree.tokens[n]) for n in accepted] + [next_token]
-        drafter.update(Verdict(accepted, tokens, tree.num_nodes, len(accepted) == tree.num_nodes))
-        context += tokens
-    return context[len(PROMPT) : len(PROMPT) + 40]
+    assert decode_greedily(engine.target, broken, PROMPT, 40) != plain
 
 
 def test_the_search_keeps_its_size_and_the_outer_layers_and_only_a_better_set() -> None:

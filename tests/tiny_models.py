@@ -100,3 +100,50 @@ def tiny_torch_backend(
     return TorchBackend(
         config, to_hf_names(state, config), dtype=torch.float32, max_context=max_context
     )
+
+
+def examples_of(answers) -> list:
+    """Training examples from `generate_answers`'s answers: each prompt and answer but the last
+    token fed, the answer's predictions trained."""
+    from specdecode.train.ttt import Example
+
+    return [
+        Example(
+            answer.features,
+            torch.tensor(answer.prompt + answer.answer[:-1]),
+            answer.labels,
+            torch.tensor([False] * (len(answer.prompt) - 1) + [True] * len(answer.answer)),
+        )
+        for answer in answers
+    ]
+
+
+def decode_greedily(target, drafter, prompt: list[int], count: int) -> list[int]:
+    """`count` new tokens by greedy speculation with a drafter object of the test's own (the
+    engine's step loop, by hand): propose a chain of up to 4, verify, commit, tell the drafter,
+    handing it the hidden states it names."""
+    from specdecode.config import SamplingParams
+    from specdecode.drafters.base import TargetOutput
+    from specdecode.tree import Budget
+    from specdecode.verify.base import Verdict
+
+    context = list(prompt)
+    target.reset()
+    target.capture_hidden(drafter.hidden_layers)
+    target.prefill(context)
+    drafter.begin(context, SamplingParams(), None, TargetOutput(hidden=target.prompt_hidden))
+    while len(context) < len(prompt) + count:
+        tree = drafter.propose(context, Budget.chain(4))
+        logits = target.forward_tree(tree)
+        accepted = []
+        for node in range(tree.num_nodes):
+            if int(logits[node].argmax()) != int(tree.tokens[node]):
+                break
+            accepted.append(node)
+        next_token = int(logits[len(accepted)].argmax())
+        target.commit(accepted, next_token)
+        tokens = [int(tree.tokens[n]) for n in accepted] + [next_token]
+        verdict = Verdict(accepted, tokens, tree.num_nodes, len(accepted) == tree.num_nodes)
+        drafter.update(verdict, TargetOutput(hidden=target.last_hidden))
+        context += tokens
+    return context[len(prompt) : len(prompt) + count]
