@@ -26,6 +26,7 @@ from tiny_models import decode_greedily, examples_of, tiny_torch_backend
 
 from specdecode import SamplingParams, SpecConfig, SpecDecoder
 from specdecode.backends.base import LayerPlan
+from specdecode.cli import CERTIFY_PROMPT
 from specdecode.drafters import DrafterResources, TargetOutput, make_drafter
 from specdecode.drafters.kangaroo import KangarooDrafter
 from specdecode.engine import Engine
@@ -105,10 +106,13 @@ def test_an_untrained_adapter_drafts_what_early_exit_drafts(target) -> None:
     assert torch.allclose(through_adapter, exited, atol=1e-4)
 
 
-def test_the_default_exit_is_kangaroos_fraction_of_the_layers() -> None:
+def test_the_defaults_are_kangaroos_exit_and_more_epochs_than_the_heads() -> None:
+    from specdecode.train.command import default_epochs
+
     assert default_exit_layer(32) == 2
     assert default_exit_layer(28) == 2
     assert default_exit_layer(8) == 1
+    assert default_epochs("kangaroo") > default_epochs("eagle") == TrainSettings().epochs
 
 
 def test_a_checkpoint_round_trips_and_a_wrong_one_is_refused_in_one_line(target, tmp_path) -> None:
@@ -323,14 +327,14 @@ def llm() -> SpecDecoder:
 
 @pytest.fixture(scope="module")
 def real_adapter(llm: SpecDecoder, tmp_path_factory) -> Path:
-    """An adapter trained in seconds on the model's answer to CODE (a test of the machinery, not
-    of the adapter's generality: the real recipe is `specdecode train-drafter --kind
-    kangaroo`)."""
+    """An adapter trained in seconds on the model's answers to CODE and to certify's prompt (a
+    test of the machinery, not of the adapter's generality: the real recipe is `specdecode
+    train-drafter --kind kangaroo`)."""
     target = llm.target
     config = KangarooConfig.for_target(target.model_config, None)
-    prompt = llm.encode_prompt(CODE)
+    prompts = [llm.encode_prompt(CODE), llm.encode_prompt(CERTIFY_PROMPT, chat=False)]
     made = generate_answers(
-        target.model, [prompt], TOKENS + 8, frozenset(), (config.exit_layer,), batch=1
+        target.model, prompts, TOKENS + 8, frozenset(), (config.exit_layer,), batch=2
     )
     settings = replace(SETTINGS, draft_vocab=512, epochs=60, heldout_fraction=0.2)
     weights = target.model

@@ -47,7 +47,7 @@ from specdecode.train.data import (
 from specdecode.train.eagle import TrainReport, TrainSettings, train_eagle
 from specdecode.train.features import FeatureStore
 from specdecode.train.hydra import train_hydra
-from specdecode.train.kangaroo import train_kangaroo
+from specdecode.train.kangaroo import ADAPTER_EPOCHS, train_kangaroo
 from specdecode.train.medusa import train_medusa
 from specdecode.train.prompts import Conversation, follow_up
 
@@ -176,6 +176,12 @@ def _sequences(
     return sequences
 
 
+def default_epochs(kind: str) -> int:
+    """Passes over the data unless told: Kangaroo's small adapter trains in minutes and gained
+    at every epoch up to its sixth on the 1.5B (0.39 held-out agreement after 3, 0.44 after 8)."""
+    return ADAPTER_EPOCHS if kind == "kangaroo" else TrainSettings().epochs
+
+
 def train_drafter(
     model: str,
     kind: str = "eagle",
@@ -199,7 +205,7 @@ def train_drafter(
     if exit_layer is not None and exit_layer < 1:
         raise SpecDecodeError(f"the exit layer must be at least 1, got {exit_layer}")
     recipe = recipe or Recipe()
-    settings = settings or TrainSettings()
+    settings = settings or TrainSettings(epochs=default_epochs(kind))
     user_texts = read_user_files(data) if data else None  # a bad file fails before any load
     model = resolve_model(model)
     head_dir = Path(out).expanduser() if out else default_head_dir(model, kind)
@@ -377,8 +383,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--epochs",
         type=int,
-        default=defaults.epochs,
-        help=f"passes over the data (default {defaults.epochs})",
+        default=None,
+        help=f"passes over the data (default {defaults.epochs}; kangaroo {ADAPTER_EPOCHS})",
     )
     p.add_argument(
         "--ttt-steps",
@@ -460,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
         intermediate_size=args.intermediate_size,
         ttt_steps=args.ttt_steps,
         num_heads=args.num_heads,
-        epochs=args.epochs,
+        epochs=default_epochs(args.kind) if args.epochs is None else args.epochs,
         learning_rate=args.learning_rate,
         batch_tokens=args.batch_tokens,
         train_fraction=args.train_fraction,

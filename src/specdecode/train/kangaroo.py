@@ -24,6 +24,9 @@ from specdecode.heads.kangaroo import KangarooAdapter, KangarooConfig
 from specdecode.train.loop import Scorer, TrainReport, TrainSettings, train_head
 from specdecode.train.ttt import Example, StepScore, score_rows
 
+#: `train-drafter --kind kangaroo`'s passes over the data unless told (see `default_epochs`).
+ADAPTER_EPOCHS = 8
+
 
 def kangaroo_scores(
     adapter: KangarooAdapter,
