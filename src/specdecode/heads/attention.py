@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdecode.backends.torch.model import Rope
+from specdecode.backends.torch.model import Rope, apply_rope
 
 
 @dataclass
@@ -40,6 +40,25 @@ class GrowingRope:
             length = max(needed, 4096)
             self._table = table = Rope(self.head_dim, self.theta, length, 1.0, device)
         return table.at(positions.to(device), dtype)
+
+
+def project(
+    x: torch.Tensor,  # [T, in] the layer's normed input
+    layers: tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear],  # q, k, v projections
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rope: GrowingRope,
+    positions: torch.Tensor,  # [T]
+) -> Projected:
+    """Queries, keys and values per head, rotated to their positions."""
+    rows = x.shape[0]
+    q_proj, k_proj, v_proj = layers
+    q = q_proj(x).view(rows, heads, head_dim).transpose(0, 1)
+    k = k_proj(x).view(rows, kv_heads, head_dim).transpose(0, 1)
+    v = v_proj(x).view(rows, kv_heads, head_dim).transpose(0, 1)
+    cos_sin = rope.at(positions, x.dtype, x.device)
+    return Projected(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v)
 
 
 class HeadCache:

@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.model import apply_rope
 from specdecode.errors import SpecDecodeError
-from specdecode.heads.attention import GrowingRope, HeadCache, Projected
+from specdecode.heads.attention import GrowingRope, HeadCache, Projected, project
 from specdecode.heads.checkpoint import (
     CONFIG_FILE,
     read_config_json,
@@ -260,13 +259,11 @@ class Eagle3Head(nn.Module):
     ) -> Projected:
         layer, cfg = self.midlayer, self.cfg
         x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
-        rows = x.shape[0]
         attn = layer.self_attn
-        q = attn.q_proj(x).view(rows, cfg.num_heads, cfg.head_dim).transpose(0, 1)
-        k = attn.k_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        v = attn.v_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        cos_sin = self.rope.at(positions, x.dtype, x.device)
-        return Projected(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v)
+        layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return project(
+            x, layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope, positions
+        )
 
     def finish(
         self,

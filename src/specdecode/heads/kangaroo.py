@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode.backends.torch.model import apply_rope
 from specdecode.errors import SpecDecodeError
-from specdecode.heads.attention import GrowingRope, HeadCache, Projected
+from specdecode.heads.attention import GrowingRope, HeadCache, Projected, project
 from specdecode.heads.checkpoint import read_config_json, read_weights, write_checkpoint
 from specdecode.models.config import TransformerConfig
 
@@ -171,13 +170,11 @@ class KangarooAdapter(nn.Module):
         states: torch.Tensor,  # [T, H] the target's states leaving the exit layer
         positions: torch.Tensor,  # [T]
     ) -> Projected:
-        cfg, rows = self.cfg, states.shape[0]
+        cfg, layers = self.cfg, (self.q_proj, self.k_proj, self.v_proj)
         x = self.input_norm(states)
-        q = self.q_proj(x).view(rows, cfg.num_heads, cfg.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(rows, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        cos_sin = self.rope.at(positions, x.dtype, x.device)
-        return Projected(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v)
+        return project(
+            x, layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope, positions
+        )
 
     def finish(
         self,
